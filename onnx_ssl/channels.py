@@ -1,0 +1,229 @@
+"""Channel propagation state: layouts of tensor axes over channel spaces, with union-find.
+
+A *layout* says which channels sit along one axis of a tensor: a sequence of segments, each a
+contiguous run of channels of one raw space, every channel occupying ``block`` consecutive
+positions (``block`` > 1 after a flatten into a fully connected layer or a depthwise
+convolution with a channel multiplier). Raw spaces are created by producers (Conv, Gemm,
+MatMul outputs) and graph inputs, and are united by residual Adds, element-wise products and
+depthwise convolutions. The op rules in :mod:`onnx_ssl.rules` drive this state; the
+analysis in :mod:`onnx_ssl.analysis` turns it into immutable :class:`~onnx_ssl.groups.Space`
+and :class:`~onnx_ssl.groups.Group` objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+@dataclass(frozen=True)
+class Seg:
+    space: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    axis: int
+    block: int
+    segs: tuple[Seg, ...]
+
+    @property
+    def channels(self) -> int:
+        return sum(s.length for s in self.segs)
+
+    @property
+    def size(self) -> int:
+        return self.channels * self.block
+
+    def with_axis(self, axis: int) -> Layout:
+        return Layout(axis, self.block, self.segs)
+
+    def with_block(self, block: int) -> Layout:
+        return Layout(self.axis, block, self.segs)
+
+    def sub(self, lo: int, hi: int) -> Layout | None:
+        """Positions ``lo:hi`` of the axis, or None when they cut through a channel's block."""
+        if lo % self.block or hi % self.block:
+            return None
+        clo, chi = lo // self.block, hi // self.block
+        out: list[Seg] = []
+        pos = 0
+        for s in self.segs:
+            a, b = max(clo, pos), min(chi, pos + s.length)
+            if a < b:
+                out.append(Seg(s.space, s.start + a - pos, b - a))
+            pos += s.length
+        return Layout(self.axis, self.block, tuple(out))
+
+
+@dataclass
+class RawSpace:
+    length: int
+    name: str
+    origin: str  # "producer" | "input" | "opaque"
+    reasons: list[str] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RawRef:
+    tensor: str
+    axis: int
+    role: str  # out | in | stat | act
+    space: int
+    space_start: int
+    tensor_start: int
+    length: int
+    block: int
+    node: str
+    is_weight: bool
+    conv_groups: int = 1
+
+
+class Engine:
+    """Mutable propagation state used by the op rules."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.graph = graph
+        self.parent: list[int] = []
+        self.spaces: list[RawSpace] = []
+        self.layouts: dict[str, Layout] = {}
+        self.refs: list[RawRef] = []
+        self.weight_users: dict[str, set[str]] = {}
+        self.graph_output_names: set[str] = {t.name for t in graph.outputs}
+        self.opset: int = int(graph.opset or 17)
+
+    # --- spaces -----------------------------------------------------------------------
+    def new_space(self, length: int, name: str, origin: str = "producer") -> int:
+        self.parent.append(len(self.parent))
+        self.spaces.append(RawSpace(length, name, origin))
+        return len(self.parent) - 1
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        keep, gone = (ra, rb) if ra < rb else (rb, ra)
+        self.parent[gone] = keep
+        sk, sg = self.spaces[keep], self.spaces[gone]
+        sk.reasons.extend(sg.reasons)
+        sk.partitions.extend(sg.partitions)
+        sk.nodes.extend(sg.nodes)
+        if sg.origin != "producer":
+            sk.origin = sg.origin if sk.origin == "producer" else sk.origin
+        return keep
+
+    def block(self, layout: Layout | None, reason: str) -> None:
+        if layout is None:
+            return
+        for s in layout.segs:
+            r = self.spaces[self.find(s.space)].reasons
+            if reason not in r:
+                r.append(reason)
+
+    def block_space(self, space: int, reason: str) -> None:
+        r = self.spaces[self.find(space)].reasons
+        if reason not in r:
+            r.append(reason)
+
+    def touch(self, layout: Layout | None, node: gs.Node) -> None:
+        if layout is None:
+            return
+        for s in layout.segs:
+            self.spaces[self.find(s.space)].nodes.append(node.name)
+
+    def unite(self, a: Layout, b: Layout, node: gs.Node) -> bool:
+        """Tie two layouts channel by channel (a residual Add, an element-wise product)."""
+        ok = a.block == b.block and len(a.segs) == len(b.segs)
+        if ok:
+            for sa, sb in zip(a.segs, b.segs, strict=True):
+                ra, rb = self.find(sa.space), self.find(sb.space)
+                if ra == rb and sa.start == sb.start and sa.length == sb.length:
+                    continue
+                full_a = sa.start == 0 and sa.length == self.spaces[ra].length
+                full_b = sb.start == 0 and sb.length == self.spaces[rb].length
+                if not (full_a and full_b and sa.length == sb.length):
+                    ok = False
+                    break
+        if not ok:
+            why = f"{node.name} ({node.op}): joins channel layouts that do not line up"
+            self.block(a, why)
+            self.block(b, why)
+            return False
+        for sa, sb in zip(a.segs, b.segs, strict=True):
+            self.union(sa.space, sb.space)
+        return True
+
+    def opaque(self, length: int, node: gs.Node, why: str) -> Layout:
+        """A blocked space for channels whose origin is not tracked."""
+        s = self.new_space(length, f"opaque:{node.name}", "opaque")
+        self.spaces[s].reasons.append(why)
+        return Layout(0, 1, (Seg(s, 0, length),))
+
+    # --- refs -------------------------------------------------------------------------
+    def add_refs(self, tensor: gs.Tensor, axis: int, role: str, layout: Layout, node: gs.Node,
+                 *, is_weight: bool, block: int | None = None, conv_groups: int = 1) -> None:
+        pos = 0
+        blk = layout.block if block is None else block
+        for s in layout.segs:
+            self.refs.append(RawRef(tensor.name, axis, role, s.space, s.start, pos, s.length,
+                                    blk, node.name, is_weight, conv_groups))
+            pos += s.length
+        if is_weight:
+            self.weight_users.setdefault(tensor.name, set()).add(node.name)
+        self.touch(layout, node)
+
+    def set_layout(self, tensor: gs.Tensor, layout: Layout, node: gs.Node) -> None:
+        shape = static_shape(tensor)
+        if shape is not None:
+            if not 0 <= layout.axis < len(shape) or shape[layout.axis] != layout.size:
+                self.block(layout, f"{node.name} ({node.op}): output {tensor.name} has shape "
+                                   f"{list(shape)}, which does not match its channel layout")
+        self.layouts[tensor.name] = layout
+        self.add_refs(tensor, layout.axis, "act", layout, node, is_weight=False)
+
+    def layout(self, tensor: gs.Tensor) -> Layout | None:
+        return self.layouts.get(tensor.name)
+
+
+# --- tensor helpers --------------------------------------------------------------------
+
+
+def const_value(t: gs.Tensor) -> np.ndarray | None:
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    return None
+
+
+def is_const(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Constant)
+
+
+def static_shape(t: gs.Tensor) -> tuple[int, ...] | None:
+    if isinstance(t, gs.Constant):
+        return tuple(int(d) for d in t.shape)
+    shape = t.shape
+    if shape is None:
+        return None
+    if all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        return tuple(int(d) for d in shape)
+    return None
+
+
+def rank(t: gs.Tensor) -> int | None:
+    if isinstance(t, gs.Constant):
+        return len(t.shape)
+    return None if t.shape is None else len(t.shape)

@@ -1,0 +1,224 @@
+"""The analysis result: channel spaces, SSL groups and their members, as plain immutable data.
+
+A *channel space* is a family of tensor axes whose channels are tied: removing channel ``i``
+of the space removes one slice from every tensor in it. A *group* is a set of weight slices
+that SSL regularises (and the prune pass removes) together. For example, in
+``Conv(x, W1, b1) -> Relu -> Conv(., W2)`` the output of the first conv is one space of
+``W1.shape[0]`` channels, and its channel-group ``i`` has the members
+``W1[i,:,:,:]`` and ``b1[i]`` (role ``out``) and ``W2[:,i,:,:]`` (role ``in``).
+
+Nothing in this module touches a graph: the analysis pass builds these objects, the prune
+pass and the training artifacts read them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["out", "in", "stat"]
+# "act" marks an activation tensor's axis in ChannelRef (never a group member).
+RefRole = Literal["out", "in", "stat", "act"]
+Kind = Literal["channel", "depth", "shape", "filter2d", "neuron"]
+KINDS: tuple[Kind, ...] = ("channel", "depth", "shape", "filter2d", "neuron")
+DEFAULT_KINDS: tuple[Kind, ...] = ("channel", "depth")
+
+# One entry per tensor axis: None is the whole axis, a tuple selects those indices.
+Slice = tuple[tuple[int, ...] | None, ...]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One slice of one weight tensor that belongs to a group."""
+
+    tensor: str
+    role: Role
+    slice: Slice
+
+    def index(self, shape: Sequence[int]) -> tuple[Any, ...]:
+        """A numpy index (``np.ix_``) selecting the member in an array of ``shape``."""
+        import numpy as np
+
+        if len(shape) != len(self.slice):
+            raise ValueError(f"{self.tensor}: slice has {len(self.slice)} axes, tensor {len(shape)}")
+        return np.ix_(*[np.arange(d) if s is None else np.asarray(s, dtype=np.int64)
+                        for d, s in zip(shape, self.slice, strict=True)])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tensor": self.tensor,
+            "role": self.role,
+            "slice": [None if s is None else list(s) for s in self.slice],
+        }
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> Member:
+        return Member(
+            tensor=str(d["tensor"]),
+            role=d["role"],
+            slice=tuple(None if s is None else tuple(int(i) for i in s) for s in d["slice"]),
+        )
+
+
+@dataclass(frozen=True)
+class ChannelRef:
+    """Where a contiguous run of a space's channels sits along one axis of one tensor.
+
+    Channels ``space_start .. space_start+length-1`` of ``space`` occupy positions
+    ``(tensor_start + j) * block .. (tensor_start + j + 1) * block - 1`` of ``axis``
+    (``block`` > 1 after a flatten to a fully connected layer, or a depthwise multiplier).
+    ``node`` is the node that reads or writes the tensor at this axis. For the weight of a
+    grouped convolution read on its input side (``conv_groups`` > 1, axis 1), channel
+    position ``p`` is ``W[g*og:(g+1)*og, p % ig]`` with ``g = p // ig``.
+    """
+
+    tensor: str
+    axis: int
+    role: RefRole
+    space: str
+    space_start: int
+    tensor_start: int
+    length: int
+    block: int
+    node: str
+    is_weight: bool
+    conv_groups: int = 1
+
+    def positions(self, channel: int) -> tuple[int, ...]:
+        j = channel - self.space_start
+        if not 0 <= j < self.length:
+            return ()
+        first = (self.tensor_start + j) * self.block
+        return tuple(range(first, first + self.block))
+
+
+@dataclass(frozen=True)
+class Space:
+    id: str
+    channels: int
+    prunable: bool
+    reason: str | None
+    nodes: tuple[str, ...]
+    origin: Literal["producer", "input"] = "producer"
+    # Conv group counts whose groups must keep equal sizes (grouped convolutions).
+    partitions: tuple[int, ...] = ()
+    # The channel refs of every tensor axis in the space (weights and activations).
+    refs: tuple[ChannelRef, ...] = ()
+    # Reasons beyond the first, for the report.
+    all_reasons: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "channels": self.channels,
+            "prunable": self.prunable,
+            "reason": self.reason,
+            "nodes": list(self.nodes),
+        }
+
+
+@dataclass(frozen=True)
+class Group:
+    id: str
+    kind: Kind
+    space: str | None
+    index: int | None
+    prunable: bool
+    reason: str | None
+    members: tuple[Member, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "space": self.space,
+            "index": self.index,
+            "prunable": self.prunable,
+            "reason": self.reason,
+            "members": [m.to_json() for m in self.members],
+        }
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> Group:
+        return Group(
+            id=str(d["id"]),
+            kind=d["kind"],
+            space=d.get("space"),
+            index=d.get("index"),
+            prunable=bool(d["prunable"]),
+            reason=d.get("reason"),
+            members=tuple(Member.from_json(m) for m in d["members"]),
+        )
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A parameterised layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight)."""
+
+    node: str
+    op_type: str
+    weight: str
+    bias: str | None
+    # Axis of `weight` indexed by output channels / input channels.
+    out_axis: int
+    in_axis: int
+    conv_groups: int
+    weight_shape: tuple[int, ...]
+    params: int
+    macs: int
+    in_space: str | None
+    out_space: str | None
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A residual branch: the nodes between a fork and the Add that joins it to its shortcut."""
+
+    add: str
+    fork: str
+    branch_output: str
+    nodes: tuple[str, ...]
+    layers: tuple[str, ...]
+    prunable: bool
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Analysis:
+    model: str
+    spaces: tuple[Space, ...]
+    groups: tuple[Group, ...]
+    layers: tuple[Layer, ...] = ()
+    branches: tuple[Branch, ...] = ()
+    kinds: tuple[Kind, ...] = DEFAULT_KINDS
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    def space(self, space_id: str) -> Space:
+        for s in self.spaces:
+            if s.id == space_id:
+                return s
+        raise KeyError(space_id)
+
+    def groups_of(self, kinds: Iterable[Kind]) -> tuple[Group, ...]:
+        wanted = set(kinds)
+        return tuple(g for g in self.groups if g.kind in wanted)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "spaces": [s.to_json() for s in self.spaces],
+            "groups": [g.to_json() for g in self.groups],
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1)

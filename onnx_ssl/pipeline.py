@@ -1,0 +1,126 @@
+"""The pass framework: passes return a ``PassResult``; a ``PassManager`` runs them in order.
+
+A pass takes a graph (onnx-graphsurgeon ``Graph``) and returns ``PassResult(graph, report)``
+where ``report`` is a frozen dataclass saying what changed; ``modified`` is derived from the
+report. A pass never mutates the graph it is given: it works on a copy. Errors raised inside
+a pass are re-raised as :class:`PassError` naming the passes that ran before it, with the
+original exception chained.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Generic, Protocol, TypeVar
+
+import onnx_graphsurgeon as gs
+
+from .errors import OnnxSslError, PassError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Base of every pass report. Subclasses list what changed as counts and tuples."""
+
+    @property
+    def modified(self) -> bool:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name.startswith("_") or f.metadata.get("info"):
+                continue
+            if isinstance(v, bool) and v:
+                return True
+            if isinstance(v, int) and not isinstance(v, bool) and v != 0:
+                return True
+            if isinstance(v, (tuple, list, dict, set, frozenset)) and len(v) > 0:
+                return True
+        return False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = _jsonable(v)
+        out["modified"] = self.modified
+        return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Report):
+        return v.to_json()
+    if hasattr(v, "__dataclass_fields__"):
+        return {f.name: _jsonable(getattr(v, f.name)) for f in fields(v)}
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return v
+
+
+R = TypeVar("R", bound=Report, covariant=True)
+
+
+@dataclass(frozen=True)
+class PassResult(Generic[R]):
+    graph: gs.Graph
+    report: R
+
+    @property
+    def modified(self) -> bool:
+        return self.report.modified
+
+
+class GraphPass(Protocol[R]):
+    """A graph pass. ``name`` is used in error messages and logs."""
+
+    name: str
+
+    def __call__(self, graph: gs.Graph) -> PassResult[R]: ...
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    graph: gs.Graph
+    results: tuple[tuple[str, Report], ...]
+
+    def report(self, name: str) -> Report:
+        for n, r in self.results:
+            if n == name:
+                return r
+        raise KeyError(name)
+
+
+class PassManager:
+    """Runs passes in order; an error names the failing pass and the ones that ran before."""
+
+    def __init__(self, passes: Sequence[GraphPass[Any]]) -> None:
+        self.passes = tuple(passes)
+
+    def __call__(self, graph: gs.Graph) -> PipelineResult:
+        ran: list[str] = []
+        results: list[tuple[str, Report]] = []
+        for p in self.passes:
+            t0 = time.perf_counter()
+            try:
+                res = p(graph)
+            except Exception as e:
+                before = ", ".join(ran) if ran else "none"
+                msg = f"pass {p.name} failed (after: {before}): {_one_line(e)}"
+                if isinstance(e, OnnxSslError):
+                    raise type(e)(msg) from e
+                raise PassError(msg) from e
+            log.debug("pass %s: %.3fs modified=%s", p.name, time.perf_counter() - t0,
+                      res.modified)
+            graph = res.graph
+            ran.append(p.name)
+            results.append((p.name, res.report))
+        return PipelineResult(graph, tuple(results))
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,765 @@
+"""How channels flow through each ONNX operator: one explicit table, one entry per op type.
+
+Each :class:`OpRule` names a *flow* (how the op moves channels from inputs to outputs) and,
+where it has them, which inputs are per-channel parameters sliced with a channel. An op
+missing from :data:`RULES` blocks every channel it touches, and the reason names the node
+and its op type: unknown ops are never assumed element-wise. Adding an op means adding an
+entry here (and, for a new flow, a handler below).
+
+Flows:
+    layer      Conv/ConvTranspose/Gemm/MatMul: reads input channels ("in" members of the
+               weight), produces a new space ("out" members: filters, bias).
+    unary      element-wise on one tensor; output has the input's layout.
+    norm       per-channel normalisation on axis 1 (BatchNormalization, InstanceNorm).
+    binary     broadcasting element-wise ops; tracked operands are united, constant operands
+               are sliced with the channel.
+    pool       spatial pooling on NCHW; channels pass through.
+    pad        Pad; passes through when the channel axis is not padded.
+    resize     Resize/Upsample; passes through when the channel axis is not scaled.
+    reduce     Reduce*; passes through when the channel axis is not reduced.
+    softmax    passes through unless normalising over the channel axis.
+    layernorm  passes through unless the normalised axes include the channel axis.
+    concat / split / slice / gather / transpose / squeeze / unsqueeze / reshape / flatten:
+               move, offset or cut the channel axis.
+    block      the op mixes channels in a way removal would change; blocks with ``note``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .channels import Engine, Layout, Seg, const_value, is_const, rank, static_shape
+
+
+@dataclass(frozen=True)
+class OpRule:
+    flow: str
+    # Inputs that are per-channel parameters: "out" members (penalised) and "stat" members.
+    out_params: tuple[int, ...] = ()
+    stat_params: tuple[int, ...] = ()
+    # Extra outputs that must be unused for the channels to stay prunable.
+    aux_outputs_unused: bool = False
+    note: str = ""
+
+
+_UNARY = (
+    "Relu LeakyRelu PRelu Clip Sigmoid HardSigmoid HardSwish Tanh Gelu Erf Exp Sqrt Abs Neg Log "
+    "Softplus Softsign Elu Selu Celu Mish ThresholdedRelu Reciprocal Floor Ceil Round Sign Sin "
+    "Cos Identity Cast Dropout Swish"
+).split()
+
+RULES: dict[str, OpRule] = {
+    **{op: OpRule("unary") for op in _UNARY},
+    "PRelu": OpRule("binary", note="slope sliced with the channel"),
+    "Dropout": OpRule("unary", aux_outputs_unused=True),
+    "Conv": OpRule("layer"),
+    "ConvTranspose": OpRule("layer"),
+    "Gemm": OpRule("layer"),
+    "MatMul": OpRule("layer"),
+    "BatchNormalization": OpRule("norm", out_params=(1, 2), stat_params=(3, 4),
+                                 aux_outputs_unused=True),
+    "InstanceNormalization": OpRule("norm", out_params=(1, 2)),
+    **{op: OpRule("binary") for op in "Add Sub Mul Div Pow Max Min Sum Mean".split()},
+    **{op: OpRule("pool", aux_outputs_unused=op == "MaxPool")
+       for op in "MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool GlobalLpPool".split()},
+    "Pad": OpRule("pad"),
+    "Resize": OpRule("resize"),
+    "Upsample": OpRule("resize"),
+    **{op: OpRule("reduce") for op in (
+        "ReduceMean ReduceMax ReduceMin ReduceSum ReduceL1 ReduceL2 ReduceLogSumExp ReduceProd "
+        "ReduceSumSquare").split()},
+    "Softmax": OpRule("softmax"),
+    "LogSoftmax": OpRule("softmax"),
+    "Hardmax": OpRule("softmax"),
+    "LayerNormalization": OpRule("layernorm"),
+    "Concat": OpRule("concat"),
+    "Split": OpRule("split"),
+    "Slice": OpRule("slice"),
+    "Gather": OpRule("gather"),
+    "Transpose": OpRule("transpose"),
+    "Squeeze": OpRule("squeeze"),
+    "Unsqueeze": OpRule("unsqueeze"),
+    "Reshape": OpRule("reshape"),
+    "Flatten": OpRule("flatten"),
+    "LRN": OpRule("block", note="LRN normalises each channel by its neighbours, so removing a "
+                                "channel changes the others"),
+    "GroupNormalization": OpRule("block", note="GroupNormalization mixes the channels of a group"),
+    "Shape": OpRule("block", note="reads the tensor's shape (a dynamic shape that pruning "
+                                  "would change)"),
+    "Size": OpRule("block", note="reads the tensor's size (a dynamic shape)"),
+    "DepthToSpace": OpRule("block", note="rearranges channels into space"),
+    "SpaceToDepth": OpRule("block", note="rearranges space into channels"),
+    "Einsum": OpRule("block", note="contraction over unknown axes"),
+    "Expand": OpRule("block", note="broadcast to a shape computed elsewhere"),
+    "Tile": OpRule("block", note="repeats the channel axis"),
+    "Where": OpRule("block", note="select between tensors"),
+    "TopK": OpRule("block", note="selects along an axis"),
+    "ArgMax": OpRule("block", note="reduces to indices"),
+    "ArgMin": OpRule("block", note="reduces to indices"),
+}
+
+
+def _why(node: gs.Node, text: str) -> str:
+    return f"{node.name} ({node.op}): {text}"
+
+
+def _attr(node: gs.Node, name: str, default: object) -> object:
+    return node.attrs.get(name, default)
+
+
+def _norm_axis(axis: int, r: int) -> int:
+    return axis + r if axis < 0 else axis
+
+
+def _ints(v: np.ndarray | None) -> list[int] | None:
+    return None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
+
+
+def _first_layout(e: Engine, node: gs.Node) -> tuple[int, Layout] | None:
+    for i, t in enumerate(node.inputs):
+        lay = e.layout(t)
+        if lay is not None:
+            return i, lay
+    return None
+
+
+def _check_aux_outputs(e: Engine, node: gs.Node, lay: Layout | None, graph_outputs: set[str]
+                       ) -> None:
+    for t in node.outputs[1:]:
+        if t.name and (t.outputs or t.name in graph_outputs):
+            e.block(lay, _why(node, f"auxiliary output {t.name} is used"))
+
+
+# --- handlers ----------------------------------------------------------------------------
+
+
+def flow_block(e: Engine, node: gs.Node, rule: OpRule | None) -> None:
+    why = _why(node, rule.note if rule and rule.note else "no channel rule for this op")
+    for t in node.inputs:
+        e.block(e.layout(t), why)
+    # Weights read by an op without a rule are not free to change either.
+    for t in node.inputs:
+        if is_const(t):
+            e.weight_users.setdefault(t.name, set()).add(f"!{node.name}")
+
+
+def flow_unary(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0]) if node.inputs else None
+    if lay is None:
+        return
+    for t in node.inputs[1:]:
+        if t.name and e.layout(t) is not None:
+            e.block(lay, _why(node, f"extra input {t.name} carries channels"))
+            e.block(e.layout(t), _why(node, "used as a parameter input"))
+    e.touch(lay, node)
+    if rule.aux_outputs_unused:
+        _check_aux_outputs(e, node, lay, e.graph_output_names)  # type: ignore[attr-defined]
+    e.set_layout(node.outputs[0], lay, node)
+
+
+def flow_norm(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    if lay is None:
+        return
+    if lay.axis != 1:
+        e.block(lay, _why(node, "normalises axis 1, which is not the channel axis here"))
+        return
+    for idx, role in [(i, "out") for i in rule.out_params] + [(i, "stat") for i in
+                                                               rule.stat_params]:
+        if idx >= len(node.inputs) or not node.inputs[idx].name:
+            continue
+        p = node.inputs[idx]
+        if not is_const(p):
+            e.block(lay, _why(node, f"parameter {p.name} is not a constant"))
+            continue
+        if static_shape(p) != (lay.size,):
+            e.block(lay, _why(node, f"parameter {p.name} is not per-channel"))
+            continue
+        e.add_refs(p, 0, role, lay.with_axis(0), node, is_weight=True)
+    if rule.aux_outputs_unused:
+        _check_aux_outputs(e, node, lay, e.graph_output_names)  # type: ignore[attr-defined]
+    e.set_layout(node.outputs[0], lay, node)
+
+
+def flow_binary(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    ranks = [rank(t) for t in node.inputs]
+    tracked = [(i, e.layout(t)) for i, t in enumerate(node.inputs) if e.layout(t) is not None]
+    if not tracked:
+        return
+    if any(r is None for r in ranks):
+        for _, lay in tracked:
+            e.block(lay, _why(node, "operand of unknown rank"))
+        return
+    r_out = max(r for r in ranks if r is not None)
+    aligned: list[tuple[int, Layout]] = []
+    for i, lay in tracked:
+        assert lay is not None
+        ri = ranks[i]
+        assert ri is not None
+        aligned.append((i, lay.with_axis(lay.axis + r_out - ri)))
+    axis = aligned[0][1].axis
+    if any(lay.axis != axis for _, lay in aligned):
+        for _, lay in aligned:
+            e.block(lay, _why(node, "operands carry channels on different axes"))
+        return
+    base = aligned[0][1]
+    ok = True
+    for _, lay in aligned[1:]:
+        ok = e.unite(base, lay, node) and ok
+    if not ok:
+        return
+    tracked_idx = {i for i, _ in aligned}
+    for i, t in enumerate(node.inputs):
+        if i in tracked_idx or not t.name:
+            continue
+        ri = ranks[i]
+        assert ri is not None
+        a = axis - (r_out - ri)
+        shape = static_shape(t)
+        if a < 0:
+            continue  # broadcast over the channel axis
+        if shape is None:
+            e.block(base, _why(node, f"operand {t.name} has an unknown shape"))
+            continue
+        if shape[a] == 1:
+            continue
+        if shape[a] != base.size:
+            e.block(base, _why(node, f"operand {t.name} does not match the channel axis"))
+            continue
+        if not is_const(t):
+            e.block(base, _why(node, f"operand {t.name} carries channels that are not tracked"))
+            continue
+        # A constant sliced with the channel: a divisor or exponent is never zeroed.
+        role = "stat" if node.op in ("Div", "Pow") and i == 1 else "out"
+        e.add_refs(t, a, role, base.with_axis(a), node, is_weight=True)
+    e.touch(base, node)
+    e.set_layout(node.outputs[0], base, node)
+
+
+def flow_pool(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    if lay is None:
+        return
+    if lay.axis != 1:
+        e.block(lay, _why(node, "pools over axes that include the channel axis"))
+        return
+    if rule.aux_outputs_unused:
+        _check_aux_outputs(e, node, lay, e.graph_output_names)  # type: ignore[attr-defined]
+    e.set_layout(node.outputs[0], lay, node)
+
+
+def flow_pad(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    if lay is None:
+        return
+    pads: list[int] | None
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        pads = _ints(const_value(node.inputs[1]))
+    else:
+        pads = [int(x) for x in _attr(node, "pads", [])]  # type: ignore[union-attr]
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        axes = _ints(const_value(node.inputs[3]))
+        if axes is None or pads is None:
+            e.block(lay, _why(node, "pads or axes are not constant"))
+            return
+        r = rank(node.inputs[0]) or 0
+        full = [0] * (2 * r)
+        for k, a in enumerate(axes):
+            a = _norm_axis(a, r)
+            full[a], full[a + r] = pads[k], pads[k + len(axes)]
+        pads = full
+    if pads is None:
+        e.block(lay, _why(node, "pads are not constant"))
+        return
+    r = len(pads) // 2
+    if pads[lay.axis] or pads[lay.axis + r]:
+        e.block(lay, _why(node, "pads the channel axis"))
+        return
+    e.set_layout(node.outputs[0], lay, node)
+
+
+def flow_resize(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    if lay is None:
+        return
+    out_shape = static_shape(node.outputs[0])
+    if out_shape is None or out_shape[lay.axis] != lay.size:
+        e.block(lay, _why(node, "resizes the channel axis or has an unknown output shape"))
+        return
+    e.set_layout(node.outputs[0], lay, node)
+
+
+def _reduce_axes(e: Engine, node: gs.Node, r: int) -> list[int] | None:
+    if "axes" in node.attrs:
+        return [_norm_axis(int(a), r) for a in node.attrs["axes"]]
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        v = _ints(const_value(node.inputs[1]))
+        return None if v is None else [_norm_axis(a, r) for a in v]
+    if int(_attr(node, "noop_with_empty_axes", 0)):  # type: ignore[call-overload]
+        return []
+    return list(range(r))
+
+
+def flow_reduce(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    r = rank(node.inputs[0])
+    if lay is None or r is None:
+        e.block(lay, _why(node, "input of unknown rank"))
+        return
+    axes = _reduce_axes(e, node, r)
+    if axes is None:
+        e.block(lay, _why(node, "reduction axes are not constant"))
+        return
+    if lay.axis in axes:
+        e.block(lay, _why(node, "reduces over the channel axis"))
+        return
+    keep = int(_attr(node, "keepdims", 1))  # type: ignore[call-overload]
+    axis = lay.axis if keep else lay.axis - sum(1 for a in axes if a < lay.axis)
+    e.set_layout(node.outputs[0], lay.with_axis(axis), node)
+
+
+def flow_softmax(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    r = rank(node.inputs[0])
+    if lay is None or r is None:
+        e.block(lay, _why(node, "input of unknown rank"))
+        return
+    opset = getattr(e, "opset", 17)
+    axis = _norm_axis(int(_attr(node, "axis", -1 if opset >= 13 else 1)), r)  # type: ignore
+    mixes = lay.axis == axis if opset >= 13 else lay.axis >= axis
+    if mixes:
+        e.block(lay, _why(node, "normalises over the channel axis"))
+        return
+    e.set_layout(node.outputs[0], lay, node)
+
+
+def flow_layernorm(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    r = rank(node.inputs[0])
+    if lay is None or r is None:
+        e.block(lay, _why(node, "input of unknown rank"))
+        return
+    axis = _norm_axis(int(_attr(node, "axis", -1)), r)  # type: ignore[call-overload]
+    if lay.axis >= axis:
+        e.block(lay, _why(node, "normalises over the channel axis"))
+        return
+    _check_aux_outputs(e, node, lay, e.graph_output_names)  # type: ignore[attr-defined]
+    e.set_layout(node.outputs[0], lay, node)
+
+
+def flow_concat(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    tracked = [e.layout(t) for t in node.inputs]
+    if all(t is None for t in tracked):
+        return
+    r = rank(node.outputs[0]) or rank(node.inputs[0])
+    if r is None:
+        for lay in tracked:
+            e.block(lay, _why(node, "input of unknown rank"))
+        return
+    axis = _norm_axis(int(_attr(node, "axis", 1)), r)  # type: ignore[call-overload]
+    ref = next(t for t in tracked if t is not None)
+    if ref.axis != axis:
+        # Concatenation along another axis: channel i of every input is channel i of the output.
+        ok = True
+        for i, (t, lay) in enumerate(zip(node.inputs, tracked, strict=True)):
+            if lay is None:
+                e.block(ref, _why(node, f"input {i} ({t.name}) carries untracked channels"))
+                ok = False
+            elif lay is not ref:
+                ok = e.unite(ref, lay, node) and ok
+        if ok:
+            e.set_layout(node.outputs[0], ref, node)
+        return
+    segs: list[Seg] = []
+    block = ref.block
+    for i, (t, lay) in enumerate(zip(node.inputs, tracked, strict=True)):
+        shape = static_shape(t)
+        if lay is None:
+            if shape is None:
+                e.block(ref, _why(node, f"input {i} has an unknown size"))
+                return
+            lay = e.opaque(shape[axis] // block if shape[axis] % block == 0 else shape[axis],
+                           node, _why(node, f"input {t.name} carries untracked channels"))
+            if shape[axis] % block:
+                for other in tracked:
+                    e.block(other, _why(node, "concatenates inputs of different block sizes"))
+                return
+        if lay.block != block or lay.axis != axis:
+            for other in tracked:
+                e.block(other, _why(node, "concatenates inputs of different layouts"))
+            return
+        segs.extend(lay.segs)
+    out = Layout(axis, block, tuple(segs))
+    e.touch(out, node)
+    e.set_layout(node.outputs[0], out, node)
+
+
+def flow_split(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    r = rank(node.inputs[0])
+    if lay is None or r is None:
+        e.block(lay, _why(node, "input of unknown rank"))
+        return
+    axis = _norm_axis(int(_attr(node, "axis", 0)), r)  # type: ignore[call-overload]
+    if axis != lay.axis:
+        for t in node.outputs:
+            e.set_layout(t, lay, node)
+        return
+    sizes: list[int] | None = None
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        sizes = _ints(const_value(node.inputs[1]))
+    elif "split" in node.attrs:
+        sizes = [int(s) for s in node.attrs["split"]]
+    else:
+        n = len(node.outputs)
+        if lay.size % n == 0:
+            sizes = [lay.size // n] * n
+    if sizes is None:
+        e.block(lay, _why(node, "split sizes are not constant"))
+        return
+    lo = 0
+    for t, s in zip(node.outputs, sizes, strict=False):
+        sub = lay.sub(lo, lo + s)
+        if sub is None:
+            e.block(lay, _why(node, "splits inside a channel block"))
+            return
+        e.set_layout(t, sub, node)
+        lo += s
+    e.touch(lay, node)
+
+
+def flow_slice(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    r = rank(node.inputs[0])
+    if lay is None or r is None:
+        e.block(lay, _why(node, "input of unknown rank"))
+        return
+    vals = [_ints(const_value(t)) if t.name else None for t in node.inputs[1:]]
+    starts, ends = vals[0], vals[1]
+    axes = vals[2] if len(vals) > 2 and vals[2] is not None else (
+        list(range(len(starts))) if starts is not None else None)
+    steps = vals[3] if len(vals) > 3 and vals[3] is not None else None
+    if starts is None or ends is None or axes is None:
+        e.block(lay, _why(node, "slice bounds are not constant"))
+        return
+    axes = [_norm_axis(a, r) for a in axes]
+    if lay.axis not in axes:
+        e.set_layout(node.outputs[0], lay, node)
+        return
+    k = axes.index(lay.axis)
+    if steps is not None and steps[k] != 1:
+        e.block(lay, _why(node, "slices the channel axis with a step"))
+        return
+    size = lay.size
+    lo, hi = starts[k], ends[k]
+    lo = max(0, min(size, lo + size if lo < 0 else lo))
+    hi = max(0, min(size, hi + size if hi < 0 else hi))
+    sub = lay.sub(lo, hi)
+    if sub is None or hi <= lo:
+        e.block(lay, _why(node, "slices inside a channel block"))
+        return
+    e.touch(lay, node)
+    e.set_layout(node.outputs[0], sub, node)
+
+
+def flow_gather(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    r = rank(node.inputs[0])
+    if e.layout(node.inputs[1]) is not None:
+        e.block(e.layout(node.inputs[1]), _why(node, "channels used as indices"))
+    if lay is None or r is None:
+        e.block(lay, _why(node, "input of unknown rank"))
+        return
+    axis = _norm_axis(int(_attr(node, "axis", 0)), r)  # type: ignore[call-overload]
+    idx = const_value(node.inputs[1])
+    if axis == lay.axis or idx is None:
+        e.block(lay, _why(node, "gathers along the channel axis or with variable indices"))
+        return
+    new_axis = lay.axis if lay.axis < axis else lay.axis + idx.ndim - 1
+    e.set_layout(node.outputs[0], lay.with_axis(new_axis), node)
+
+
+def flow_transpose(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    r = rank(node.inputs[0])
+    if lay is None or r is None:
+        e.block(lay, _why(node, "input of unknown rank"))
+        return
+    perm = [int(p) for p in _attr(node, "perm", list(range(r))[::-1])]  # type: ignore
+    e.set_layout(node.outputs[0], lay.with_axis(perm.index(lay.axis)), node)
+
+
+def _axes_input(node: gs.Node) -> list[int] | None:
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        return _ints(const_value(node.inputs[1]))
+    return None
+
+
+def flow_squeeze(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    r = rank(node.inputs[0])
+    if lay is None or r is None:
+        e.block(lay, _why(node, "input of unknown rank"))
+        return
+    axes = _axes_input(node)
+    if axes is None:
+        shape = static_shape(node.inputs[0])
+        if shape is None:
+            e.block(lay, _why(node, "squeezes unknown axes"))
+            return
+        axes = [i for i, d in enumerate(shape) if d == 1]
+    axes = [_norm_axis(a, r) for a in axes]
+    if lay.axis in axes:
+        e.block(lay, _why(node, "squeezes the channel axis"))
+        return
+    e.set_layout(node.outputs[0], lay.with_axis(lay.axis - sum(a < lay.axis for a in axes)), node)
+
+
+def flow_unsqueeze(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    r = rank(node.inputs[0])
+    axes = _axes_input(node)
+    if lay is None or r is None or axes is None:
+        e.block(lay, _why(node, "unknown rank or axes"))
+        return
+    r_out = r + len(axes)
+    axes = sorted(_norm_axis(a, r_out) for a in axes)
+    axis = lay.axis
+    for a in axes:
+        if a <= axis:
+            axis += 1
+    e.set_layout(node.outputs[0], lay.with_axis(axis), node)
+
+
+def _reshape_layout(e: Engine, node: gs.Node, lay: Layout, s: tuple[int, ...],
+                    t: tuple[int, ...]) -> None:
+    """Map the channel axis through a reshape of static shapes ``s`` -> ``t``.
+
+    The channel axis survives when the dims before it keep their product and the channel
+    axis lands on one output axis, possibly merged with the dims after it (a flatten): then
+    every channel owns a contiguous block of ``block * k`` positions.
+    """
+    a = lay.axis
+    outer = int(np.prod(s[:a], dtype=np.int64))
+    inner = int(np.prod(s[a + 1:], dtype=np.int64))
+    c = s[a]
+    prod = 1
+    for b, d in enumerate(t):
+        if prod == outer and d >= c and d % c == 0:
+            k = d // c
+            rest = int(np.prod(t[b + 1:], dtype=np.int64))
+            if inner % k == 0 and rest == inner // k:
+                e.set_layout(node.outputs[0], Layout(b, lay.block * k, lay.segs), node)
+                return
+        prod *= d
+        if prod > outer:
+            break
+    e.block(lay, _why(node, f"reshape {list(s)} -> {list(t)} splits or mixes the channel axis"))
+
+
+def flow_reshape(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    if lay is None:
+        return
+    s, t = static_shape(node.inputs[0]), static_shape(node.outputs[0])
+    if s is None or t is None:
+        e.block(lay, _why(node, "dynamic shape: the reshape's channel mapping is unknown"))
+        return
+    if len(node.inputs) > 1 and not is_const(node.inputs[1]):
+        e.block(lay, _why(node, "target shape is computed at run time"))
+        return
+    _reshape_layout(e, node, lay, s, t)
+
+
+def flow_flatten(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    lay = e.layout(node.inputs[0])
+    if lay is None:
+        return
+    s, t = static_shape(node.inputs[0]), static_shape(node.outputs[0])
+    if s is None or t is None:
+        e.block(lay, _why(node, "dynamic shape: the flatten's channel mapping is unknown"))
+        return
+    _reshape_layout(e, node, lay, s, t)
+
+
+# --- layers -------------------------------------------------------------------------------
+
+
+def flow_layer(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    handler = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm,
+               "MatMul": _matmul}[node.op]
+    handler(e, node)
+
+
+def _new_output(e: Engine, node: gs.Node, n: int, axis: int) -> Layout:
+    s = e.new_space(n, node.name)
+    e.spaces[s].nodes.append(node.name)
+    lay = Layout(axis, 1, (Seg(s, 0, n),))
+    return lay
+
+
+def _bias_ref(e: Engine, node: gs.Node, idx: int, out: Layout) -> None:
+    if len(node.inputs) <= idx or not node.inputs[idx].name:
+        return
+    b = node.inputs[idx]
+    shape = static_shape(b)
+    if not is_const(b) or shape is None:
+        e.block(out, _why(node, f"bias {b.name} is not a constant"))
+        return
+    n = out.size
+    if shape == (n,):
+        e.add_refs(b, 0, "out", out.with_axis(0), node, is_weight=True)
+    elif len(shape) == 2 and shape[1] == n:
+        e.add_refs(b, 1, "out", out.with_axis(1), node, is_weight=True)
+    elif int(np.prod(shape)) != 1:
+        e.block(out, _why(node, f"bias {b.name} of shape {list(shape)} is not per-channel"))
+
+
+def _conv(e: Engine, node: gs.Node) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    lay = e.layout(x)
+    wv = const_value(w)
+    if wv is None:
+        e.block(lay, _why(node, f"weight {w.name} is not a constant"))
+        return
+    group = int(node.attrs.get("group", 1))
+    c_out, c_in_g = int(wv.shape[0]), int(wv.shape[1])
+    c_in = c_in_g * group
+    if lay is not None and lay.axis != 1:
+        e.block(lay, _why(node, "input channel axis is not axis 1"))
+        lay = None
+    if group > 1 and c_in_g == 1:
+        # Depthwise: output channel j reads input channel j // mult only.
+        mult = c_out // c_in
+        if lay is None:
+            out = _new_output(e, node, c_out, 1)
+            e.block(out, _why(node, "depthwise convolution of untracked channels"))
+        else:
+            out = lay.with_block(lay.block * mult)
+            e.touch(lay, node)
+        e.add_refs(w, 0, "out", out.with_axis(0), node, is_weight=True)
+        _bias_ref(e, node, 2, out)
+        e.set_layout(node.outputs[0], out, node)
+        return
+    if lay is not None:
+        if group > 1:
+            if len(lay.segs) != 1 or lay.block != 1 or lay.segs[0].start != 0 or (
+                    lay.segs[0].length != e.spaces[e.find(lay.segs[0].space)].length):
+                e.block(lay, _why(node, "grouped convolution of a concatenated or sliced input"))
+            else:
+                e.spaces[e.find(lay.segs[0].space)].partitions.append(group)
+        e.add_refs(w, 1, "in", lay.with_axis(1), node, is_weight=True, conv_groups=group)
+    out = _new_output(e, node, c_out, 1)
+    if group > 1:
+        e.spaces[out.segs[0].space].partitions.append(group)
+    e.add_refs(w, 0, "out", out.with_axis(0), node, is_weight=True)
+    _bias_ref(e, node, 2, out)
+    e.set_layout(node.outputs[0], out, node)
+
+
+def _conv_transpose(e: Engine, node: gs.Node) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    lay = e.layout(x)
+    wv = const_value(w)
+    group = int(node.attrs.get("group", 1))
+    if wv is None or group != 1:
+        e.block(lay, _why(node, "non-constant weight or grouped transposed convolution"))
+        if wv is not None:
+            out = _new_output(e, node, int(wv.shape[1]) * group, 1)
+            e.block(out, _why(node, "grouped transposed convolution"))
+            e.set_layout(node.outputs[0], out, node)
+        return
+    if lay is not None and lay.axis != 1:
+        e.block(lay, _why(node, "input channel axis is not axis 1"))
+        lay = None
+    if lay is not None:
+        e.add_refs(w, 0, "in", lay.with_axis(0), node, is_weight=True)
+    out = _new_output(e, node, int(wv.shape[1]), 1)
+    e.add_refs(w, 1, "out", out.with_axis(1), node, is_weight=True)
+    _bias_ref(e, node, 2, out)
+    e.set_layout(node.outputs[0], out, node)
+
+
+def _gemm(e: Engine, node: gs.Node) -> None:
+    a, b = node.inputs[0], node.inputs[1]
+    lay = e.layout(a)
+    bv = const_value(b)
+    if int(node.attrs.get("transA", 0)):
+        e.block(lay, _why(node, "transA=1"))
+        lay = None
+    if lay is not None and lay.axis != 1:
+        e.block(lay, _why(node, "channel axis is not the contraction axis"))
+        lay = None
+    if bv is None:
+        e.block(lay, _why(node, f"weight {b.name} is not a constant"))
+        e.block(e.layout(b), _why(node, "activation used as a weight"))
+        return
+    trans_b = int(node.attrs.get("transB", 0))
+    in_axis, out_axis = (1, 0) if trans_b else (0, 1)
+    if lay is not None:
+        e.add_refs(b, in_axis, "in", lay.with_axis(in_axis), node, is_weight=True)
+    out = _new_output(e, node, int(bv.shape[out_axis]), 1)
+    e.add_refs(b, out_axis, "out", out.with_axis(out_axis), node, is_weight=True)
+    _bias_ref(e, node, 2, out)
+    e.set_layout(node.outputs[0], out, node)
+
+
+def _matmul(e: Engine, node: gs.Node) -> None:
+    a, b = node.inputs[0], node.inputs[1]
+    la, lb = e.layout(a), e.layout(b)
+    bv = const_value(b)
+    ra = rank(a)
+    if bv is None or bv.ndim != 2 or ra is None:
+        why = "MatMul of two activations (or a batched weight) mixes channels"
+        e.block(la, _why(node, why))
+        e.block(lb, _why(node, why))
+        return
+    r_out = max(ra, 2)
+    if la is not None and la.axis != ra - 1:
+        # Channels on a row or batch axis pass through a contraction of the last axis.
+        e.set_layout(node.outputs[0], la.with_axis(la.axis + r_out - ra), node)
+        return
+    if la is not None:
+        e.add_refs(b, 0, "in", la.with_axis(0), node, is_weight=True)
+    out = _new_output(e, node, int(bv.shape[1]), r_out - 1)
+    e.add_refs(b, 1, "out", out.with_axis(1), node, is_weight=True)
+    e.set_layout(node.outputs[0], out, node)
+
+
+Handler = Callable[[Engine, gs.Node, OpRule], None]
+
+FLOWS: dict[str, Handler] = {
+    "layer": flow_layer,
+    "unary": flow_unary,
+    "norm": flow_norm,
+    "binary": flow_binary,
+    "pool": flow_pool,
+    "pad": flow_pad,
+    "resize": flow_resize,
+    "reduce": flow_reduce,
+    "softmax": flow_softmax,
+    "layernorm": flow_layernorm,
+    "concat": flow_concat,
+    "split": flow_split,
+    "slice": flow_slice,
+    "gather": flow_gather,
+    "transpose": flow_transpose,
+    "squeeze": flow_squeeze,
+    "unsqueeze": flow_unsqueeze,
+    "reshape": flow_reshape,
+    "flatten": flow_flatten,
+}
+
+
+def apply_rule(e: Engine, node: gs.Node) -> None:
+    rule = RULES.get(node.op) if node.domain in (None, "", "ai.onnx") else None
+    if rule is None or rule.flow == "block":
+        flow_block(e, node, rule)
+        return
+    FLOWS[rule.flow](e, node, rule)

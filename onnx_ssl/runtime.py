@@ -1,0 +1,145 @@
+"""The ONNX Runtime boundary: sessions, seeded random inputs and the numeric check.
+
+Every import of ``onnxruntime`` in onnx-ssl goes through :func:`ort`, which first installs the
+shim that keeps torch from being imported (see :mod:`onnx_ssl.training._ort`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .errors import InputError, VerificationError
+from .io import EXTERNAL_DATA_THRESHOLD, clamp_ir
+
+# The tolerance the numeric check holds: max |pruned - reference| over each output must be
+# at most ATOL + RTOL * max |reference| (a norm-wise relative error; element-wise relative
+# error is meaningless for outputs near zero).
+RTOL = 1e-5
+ATOL = 1e-6
+
+
+def ort() -> Any:
+    from .training._ort import install_shim
+
+    install_shim()
+    import onnxruntime
+
+    return onnxruntime
+
+
+def session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0,
+            providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+    """An inference session; graph optimisations are off unless asked (for exact checks)."""
+    rt = ort()
+    so = rt.SessionOptions()
+    so.graph_optimization_level = (rt.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else rt.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    model = clamp_ir(model)
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            return rt.InferenceSession(model.SerializeToString(), so, providers=list(providers))
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "model.onnx")
+            onnx.save_model(model, path, save_as_external_data=True, location="model.data")
+            return rt.InferenceSession(path, so, providers=list(providers))
+    except Exception as e:  # onnxruntime raises its own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"ONNX Runtime cannot load the model: {first}") from e
+
+
+_NP_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+    "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
+}
+
+
+def random_inputs(sess: Any, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs for every graph input; refuses inputs whose shape is not static."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for i in sess.get_inputs():
+        shape = i.shape
+        if any(not isinstance(d, int) or d < 0 for d in shape):
+            raise InputError(f"input '{i.name}' has a dynamic shape {shape}; the numeric check "
+                             f"needs static input shapes (or pass --no-verify)")
+        dtype = _NP_TYPES.get(i.type)
+        if dtype is None:
+            raise InputError(f"input '{i.name}' has unsupported type {i.type}")
+        if np.issubdtype(dtype, np.floating):
+            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[i.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[i.name] = rng.integers(0, 2, shape).astype(dtype)
+    return feeds
+
+
+def run(model_or_session: Any, feeds: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    sess = (session(model_or_session) if isinstance(model_or_session, onnx.ModelProto)
+            else model_or_session)
+    names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
+
+
+@dataclass(frozen=True)
+class Difference:
+    output: str
+    max_abs: float
+    ref_max_abs: float
+
+    @property
+    def relative(self) -> float:
+        return self.max_abs / max(self.ref_max_abs, 1e-30)
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.max_abs <= ATOL + RTOL * self.ref_max_abs
+
+
+def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, n: int = 2,
+            seed: int = 0) -> list[Difference]:
+    """Run both models on ``n`` seeded random inputs; the worst difference per output."""
+    ref_s, cand_s = session(reference), session(candidate)
+    worst: dict[str, Difference] = {}
+    for k in range(n):
+        feeds = random_inputs(ref_s, seed + k)
+        a = run(ref_s, feeds)
+        b = run(cand_s, feeds)
+        for name, ref in a.items():
+            if name not in b:
+                raise VerificationError(f"output '{name}' is missing from the rewritten model")
+            got = b[name]
+            if got.shape != ref.shape:
+                raise VerificationError(f"output '{name}' changed shape from {ref.shape} "
+                                        f"to {got.shape}")
+            diff = float(np.max(np.abs(got.astype(np.float64) - ref))) if ref.size else 0.0
+            if not np.all(np.isfinite(got)) and np.all(np.isfinite(ref)):
+                diff = float("inf")
+            d = Difference(name, diff, float(np.max(np.abs(ref))) if ref.size else 0.0)
+            if name not in worst or d.max_abs > worst[name].max_abs:
+                worst[name] = d
+    return list(worst.values())
+
+
+def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, n: int = 2, seed: int = 0
+           ) -> list[Difference]:
+    """Raise VerificationError naming the output that differs beyond the tolerance."""
+    diffs = compare(reference, candidate, n, seed)
+    for d in diffs:
+        if not d.within_tolerance:
+            raise VerificationError(
+                f"output '{d.output}' differs by {d.max_abs:.3g} (max |reference| "
+                f"{d.ref_max_abs:.3g}, tolerance {ATOL:g} + {RTOL:g}*max|ref|); nothing written")
+    return diffs

@@ -1,0 +1,1 @@
+"""onnx-ssl graph passes (installed as onnx_ssl.passes)."""
