@@ -33,7 +33,7 @@ from .groups import (
     Member,
     Space,
 )
-from .io import CONTROL_FLOW_OPS, ModelMeta, from_graph, subgraph_outer_names, to_graph
+from .io import CONTROL_FLOW_OPS, ModelMeta, from_graph, to_graph
 from .rules import apply_rule
 
 log = logging.getLogger(__name__)
@@ -141,15 +141,30 @@ def _seed_inputs(e: Engine, graph: gs.Graph) -> None:
         e.refs.append(RawRef(t.name, 1, "act", s, 0, 0, c, 1, "", False))
 
 
-def _block_control_flow(e: Engine, graph: gs.Graph, model: onnx.ModelProto) -> list[str]:
+def _subgraph_names(g: gs.Graph, bound: set[str], out: set[str]) -> None:
+    local = bound | {t.name for t in g.inputs}
+    for n in g.nodes:
+        for t in n.inputs:
+            if t.name and t.name not in local and not isinstance(t, gs.Constant):
+                out.add(t.name)
+        for v in n.attrs.values():
+            for sub in v if isinstance(v, list) else [v]:
+                if isinstance(sub, gs.Graph):
+                    _subgraph_names(sub, local, out)
+        local |= {t.name for t in n.outputs}
+
+
+def _block_control_flow(e: Engine, graph: gs.Graph) -> list[str]:
     notes: list[str] = []
-    protos = {n.name: n for n in model.graph.node}
     tensors = graph.tensors()
     for node in graph.nodes:
         if node.op not in CONTROL_FLOW_OPS:
             continue
-        proto = protos.get(node.name)
-        names = set(subgraph_outer_names(proto)) if proto is not None else set()
+        names: set[str] = set()
+        for v in node.attrs.values():
+            for sub in v if isinstance(v, list) else [v]:
+                if isinstance(sub, gs.Graph):
+                    _subgraph_names(sub, set(), names)
         why = f"{node.name} ({node.op}): control flow; its subgraphs are not analysed"
         for n in names | {t.name for t in node.inputs}:
             if n in tensors:
@@ -192,10 +207,10 @@ def _check_weights(e: Engine, graph: gs.Graph) -> None:
                 e.block_space(s, why)
 
 
-def _propagate(graph: gs.Graph, model: onnx.ModelProto) -> tuple[Engine, list[str]]:
+def _propagate(graph: gs.Graph) -> tuple[Engine, list[str]]:
     e = Engine(graph)
     _seed_inputs(e, graph)
-    notes = _block_control_flow(e, graph, model)
+    notes = _block_control_flow(e, graph)
     for node in graph.nodes:
         if node.op in CONTROL_FLOW_OPS:
             continue
@@ -447,13 +462,13 @@ def analyze(model: onnx.ModelProto, kinds: Iterable[str] = DEFAULT_KINDS, name: 
     if bad:
         raise InputError(f"unknown group kind(s) {', '.join(bad)}; choose from {', '.join(KINDS)}")
     m = model if prepared else prepare(model)
-    graph = to_graph(m)
-    e, notes = _propagate(graph, m)
-    return build_analysis(graph, e, notes, kinds_t, name or m.graph.name)
+    return analyze_graph(to_graph(m), kinds_t, name or m.graph.name)
 
 
-def build_analysis(graph: gs.Graph, e: Engine, notes: Sequence[str], kinds: Sequence[str],
-                   name: str) -> Analysis:
+def analyze_graph(graph: gs.Graph, kinds: Sequence[str] = DEFAULT_KINDS, name: str = ""
+                  ) -> Analysis:
+    """Analyse a prepared graph (static shapes inferred, constants folded)."""
+    e, notes = _propagate(graph)
     ids = _space_ids(e)
     spaces = _build_spaces(e, ids)
     shapes = {n: tuple(int(d) for d in t.shape) for n, t in graph.tensors().items()
@@ -472,7 +487,7 @@ def build_analysis(graph: gs.Graph, e: Engine, notes: Sequence[str], kinds: Sequ
         if len(users) > 1:
             shared[la.weight] = f"weight {la.weight} is shared by {', '.join(u.name for u in users)}"
     groups += _weight_groups(layers, kinds, shared)
-    return Analysis(model=name, spaces=spaces, groups=tuple(groups), layers=layers,
+    return Analysis(model=name or graph.name, spaces=spaces, groups=tuple(groups), layers=layers,
                     branches=branches, kinds=tuple(kinds), notes=tuple(notes))  # type: ignore
 
 

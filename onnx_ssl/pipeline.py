@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Generic, Protocol, TypeVar
 
+import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import OnnxSslError, PassError
+from .io import ModelMeta, from_graph, infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -124,3 +126,22 @@ class PassManager:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def finish(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:
+    """The end of every pipeline: sort, export, strict shape inference, checker, ORT load.
+
+    Any failure raises with its cause chained; nothing is downgraded to a warning.
+    """
+    from . import runtime
+
+    graph = graph.copy()
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = from_graph(graph, meta)
+    model = infer_shapes(model)
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise PassError(f"rewritten model fails the ONNX checker: {_one_line(e)}") from e
+    runtime.session(model)
+    return model

@@ -1,0 +1,227 @@
+"""``onnx-ssl prune``: the compiler pipeline that turns zero groups into a smaller model.
+
+Pipeline: prepare (fold constant shape arithmetic) -> [ZeroSmallGroupsPass, only with a
+threshold: changes the function, reported separately] -> CollapseResidualPass ->
+RemoveZeroChannelsPass -> CleanupPass -> finish (sort, shape inference, checker, ORT load)
+-> numeric check against the model it read (or the thresholded one) -> write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from .analysis import analyze_graph, prepare
+from .errors import InputError
+from .groups import Analysis, Layer
+from .io import ModelMeta, check_writable, save_model, to_graph, write_text_atomic
+from .passes.cleanup import CleanupPass
+from .passes.collapse_residual import CollapseResidualPass
+from .passes.remove_channels import RemoveZeroChannelsPass
+from .passes.zero_small_groups import ZeroSmallGroupsPass
+from .pipeline import PassManager, Report, finish
+from .runtime import ATOL, RTOL, Difference, compare
+from .runtime import verify as verify_outputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerStat:
+    node: str
+    op: str
+    filters_before: int
+    filters_after: int
+    channels_before: int
+    channels_after: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+
+    @property
+    def mac_fraction(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 0.0
+
+
+def _filters(la: Layer) -> int:
+    return la.weight_shape[la.out_axis] * (la.conv_groups if la.op_type == "ConvTranspose"
+                                           else 1)
+
+
+def _channels(la: Layer) -> int:
+    return la.weight_shape[la.in_axis] * (la.conv_groups if la.op_type == "Conv" else 1)
+
+
+def layer_stats(before: Analysis, after: Analysis) -> tuple[LayerStat, ...]:
+    post = {la.node: la for la in after.layers}
+    out = []
+    for la in before.layers:
+        lb = post.get(la.node)
+        out.append(LayerStat(
+            la.node, la.op_type, _filters(la), _filters(lb) if lb else 0, _channels(la),
+            _channels(lb) if lb else 0, la.params, lb.params if lb else 0, la.macs,
+            lb.macs if lb else 0))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    model: str
+    layers: tuple[LayerStat, ...]
+    layers_before: int
+    layers_after: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    passes: tuple[tuple[str, Report], ...]
+    threshold: float | None = None
+    threshold_effect: tuple[Difference, ...] = ()
+    verification: tuple[Difference, ...] | None = None
+    kept: tuple[str, ...] = field(default=())
+
+    @property
+    def modified(self) -> bool:
+        return any(r.modified for _, r in self.passes)
+
+    def to_json(self) -> dict[str, Any]:
+        def diff(d: Difference) -> dict[str, Any]:
+            return {"output": d.output, "max_abs": d.max_abs, "ref_max_abs": d.ref_max_abs,
+                    "relative": d.relative}
+
+        return {
+            "model": self.model,
+            "modified": self.modified,
+            "layers_before": self.layers_before,
+            "layers_after": self.layers_after,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "layers": [{**l.__dict__, "mac_fraction": l.mac_fraction} for l in self.layers],
+            "passes": [{"name": n, **r.to_json()} for n, r in self.passes],
+            "threshold": self.threshold,
+            "threshold_effect": [diff(d) for d in self.threshold_effect],
+            "verification": None if self.verification is None else {
+                "rtol": RTOL, "atol": ATOL, "outputs": [diff(d) for d in self.verification]},
+            "kept": list(self.kept),
+        }
+
+    def to_text(self) -> str:
+        rows = [("layer", "op", "filters", "channels", "params", "MACs", "MAC frac")]
+        for s in self.layers:
+            rows.append((s.node, s.op, f"{s.filters_before} -> {s.filters_after}",
+                         f"{s.channels_before} -> {s.channels_after}",
+                         f"{s.params_before} -> {s.params_after}",
+                         f"{s.macs_before} -> {s.macs_after}", f"{s.mac_fraction:.1%}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                 for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        frac = self.macs_after / self.macs_before if self.macs_before else 0.0
+        pfrac = self.params_after / self.params_before if self.params_before else 0.0
+        lines += [
+            "",
+            f"layers {self.layers_before} -> {self.layers_after}; params {self.params_before}"
+            f" -> {self.params_after} ({pfrac:.1%}); MACs {self.macs_before} -> "
+            f"{self.macs_after} ({frac:.1%}, {1 / frac if frac else float('inf'):.2f}x fewer)",
+        ]
+        for name, r in self.passes:
+            if r.modified:
+                shown = {k: v for k, v in r.to_json().items()
+                         if k not in ("modified", "kept", "spaces") and v not in ((), [], 0)}
+                lines.append(f"pass {name}: {shown}")
+        if not self.modified:
+            lines.append("no change: nothing to remove (the model has no zero groups, or it "
+                         "was already pruned)")
+        if self.threshold is not None:
+            worst = max((d.relative for d in self.threshold_effect), default=0.0)
+            lines.append(f"threshold {self.threshold:g} CHANGED the function: max output "
+                         f"difference {worst:.3g} relative to max |output|")
+        for k in self.kept:
+            lines.append(f"kept: {k}")
+        if self.verification is None:
+            lines.append("numeric check: skipped (--no-verify)")
+        else:
+            worst = max((d.relative for d in self.verification), default=0.0)
+            lines.append(f"numeric check: passed, max difference {worst:.2g} x max |output| "
+                         f"(tolerance {ATOL:g} + {RTOL:g} x max |output|)")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    model: onnx.ModelProto
+    report: PruneReport
+
+
+def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int = 3,
+          seed: int = 0, name: str = "") -> PruneResult:
+    """Remove zero groups from ``model``; the result computes the same outputs.
+
+    ``threshold`` first zeroes every prunable group with L2 norm <= threshold (this changes
+    the function; ``report.threshold_effect`` says by how much). ``verify_n`` seeded random
+    inputs are compared against the model read (0 skips the check).
+    """
+    verify_n = verify
+    meta = ModelMeta.of(model)
+    prepared = prepare(model)
+    graph = to_graph(prepared)
+    before = analyze_graph(graph, kinds=("channel", "depth"), name=name)
+    reference = model
+    passes: list[tuple[str, Report]] = []
+    effect: tuple[Difference, ...] = ()
+    if threshold is not None:
+        res = ZeroSmallGroupsPass(threshold, before)(graph)
+        graph = res.graph
+        passes.append((ZeroSmallGroupsPass.name, res.report))
+        reference = finish(graph, meta)
+        if verify_n:
+            effect = tuple(compare(model, reference, n=verify_n, seed=seed))
+    pm = PassManager([CollapseResidualPass(before, seed), RemoveZeroChannelsPass(None, seed),
+                      CleanupPass()])
+    out = pm(graph)
+    passes += list(out.results)
+    final = finish(out.graph, meta)
+    diffs = tuple(verify_outputs(reference, final, n=verify_n, seed=seed)) if verify_n else None
+    after = analyze_graph(to_graph(final), kinds=("channel",), name=name)
+    kept: list[str] = []
+    for _, r in passes:
+        kept += list(getattr(r, "kept", ()))
+    report = PruneReport(
+        model=name or model.graph.name, layers=layer_stats(before, after),
+        layers_before=len(before.layers), layers_after=len(after.layers),
+        params_before=before.params, params_after=after.params, macs_before=before.macs,
+        macs_after=after.macs, passes=tuple(passes), threshold=threshold,
+        threshold_effect=effect, verification=diffs, kept=tuple(kept))
+    return PruneResult(final, report)
+
+
+def run_prune_cli(args: argparse.Namespace) -> int:
+    from .cli import _load
+
+    if not str(args.model).startswith("builtin:"):
+        check_writable(args.output, args.model)
+    else:
+        check_writable(args.output)
+    if args.report:
+        check_writable(args.report, args.model, args.output)
+    if args.threshold is not None and args.threshold < 0:
+        raise InputError("--threshold must be >= 0")
+    model = _load(args.model)
+    n = 0 if args.no_verify else args.verify
+    result = prune(model, threshold=args.threshold, verify=n, seed=args.seed,
+                   name=str(args.model))
+    save_model(result.model, args.output)
+    if args.report:
+        write_text_atomic(args.report, json.dumps(result.report.to_json(), indent=1) + "\n")
+    print(result.report.to_text())
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0

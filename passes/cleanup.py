@@ -1,0 +1,36 @@
+"""CleanupPass: remove dead nodes and unused initializers, then sort topologically.
+
+A node is dead when none of its outputs reaches a graph output; an initializer is unused
+when no remaining node reads it. Graph inputs are kept even when unused (the model keeps
+its signature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from onnx_ssl.pipeline import PassResult, Report
+
+
+@dataclass(frozen=True)
+class CleanupReport(Report):
+    nodes_removed: int = 0
+    initializers_removed: int = 0
+
+
+def _count(graph: gs.Graph) -> tuple[int, int]:
+    consts = {n for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    return len(graph.nodes), len(consts)
+
+
+class CleanupPass:
+    name = "cleanup"
+
+    def __call__(self, graph: gs.Graph) -> PassResult[CleanupReport]:
+        graph = graph.copy()
+        nodes, consts = _count(graph)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        nodes2, consts2 = _count(graph)
+        return PassResult(graph, CleanupReport(nodes - nodes2, consts - consts2))

@@ -1,0 +1,106 @@
+"""CollapseResidualPass: delete residual branches whose output became a constant.
+
+A residual block computes ``y = shortcut + F(x)`` where the branch ``F`` runs from the fork
+``x`` to the Add. When every layer of ``F`` that reads data from outside the branch has an
+all-zero weight (the paper's depth-wise sparsity zeroes *every* layer of the branch, which
+implies this), ``F(x) = k`` is the same for every input: biases, BatchNorm shifts and
+activations of them. Then ``y = shortcut + k``: the branch is deleted and the Add keeps the
+constant ``k`` (reduced to ``[1, C, 1, 1]`` when it is the same at every position), or
+disappears entirely when ``k == 0``. ``k`` is evaluated with ONNX Runtime on two different
+inputs, which must agree exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnx_ssl.analysis import LAYER_OPS, analyze_graph
+from onnx_ssl.graphutil import clear_inner_shapes, evaluate, unique_name
+from onnx_ssl.groups import Analysis, Branch
+from onnx_ssl.pipeline import PassResult, Report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CollapseResidualReport(Report):
+    branches_removed: tuple[str, ...] = ()
+    layers_removed: int = 0
+    constant_adds: int = 0
+
+
+def _entry_layers_zero(graph: gs.Graph, b: Branch) -> bool:
+    by_name = {n.name: n for n in graph.nodes}
+    produced = {t.name for n in b.nodes for t in by_name[n].outputs}
+    entries = 0
+    for n in b.nodes:
+        node = by_name[n]
+        reads_outside = any(t.name and not isinstance(t, gs.Constant) and t.name not in produced
+                            for t in node.inputs)
+        if not reads_outside:
+            continue
+        if node.op not in LAYER_OPS or not isinstance(node.inputs[1], gs.Constant):
+            return False
+        if node.inputs[0].name in produced:
+            return False
+        if np.any(np.asarray(node.inputs[1].values)):
+            return False
+        entries += 1
+    return entries > 0
+
+
+class CollapseResidualPass:
+    name = "collapse-residual"
+
+    def __init__(self, analysis: Analysis | None = None, seed: int = 0) -> None:
+        self.analysis = analysis
+        self.seed = seed
+
+    def __call__(self, graph: gs.Graph) -> PassResult[CollapseResidualReport]:
+        graph = graph.copy()
+        analysis = self.analysis or analyze_graph(graph, kinds=("depth",))
+        todo = [b for b in analysis.branches if b.prunable and _entry_layers_zero(graph, b)]
+        if not todo:
+            return PassResult(graph, CollapseResidualReport())
+        names = [b.branch_output for b in todo]
+        a = evaluate(graph, names, self.seed)
+        b2 = evaluate(graph, names, self.seed + 1)
+        by_name = {n.name: n for n in graph.nodes}
+        outputs = {t.name for t in graph.outputs}
+        removed: list[str] = []
+        layers = consts = 0
+        for br in todo:
+            k, k2 = a[br.branch_output][:1], b2[br.branch_output][:1]
+            if not np.array_equal(k, k2):
+                log.info("branch of %s is not constant; kept", br.add)
+                continue
+            add = by_name[br.add]
+            branch_t = next(t for t in add.inputs if t.name == br.branch_output)
+            short_t = next(t for t in add.inputs if t.name != br.branch_output)
+            # Reduce the constant to [1, C, 1, 1] when it is the same everywhere in space.
+            red = k
+            if k.ndim == 4 and np.all(k == k[:, :, :1, :1]):
+                red = k[:, :, :1, :1]
+            if not np.any(red):
+                y = add.outputs[0]
+                if y.name in outputs:
+                    add.op, add.inputs = "Identity", [short_t]
+                else:
+                    for c in list(y.outputs):
+                        c.inputs = [short_t if t is y else t for t in c.inputs]
+                    add.outputs = []
+            else:
+                const = gs.Constant(unique_name(graph, f"{br.add}.branch_constant"),
+                                    red.astype(np.float32))
+                add.inputs = [short_t if t is short_t else const for t in add.inputs]
+                consts += 1
+            del branch_t
+            removed.append(br.add)
+            layers += len(br.layers)
+        clear_inner_shapes(graph)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(graph, CollapseResidualReport(tuple(removed), layers, consts))
