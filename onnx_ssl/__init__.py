@@ -21,7 +21,7 @@ from .groups import Analysis, Group, Member, Space
 from .io import load_model, save_model
 
 if TYPE_CHECKING:
-    from .prune import PruneResult
+    from .compiler import PruneResult
 
 __all__ = [
     "Analysis",
@@ -39,7 +39,7 @@ __all__ = [
 
 
 def prune(model: Any, **kwargs: Any) -> PruneResult:
-    """Remove zero groups; see :func:`onnx_ssl.prune.prune`."""
-    from .prune import prune as _prune
+    """Remove zero groups; see :func:`onnx_ssl.compiler.prune`."""
+    from .compiler import prune as _prune
 
     return _prune(model, **kwargs)

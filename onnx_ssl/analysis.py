@@ -210,11 +210,12 @@ def _check_weights(e: Engine, graph: gs.Graph) -> None:
 def _propagate(graph: gs.Graph) -> tuple[Engine, list[str]]:
     e = Engine(graph)
     _seed_inputs(e, graph)
-    notes = _block_control_flow(e, graph)
     for node in graph.nodes:
         if node.op in CONTROL_FLOW_OPS:
             continue
         apply_rule(e, node)
+    # After propagation, so that the layouts of what the subgraphs read are known.
+    notes = _block_control_flow(e, graph)
     for t in graph.outputs:
         e.block(e.layout(t), f"reaches graph output '{t.name}'")
     _check_weights(e, graph)

@@ -50,7 +50,7 @@ def _load(path: str) -> onnx.ModelProto:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .prune import run_prune_cli
+    from .compiler import run_prune_cli
 
     return run_prune_cli(args)
 

@@ -26,6 +26,8 @@ MAX_IR_VERSION = 10
 MAX_OPSET = 21
 # Above this size a model is written with external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+# In-memory mark on a model loaded with external data, so that outputs keep it external.
+EXTERNAL_MARK = "onnx_ssl.external_data"
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
 
@@ -103,7 +105,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     validate(model, name=str(p), path=p)
     if external:
         # Remember it so that the output is written with external data too.
-        model.metadata_props.add(key="onnx_ssl.external_data", value="1")
+        model.metadata_props.add(key=EXTERNAL_MARK, value="1")
     return model
 
 
@@ -246,7 +248,16 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
     """
     out = check_writable(path)
     model = clamp_ir(model)
-    keep_ext = any(p.key == "onnx_ssl.external_data" for p in model.metadata_props)
+    keep_ext = any(p.key == EXTERNAL_MARK for p in model.metadata_props)
+    if keep_ext:
+        # The mark only travels in memory: the written model does not carry it.
+        clean = onnx.ModelProto()
+        clean.CopyFrom(model)
+        props = [(p.key, p.value) for p in clean.metadata_props if p.key != EXTERNAL_MARK]
+        del clean.metadata_props[:]
+        for k, v in props:
+            clean.metadata_props.add(key=k, value=v)
+        model = clean
     if external_data is None:
         external_data = keep_ext or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -1,0 +1,184 @@
+"""The command line: outputs, one-line errors with exit code 2, never a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import pick_groups, zero_groups
+from onnx import numpy_helper
+
+from onnx_ssl import env, models
+from onnx_ssl.analysis import analyze, prepare
+from onnx_ssl.cli import main
+from onnx_ssl.errors import EnvironmentProblem
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "onnx_ssl", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def lenet_path(tmp_path: Path) -> Path:
+    p = tmp_path / "lenet.onnx"
+    onnx.save_model(models.build("lenet"), p)
+    return p
+
+
+def test_analyze_table_and_json(lenet_path: Path, tmp_path: Path):
+    r = cli("analyze", str(lenet_path))
+    assert r.returncode == 0, r.stderr
+    assert "conv1" in r.stdout and "params" in r.stdout
+    out = tmp_path / "a.json"
+    r = cli("analyze", str(lenet_path), "--json", str(out), "--kinds", "channel,neuron")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert {g["kind"] for g in doc["groups"]} == {"channel", "neuron"}
+    assert doc["model"] == str(lenet_path)
+
+
+def test_builtin_models_are_reachable():
+    r = cli("analyze", "builtin:resnet20")
+    assert r.returncode == 0 and "residual branches: 9" in r.stdout
+
+
+def _garbage(tmp: Path) -> dict[str, Path]:
+    good = models.build("lenet").SerializeToString()
+    files = {
+        "not onnx": tmp / "text.onnx",
+        "truncated": tmp / "trunc.onnx",
+        "empty": tmp / "empty.onnx",
+        "IR version": tmp / "ir.onnx",
+        "opset": tmp / "opset.onnx",
+    }
+    files["not onnx"].write_text("this is not a model\n")
+    files["truncated"].write_bytes(good[: len(good) // 3])
+    files["empty"].write_bytes(b"")
+    m = models.build("lenet")
+    m.ir_version = 14
+    files["IR version"].write_bytes(m.SerializeToString())
+    m = models.build("lenet")
+    m.opset_import[0].version = 25
+    files["opset"].write_bytes(m.SerializeToString())
+    return files
+
+
+@pytest.mark.parametrize("command", ["analyze", "prune"])
+def test_bad_input_is_one_line_exit_2(tmp_path: Path, command: str):
+    for what, path in {**_garbage(tmp_path), "no such file": tmp_path / "nope.onnx"}.items():
+        args = [command, str(path)] + (["-o", str(tmp_path / "out.onnx")]
+                                       if command == "prune" else [])
+        r = cli(*args)
+        assert r.returncode == 2, (what, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("onnx-ssl: error:"), (what, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert not (tmp_path / "out.onnx").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path: Path):
+    p = tmp_path / "x.onnx"
+    p.write_text("nope")
+    r = cli("--debug", "analyze", str(p))
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_prune_writes_model_and_report(tmp_path: Path):
+    model = prepare(models.build("lenet"))
+    a = analyze(model, prepared=True)
+    z = zero_groups(model, pick_groups(a, 6, seed=1))
+    src = tmp_path / "z.onnx"
+    onnx.save_model(z, src)
+    before = src.read_bytes()
+    out, rep = tmp_path / "small.onnx", tmp_path / "rep.json"
+    r = cli("prune", str(src), "-o", str(out), "--report", str(rep))
+    assert r.returncode == 0, r.stderr
+    assert src.read_bytes() == before  # the input is never touched
+    small = onnx.load(out)
+    assert small.ir_version <= 10
+    doc = json.loads(rep.read_text())
+    assert doc["macs_after"] < doc["macs_before"] and doc["verification"]["outputs"]
+    assert "numeric check: passed" in r.stdout
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_prune_refuses_to_overwrite_input_or_write_nowhere(lenet_path: Path, tmp_path: Path):
+    before = lenet_path.read_bytes()
+    r = cli("prune", str(lenet_path), "-o", str(lenet_path))
+    assert r.returncode == 2 and "input" in r.stderr
+    assert lenet_path.read_bytes() == before
+    r = cli("prune", str(lenet_path), "-o", str(tmp_path / "missing" / "x.onnx"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")
+def test_prune_unwritable_folder(lenet_path: Path, tmp_path: Path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    r = cli("prune", str(lenet_path), "-o", str(ro / "x.onnx"))
+    assert r.returncode == 2 and "not writable" in r.stderr
+
+
+def test_failed_verification_writes_nothing(lenet_path: Path, tmp_path: Path, monkeypatch,
+                                            capsys):
+    from onnx_ssl import compiler as prune_mod
+    from onnx_ssl.errors import VerificationError
+
+    def broken(*a, **k):
+        raise VerificationError("output 'logits' differs by 1 (simulated); nothing written")
+
+    monkeypatch.setattr(prune_mod, "verify_outputs", broken)
+    out = tmp_path / "o.onnx"
+    assert main(["prune", str(lenet_path), "-o", str(out)]) == 2
+    assert "differs" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_dynamic_input_cannot_be_verified(tmp_path: Path):
+    m = models.build("mlp")
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    m.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    p = tmp_path / "dyn.onnx"
+    onnx.save_model(m, p)
+    r = cli("prune", str(p), "-o", str(tmp_path / "o.onnx"))
+    assert r.returncode == 2 and "dynamic shape" in r.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_external_data_model_stays_external(tmp_path: Path):
+    m = prepare(models.build("lenet"))
+    arrs = {t.name: numpy_helper.to_array(t).copy() for t in m.graph.initializer}
+    arrs["ip1.weight"][:100] = 0
+    arrs["ip1.bias"][:100] = 0
+    for t in m.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(arrs[t.name], t.name))
+    src = tmp_path / "ext.onnx"
+    onnx.save_model(m, src, save_as_external_data=True, location="ext.data")
+    out = tmp_path / "out.onnx"
+    r = cli("prune", str(src), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.onnx.data").exists()
+    small = onnx.load(out)
+    assert not any(p.key.startswith("onnx_ssl") for p in small.metadata_props)
+    w = {t.name: numpy_helper.to_array(t) for t in small.graph.initializer}
+    assert w["ip1.weight"].shape == (400, 800) and np.all(np.isfinite(w["ip1.weight"]))
+
+
+def test_two_runtime_distributions_are_detected(monkeypatch):
+    monkeypatch.setattr(env, "installed_ort_distributions",
+                        lambda: [("onnxruntime", "1.23.0"), ("onnxruntime-training-cpu", "1.19.2")])
+    with pytest.raises(EnvironmentProblem, match="pip uninstall -y onnxruntime "):
+        env.check_runtime_environment()
+
+
+def test_this_environment_has_exactly_one_runtime():
+    assert [n for n, _ in env.installed_ort_distributions()] == ["onnxruntime-training-cpu"]
+    env.check_runtime_environment()
