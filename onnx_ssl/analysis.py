@@ -28,7 +28,6 @@ from .groups import (
     Branch,
     ChannelRef,
     Group,
-    Kind,
     Layer,
     Member,
     Space,
@@ -84,16 +83,33 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _foldable(model: onnx.ModelProto) -> bool:
+    """Whether any node computes from constants alone (or reads only a shape)."""
+    consts = {t.name for t in model.graph.initializer}
+    consts.add("")
+    for n in model.graph.node:
+        if n.op_type in ("Constant", "Shape", "Size") or all(i in consts for i in n.input):
+            return True
+    return False
+
+
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold constant shape arithmetic and Constant-node weights; infer shapes.
+    """Fold constant shape arithmetic and Constant-node weights, give each reader of a merged
+    constant its own copy (:func:`unshare_constants`); infer shapes.
 
     The result computes the same function for the model's static input shapes; its
     initializers are the tensors the groups name.
     """
+    return _prepare(model)[0]
+
+
+def _prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, gs.Graph]:
     meta = ModelMeta.of(model)
     m = _infer(model)
-    has_control_flow = any(n.op_type in CONTROL_FLOW_OPS for n in m.graph.node)
     graph = to_graph(m)
+    if not _foldable(m):
+        return _unshared(m, graph, meta)
+    has_control_flow = any(n.op_type in CONTROL_FLOW_OPS for n in m.graph.node)
     for _ in range(4):
         before = len(graph.nodes)
         try:
@@ -107,7 +123,55 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
         graph = to_graph(m)
         if len(graph.nodes) == before:
             break
-    return m
+    return _unshared(m, graph, meta)
+
+
+def _unshared(m: onnx.ModelProto, graph: gs.Graph, meta: ModelMeta
+              ) -> tuple[onnx.ModelProto, gs.Graph]:
+    if unshare_constants(graph):
+        m = _infer(from_graph(graph, meta))
+        graph = to_graph(m)
+    return m, graph
+
+
+def unshare_constants(graph: gs.Graph) -> int:
+    """Give every reader of a shared float constant its own copy; returns the copies made.
+
+    Exporters merge equal initializers (the dynamo exporter's optimiser makes the all-zero
+    biases and all-one norm scales of unrelated layers one tensor). Left shared, the channels
+    of either reader could not be pruned (slicing the tensor for one would change the
+    others), although the readers have nothing in common. A copy per reader computes the same
+    function. A constant that some reader uses as a layer weight (input 1 of Conv, Gemm,
+    MatMul, ConvTranspose) is a tied weight and stays shared: the analysis blocks it.
+    """
+    names = set(graph.tensors().keys())
+    outputs = {t.name for t in graph.outputs}
+    copies = 0
+    for t in list(graph.tensors().values()):
+        if not isinstance(t, gs.Constant) or t.name in outputs:
+            continue
+        readers: list[gs.Node] = []
+        for n in t.outputs:
+            if not any(n is r for r in readers):
+                readers.append(n)
+        if len(readers) < 2:
+            continue
+        if any(n.op in LAYER_OPS and len(n.inputs) > 1 and n.inputs[1] is t for n in readers):
+            continue
+        values = np.asarray(t.values)
+        if values.dtype.type not in FLOAT_TYPES or values.size <= 1:
+            continue
+        for n in readers[1:]:
+            k = 1
+            while f"{t.name}.{k}" in names:
+                k += 1
+            copy = gs.Constant(f"{t.name}.{k}", values.copy())
+            names.add(copy.name)
+            for i, x in enumerate(n.inputs):
+                if x is t:
+                    n.inputs[i] = copy
+            copies += 1
+    return copies
 
 
 def _space_ids(e: Engine) -> dict[int, str]:
@@ -186,15 +250,17 @@ def _check_weights(e: Engine, graph: gs.Graph) -> None:
         consumers = {n.name for n in tensors[name].outputs} if name in tensors else set()
         why = None
         # The same positions claimed by different channels: a weight shared across spaces.
-        claims: dict[tuple[int, int], tuple[int, int]] = {}
-        for r in refs:
-            key = (e.find(r.space), r.space_start - r.tensor_start)
-            for p in range(r.tensor_start, r.tensor_start + r.length):
-                prev = claims.setdefault((p, 0), key)
-                if prev != key:
-                    why = (f"weight {name} (axis {axis}) is shared by layers in different "
-                           f"spaces: " + ", ".join(sorted(u.lstrip("!") for u in users)))
-                    break
+        # Intervals sorted by start; an overlap with a different (space, offset) is sharing.
+        spans = sorted((r.tensor_start, r.tensor_start + r.length,
+                        (e.find(r.space), r.space_start - r.tensor_start)) for r in refs)
+        reach, reach_key = -1, None  # the furthest end so far, and whose it is
+        for start, end, key in spans:
+            if start < reach and key != reach_key:
+                why = (f"weight {name} (axis {axis}) is shared by layers in different "
+                       f"spaces: " + ", ".join(sorted(u.lstrip("!") for u in users)))
+                break
+            if end > reach:
+                reach, reach_key = end, key
         outside = sorted(c for c in consumers if c not in users)
         if any(u.startswith("!") for u in users):
             outside += sorted(u[1:] for u in users if u.startswith("!"))
@@ -277,7 +343,12 @@ def _channel_groups(spaces: Sequence[Space], shapes: dict[str, tuple[int, ...]]
     return groups
 
 
-def _layers(graph: gs.Graph, e: Engine, ids: dict[int, str]) -> tuple[Layer, ...]:
+def layers_of(graph: gs.Graph) -> tuple[Layer, ...]:
+    """The parameterised layers with params and MACs, without the channel analysis."""
+    return _layers(graph, None, {})
+
+
+def _layers(graph: gs.Graph, e: Engine | None, ids: dict[int, str]) -> tuple[Layer, ...]:
     layers = []
     for node in graph.nodes:
         if node.op not in LAYER_OPS or len(node.inputs) < 2:
@@ -306,6 +377,8 @@ def _layers(graph: gs.Graph, e: Engine, ids: dict[int, str]) -> tuple[Layer, ...
             macs = int(np.prod(out_shape)) * int(wv.shape[0]) if out_shape else 0
 
         def sid(t: gs.Tensor) -> str | None:
+            if e is None:
+                return None
             lay = e.layout(t)
             if lay is None or len(lay.segs) != 1:
                 return None
@@ -343,6 +416,7 @@ def _branches(graph: gs.Graph, e: Engine) -> tuple[Branch, ...]:
             g.add_edge(src, node.name)
     idom = nx.immediate_dominators(g, src)
     by_name = {n.name: n for n in graph.nodes}
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
     outputs = {t.name for t in graph.outputs}
     result: list[Branch] = []
     for node in graph.nodes:
@@ -353,9 +427,9 @@ def _branches(graph: gs.Graph, e: Engine) -> tuple[Branch, ...]:
         fork = idom.get(node.name)
         if fork is None or fork == src:
             continue
-        sides = []
+        sides: list[tuple[gs.Tensor, list[str]]] = []
         for t in node.inputs:
-            seen: list[str] = []
+            seen: dict[str, None] = {}  # ordered set
             stack = [producer[t.name].name]
             ok = True
             while stack:
@@ -365,12 +439,12 @@ def _branches(graph: gs.Graph, e: Engine) -> tuple[Branch, ...]:
                 if n == src or idom.get(n) is None:
                     ok = False
                     break
-                seen.append(n)
+                seen[n] = None
                 stack.extend(p for p in g.predecessors(n))
             if not ok:
                 sides = []
                 break
-            sides.append((t, seen))
+            sides.append((t, list(seen)))
         if len(sides) != 2:
             continue
         layer_counts = [sum(1 for n in s if by_name[n].op in LAYER_OPS) for _, s in sides]
@@ -391,7 +465,7 @@ def _branches(graph: gs.Graph, e: Engine) -> tuple[Branch, ...]:
                 for c in out.outputs:
                     if c.name not in members and c.name != node.name:
                         reason = f"{n} ({bn.op}): output {out.name} is also read by {c.name}"
-        ordered = [n.name for n in graph.nodes if n.name in members]
+        ordered = sorted(members, key=order.__getitem__)
         result.append(Branch(
             add=node.name, fork=fork, branch_output=t.name, nodes=tuple(ordered),
             layers=tuple(n for n in ordered if by_name[n].op in LAYER_OPS),
@@ -462,8 +536,8 @@ def analyze(model: onnx.ModelProto, kinds: Iterable[str] = DEFAULT_KINDS, name: 
     bad = [k for k in kinds_t if k not in KINDS]
     if bad:
         raise InputError(f"unknown group kind(s) {', '.join(bad)}; choose from {', '.join(KINDS)}")
-    m = model if prepared else prepare(model)
-    return analyze_graph(to_graph(m), kinds_t, name or m.graph.name)
+    m, graph = (model, to_graph(model)) if prepared else _prepare(model)
+    return analyze_graph(graph, kinds_t, name or m.graph.name)
 
 
 def analyze_graph(graph: gs.Graph, kinds: Sequence[str] = DEFAULT_KINDS, name: str = ""
@@ -486,7 +560,8 @@ def analyze_graph(graph: gs.Graph, kinds: Sequence[str] = DEFAULT_KINDS, name: s
     for la in layers:
         users = tensors[la.weight].outputs
         if len(users) > 1:
-            shared[la.weight] = f"weight {la.weight} is shared by {', '.join(u.name for u in users)}"
+            names = ", ".join(u.name for u in users)
+            shared[la.weight] = f"weight {la.weight} is shared by {names}"
     groups += _weight_groups(layers, kinds, shared)
     return Analysis(model=name or graph.name, spaces=spaces, groups=tuple(groups), layers=layers,
                     branches=branches, kinds=tuple(kinds), notes=tuple(notes))  # type: ignore

@@ -187,9 +187,11 @@ class Engine:
         self.touch(layout, node)
 
     def set_layout(self, tensor: gs.Tensor, layout: Layout, node: gs.Node) -> None:
-        shape = static_shape(tensor)
+        shape = dims(tensor)
         if shape is not None:
-            if not 0 <= layout.axis < len(shape) or shape[layout.axis] != layout.size:
+            d = shape[layout.axis] if 0 <= layout.axis < len(shape) else -1
+            # A dim that is not static (a named or unknown dim) is not checked here.
+            if isinstance(d, int) and d != layout.size:
                 self.block(layout, f"{node.name} ({node.op}): output {tensor.name} has shape "
                                    f"{list(shape)}, which does not match its channel layout")
         self.layouts[tensor.name] = layout
@@ -221,6 +223,27 @@ def static_shape(t: gs.Tensor) -> tuple[int, ...] | None:
     if all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
         return tuple(int(d) for d in shape)
     return None
+
+
+Dim = int | str | None
+
+
+def dims(t: gs.Tensor) -> tuple[Dim, ...] | None:
+    """The tensor's dims when its rank is known: an int for a static dim, a str for a named
+    symbolic dim (a dynamic batch axis), None for an unknown one."""
+    if isinstance(t, gs.Constant):
+        return tuple(int(d) for d in t.shape)
+    if t.shape is None:
+        return None
+    out: list[Dim] = []
+    for d in t.shape:
+        if isinstance(d, (int, np.integer)) and d >= 0:
+            out.append(int(d))
+        elif isinstance(d, str) and d:
+            out.append(d)
+        else:
+            out.append(None)
+    return tuple(out)
 
 
 def rank(t: gs.Tensor) -> int | None:

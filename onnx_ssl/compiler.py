@@ -12,14 +12,15 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
 
-from .analysis import analyze_graph, prepare
+from .analysis import analyze_graph, layers_of, prepare
 from .errors import InputError
-from .groups import Analysis, Layer
+from .groups import Layer
 from .io import ModelMeta, check_writable, save_model, to_graph, write_text_atomic
 from .passes.cleanup import CleanupPass
 from .passes.collapse_residual import CollapseResidualPass
@@ -59,10 +60,10 @@ def _channels(la: Layer) -> int:
     return la.weight_shape[la.in_axis] * (la.conv_groups if la.op_type == "Conv" else 1)
 
 
-def layer_stats(before: Analysis, after: Analysis) -> tuple[LayerStat, ...]:
-    post = {la.node: la for la in after.layers}
+def layer_stats(before: Sequence[Layer], after: Sequence[Layer]) -> tuple[LayerStat, ...]:
+    post = {la.node: la for la in after}
     out = []
-    for la in before.layers:
+    for la in before:
         lb = post.get(la.node)
         out.append(LayerStat(
             la.node, la.op_type, _filters(la), _filters(lb) if lb else 0, _channels(la),
@@ -105,7 +106,7 @@ class PruneReport:
             "params_after": self.params_after,
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
-            "layers": [{**l.__dict__, "mac_fraction": l.mac_fraction} for l in self.layers],
+            "layers": [{**s.__dict__, "mac_fraction": s.mac_fraction} for s in self.layers],
             "passes": [{"name": n, **r.to_json()} for n, r in self.passes],
             "threshold": self.threshold,
             "threshold_effect": [diff(d) for d in self.threshold_effect],
@@ -174,7 +175,9 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
     meta = ModelMeta.of(model)
     prepared = prepare(model)
     graph = to_graph(prepared)
-    before = analyze_graph(graph, kinds=("channel", "depth"), name=name)
+    # Groups are only needed to threshold them; the passes read spaces and branches.
+    before = analyze_graph(graph, kinds=("channel", "depth") if threshold is not None else (),
+                           name=name)
     reference = model
     passes: list[tuple[str, Report]] = []
     effect: tuple[Difference, ...] = ()
@@ -185,21 +188,23 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
         reference = finish(graph, meta)
         if verify_n:
             effect = tuple(compare(model, reference, n=verify_n, seed=seed))
-    pm = PassManager([CollapseResidualPass(before, seed), RemoveZeroChannelsPass(None, seed),
-                      CleanupPass()])
+    # The channel pass reuses `before` only if the collapse pass left the graph untouched.
+    pm = PassManager([CollapseResidualPass(before, seed),
+                      RemoveZeroChannelsPass(before, seed, analysed=graph), CleanupPass()])
     out = pm(graph)
     passes += list(out.results)
     final = finish(out.graph, meta)
     diffs = tuple(verify_outputs(reference, final, n=verify_n, seed=seed)) if verify_n else None
-    after = analyze_graph(to_graph(final), kinds=("channel",), name=name)
+    after_layers = layers_of(to_graph(final))
     kept: list[str] = []
     for _, r in passes:
         kept += list(getattr(r, "kept", ()))
     report = PruneReport(
-        model=name or model.graph.name, layers=layer_stats(before, after),
-        layers_before=len(before.layers), layers_after=len(after.layers),
-        params_before=before.params, params_after=after.params, macs_before=before.macs,
-        macs_after=after.macs, passes=tuple(passes), threshold=threshold,
+        model=name or model.graph.name, layers=layer_stats(before.layers, after_layers),
+        layers_before=len(before.layers), layers_after=len(after_layers),
+        params_before=before.params, params_after=sum(la.params for la in after_layers),
+        macs_before=before.macs, macs_after=sum(la.macs for la in after_layers),
+        passes=tuple(passes), threshold=threshold,
         threshold_effect=effect, verification=diffs, kept=tuple(kept))
     return PruneResult(final, report)
 

@@ -25,7 +25,7 @@ EXPECTED_VERSION = "1.19.2"
 def installed_ort_distributions() -> list[tuple[str, str]]:
     found: dict[str, str] = {}
     for dist in metadata.distributions():
-        name = (dist.metadata.get("Name") or "").lower().replace("_", "-")
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
         if name in ORT_DISTRIBUTIONS:
             found[name] = dist.version
     return sorted(found.items())

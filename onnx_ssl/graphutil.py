@@ -17,9 +17,36 @@ def export(graph: gs.Graph) -> onnx.ModelProto:
     return clamp_ir(model)
 
 
+def _static(d: object) -> bool:
+    return isinstance(d, (int, np.integer)) and int(d) >= 0
+
+
+def dynamic_input_reason(graph: gs.Graph) -> str | None:
+    """Why :func:`evaluate` cannot stand for every input size, or None when it can: every
+    graph input dim is static except perhaps a leading (batch) axis."""
+    for t in graph.inputs:
+        shape = t.shape
+        if shape is None:
+            return f"graph input '{t.name}' has an unknown shape"
+        if any(not _static(d) for d in list(shape)[1:]):
+            return (f"graph input '{t.name}' has dynamic dims {list(shape)} beyond the batch "
+                    f"axis")
+    return None
+
+
 def evaluate(graph: gs.Graph, names: Sequence[str], seed: int = 0) -> dict[str, np.ndarray]:
-    """Values of the named tensors on seeded random inputs (graph optimisations off)."""
+    """Values of the named tensors on seeded random inputs (graph optimisations off).
+
+    A dynamic leading (batch) axis of a graph input is evaluated at size 1; callers read the
+    first batch entry. Other dynamic dims raise ValueError (see :func:`dynamic_input_reason`).
+    """
+    why = dynamic_input_reason(graph)
+    if why is not None:
+        raise ValueError(f"cannot evaluate constants: {why}")
     g = graph.copy()
+    for t in g.inputs:
+        if t.shape is not None and len(t.shape) and not _static(t.shape[0]):
+            t.shape = [1, *list(t.shape)[1:]]
     tensors = g.tensors()
     outs = []
     for n in names:

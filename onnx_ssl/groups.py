@@ -42,7 +42,8 @@ class Member:
         import numpy as np
 
         if len(shape) != len(self.slice):
-            raise ValueError(f"{self.tensor}: slice has {len(self.slice)} axes, tensor {len(shape)}")
+            raise ValueError(f"{self.tensor}: slice has {len(self.slice)} axes, "
+                             f"tensor {len(shape)}")
         return np.ix_(*[np.arange(d) if s is None else np.asarray(s, dtype=np.int64)
                         for d, s in zip(shape, self.slice, strict=True)])
 

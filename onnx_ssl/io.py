@@ -189,8 +189,8 @@ def from_graph(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:
     model.model_version = meta.model_version
     model.doc_string = meta.doc_string
     del model.metadata_props[:]
-    for k, v in meta.metadata_props:
-        model.metadata_props.add(key=k, value=v)
+    for key, value in meta.metadata_props:
+        model.metadata_props.add(key=key, value=value)
     del model.functions[:]
     model.functions.extend(meta.functions)
     return model

@@ -131,11 +131,11 @@ def _one_line(e: BaseException) -> str:
 def finish(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:
     """The end of every pipeline: sort, export, strict shape inference, checker, ORT load.
 
-    Any failure raises with its cause chained; nothing is downgraded to a warning.
+    Any failure raises with its cause chained; nothing is downgraded to a warning. The graph
+    is consumed (cleaned up in place).
     """
     from . import runtime
 
-    graph = graph.copy()
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = from_graph(graph, meta)
     model = infer_shapes(model)

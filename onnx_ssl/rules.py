@@ -20,19 +20,37 @@ Flows:
     softmax    passes through unless normalising over the channel axis.
     layernorm  passes through unless the normalised axes include the channel axis.
     concat / split / slice / gather / transpose / squeeze / unsqueeze / reshape / flatten:
-               move, offset or cut the channel axis.
+               move, offset or cut the channel axis. A Gather of rows of a constant 2-D table
+               (an embedding) produces a new space over the table's columns.
     block      the op mixes channels in a way removal would change; blocks with ``note``.
+               With ``passthrough`` (shape-preserving ops such as LRN) the output keeps the
+               input's blocked layout, so that everything tied to it downstream is blocked
+               for the same, stated reason rather than as "untracked".
+
+A flow that blocks the channels of an op whose output has the input's shape along the channel
+axis (a norm or softmax over the channel axis) still passes the blocked layout on, for the
+same reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .channels import Engine, Layout, Seg, const_value, is_const, rank, static_shape
+from .channels import (
+    Dim,
+    Engine,
+    Layout,
+    Seg,
+    const_value,
+    dims,
+    is_const,
+    rank,
+    static_shape,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,8 @@ class OpRule:
     # Extra outputs that must be unused for the channels to stay prunable.
     aux_outputs_unused: bool = False
     note: str = ""
+    # For "block" rules: the output keeps input 0's (blocked) layout (shape-preserving ops).
+    passthrough: bool = False
 
 
 _UNARY = (
@@ -86,8 +106,9 @@ RULES: dict[str, OpRule] = {
     "Reshape": OpRule("reshape"),
     "Flatten": OpRule("flatten"),
     "LRN": OpRule("block", note="LRN normalises each channel by its neighbours, so removing a "
-                                "channel changes the others"),
-    "GroupNormalization": OpRule("block", note="GroupNormalization mixes the channels of a group"),
+                                "channel changes the others", passthrough=True),
+    "GroupNormalization": OpRule("block", note="GroupNormalization mixes the channels of a group",
+                                 passthrough=True),
     "Shape": OpRule("block", note="reads the tensor's shape (a dynamic shape that pruning "
                                   "would change)"),
     "Size": OpRule("block", note="reads the tensor's size (a dynamic shape)"),
@@ -145,6 +166,15 @@ def flow_block(e: Engine, node: gs.Node, rule: OpRule | None) -> None:
     for t in node.inputs:
         if is_const(t):
             e.weight_users.setdefault(t.name, set()).add(f"!{node.name}")
+    if rule is not None and rule.passthrough and node.inputs and node.outputs:
+        _pass_blocked(e, node, e.layout(node.inputs[0]))
+
+
+def _pass_blocked(e: Engine, node: gs.Node, lay: Layout | None) -> None:
+    """Give output 0 the (already blocked) input layout: the op keeps the shape, so whatever
+    is tied to its output downstream is blocked for the reason given here."""
+    if lay is not None and node.outputs and node.outputs[0].name:
+        e.set_layout(node.outputs[0], lay, node)
 
 
 def flow_unary(e: Engine, node: gs.Node, rule: OpRule) -> None:
@@ -167,6 +197,7 @@ def flow_norm(e: Engine, node: gs.Node, rule: OpRule) -> None:
         return
     if lay.axis != 1:
         e.block(lay, _why(node, "normalises axis 1, which is not the channel axis here"))
+        _pass_blocked(e, node, lay)
         return
     for idx, role in [(i, "out") for i in rule.out_params] + [(i, "stat") for i in
                                                                rule.stat_params]:
@@ -175,6 +206,7 @@ def flow_norm(e: Engine, node: gs.Node, rule: OpRule) -> None:
         p = node.inputs[idx]
         if not is_const(p):
             e.block(lay, _why(node, f"parameter {p.name} is not a constant"))
+            e.block(e.layout(p), _why(node, f"{p.name} used as a parameter"))
             continue
         if static_shape(p) != (lay.size,):
             e.block(lay, _why(node, f"parameter {p.name} is not per-channel"))
@@ -219,11 +251,12 @@ def flow_binary(e: Engine, node: gs.Node, rule: OpRule) -> None:
         ri = ranks[i]
         assert ri is not None
         a = axis - (r_out - ri)
-        shape = static_shape(t)
+        shape = dims(t)
         if a < 0:
             continue  # broadcast over the channel axis
-        if shape is None:
-            e.block(base, _why(node, f"operand {t.name} has an unknown shape"))
+        if shape is None or not isinstance(shape[a], int):
+            e.block(base, _why(node, f"operand {t.name} has an unknown size on the channel "
+                                     f"axis"))
             continue
         if shape[a] == 1:
             continue
@@ -260,7 +293,7 @@ def flow_pad(e: Engine, node: gs.Node, rule: OpRule) -> None:
     if len(node.inputs) > 1 and node.inputs[1].name:
         pads = _ints(const_value(node.inputs[1]))
     else:
-        pads = [int(x) for x in _attr(node, "pads", [])]  # type: ignore[union-attr]
+        pads = [int(x) for x in node.attrs.get("pads", [])]
     if len(node.inputs) > 3 and node.inputs[3].name:
         axes = _ints(const_value(node.inputs[3]))
         if axes is None or pads is None:
@@ -286,9 +319,10 @@ def flow_resize(e: Engine, node: gs.Node, rule: OpRule) -> None:
     lay = e.layout(node.inputs[0])
     if lay is None:
         return
-    out_shape = static_shape(node.outputs[0])
+    out_shape = dims(node.outputs[0])
     if out_shape is None or out_shape[lay.axis] != lay.size:
-        e.block(lay, _why(node, "resizes the channel axis or has an unknown output shape"))
+        e.block(lay, _why(node, "resizes the channel axis or its output size on the channel "
+                                "axis is unknown"))
         return
     e.set_layout(node.outputs[0], lay, node)
 
@@ -333,6 +367,7 @@ def flow_softmax(e: Engine, node: gs.Node, rule: OpRule) -> None:
     mixes = lay.axis == axis if opset >= 13 else lay.axis >= axis
     if mixes:
         e.block(lay, _why(node, "normalises over the channel axis"))
+        _pass_blocked(e, node, lay)
         return
     e.set_layout(node.outputs[0], lay, node)
 
@@ -346,6 +381,7 @@ def flow_layernorm(e: Engine, node: gs.Node, rule: OpRule) -> None:
     axis = _norm_axis(int(_attr(node, "axis", -1)), r)  # type: ignore[call-overload]
     if lay.axis >= axis:
         e.block(lay, _why(node, "normalises over the channel axis"))
+        _pass_blocked(e, node, lay)
         return
     _check_aux_outputs(e, node, lay, e.graph_output_names)  # type: ignore[attr-defined]
     e.set_layout(node.outputs[0], lay, node)
@@ -377,17 +413,21 @@ def flow_concat(e: Engine, node: gs.Node, rule: OpRule) -> None:
     segs: list[Seg] = []
     block = ref.block
     for i, (t, lay) in enumerate(zip(node.inputs, tracked, strict=True)):
-        shape = static_shape(t)
         if lay is None:
-            if shape is None:
-                e.block(ref, _why(node, f"input {i} has an unknown size"))
+            shape = dims(t)
+            n = shape[axis] if shape is not None else None
+            if not isinstance(n, int):
+                # No output layout: every tracked input must keep its channels.
+                for other in tracked:
+                    e.block(other, _why(node, f"input {i} has an unknown size"))
                 return
-            lay = e.opaque(shape[axis] // block if shape[axis] % block == 0 else shape[axis],
-                           node, _why(node, f"input {t.name} carries untracked channels"))
-            if shape[axis] % block:
+            if n % block:
                 for other in tracked:
                     e.block(other, _why(node, "concatenates inputs of different block sizes"))
                 return
+            opaque = e.opaque(n // block, node,
+                              _why(node, f"input {t.name} carries untracked channels"))
+            lay = Layout(axis, block, opaque.segs)
         if lay.block != block or lay.axis != axis:
             for other in tracked:
                 e.block(other, _why(node, "concatenates inputs of different layouts"))
@@ -466,11 +506,29 @@ def flow_slice(e: Engine, node: gs.Node, rule: OpRule) -> None:
     e.set_layout(node.outputs[0], sub, node)
 
 
+def _embedding(e: Engine, node: gs.Node) -> bool:
+    """Gather of rows of a constant 2-D float table (an embedding lookup): the output's last
+    axis is a new space whose channel ``j`` is column ``j`` of the table (an ``out`` member).
+    Returns whether the node is one."""
+    table = const_value(node.inputs[0])
+    r_idx = rank(node.inputs[1])
+    axis = int(node.attrs.get("axis", 0))
+    if (table is None or table.ndim != 2 or table.dtype.kind != "f" or axis not in (0, -2)
+            or r_idx is None or is_const(node.inputs[1])):
+        return False
+    out = _new_output(e, node, int(table.shape[1]), r_idx)
+    e.add_refs(node.inputs[0], 1, "out", out.with_axis(1), node, is_weight=True)
+    e.set_layout(node.outputs[0], out, node)
+    return True
+
+
 def flow_gather(e: Engine, node: gs.Node, rule: OpRule) -> None:
     lay = e.layout(node.inputs[0])
     r = rank(node.inputs[0])
     if e.layout(node.inputs[1]) is not None:
         e.block(e.layout(node.inputs[1]), _why(node, "channels used as indices"))
+    if lay is None and _embedding(e, node):
+        return
     if lay is None or r is None:
         e.block(lay, _why(node, "input of unknown rank"))
         return
@@ -509,8 +567,8 @@ def flow_squeeze(e: Engine, node: gs.Node, rule: OpRule) -> None:
         return
     axes = _axes_input(node)
     if axes is None:
-        shape = static_shape(node.inputs[0])
-        if shape is None:
+        shape = dims(node.inputs[0])
+        if shape is None or not all(isinstance(d, int) for d in shape):
             e.block(lay, _why(node, "squeezes unknown axes"))
             return
         axes = [i for i, d in enumerate(shape) if d == 1]
@@ -537,55 +595,112 @@ def flow_unsqueeze(e: Engine, node: gs.Node, rule: OpRule) -> None:
     e.set_layout(node.outputs[0], lay.with_axis(axis), node)
 
 
-def _reshape_layout(e: Engine, node: gs.Node, lay: Layout, s: tuple[int, ...],
-                    t: tuple[int, ...]) -> None:
-    """Map the channel axis through a reshape of static shapes ``s`` -> ``t``.
+_Prod = tuple[int, tuple[str, ...]]
+
+
+def _prod(ds: Sequence[Dim]) -> _Prod | None:
+    """The product of dims as (static factor, sorted named dims); None if a dim is unknown."""
+    n, names = 1, []
+    for d in ds:
+        if d is None:
+            return None
+        if isinstance(d, str):
+            names.append(d)
+        else:
+            n *= d
+    return n, tuple(sorted(names))
+
+
+def _reshape_target(node: gs.Node, s: tuple[Dim, ...]) -> tuple[Dim, ...] | None:
+    """The output dims of a Reshape with a constant target: 0 copies an input dim (unless
+    ``allowzero``), -1 is what is left of the input's product (a named dim if that is all)."""
+    target = _ints(const_value(node.inputs[1])) if len(node.inputs) > 1 else None
+    if target is None:
+        return None
+    allowzero = int(node.attrs.get("allowzero", 0))
+    out: list[Dim] = [s[i] if v == 0 and not allowzero and i < len(s) else v
+                      for i, v in enumerate(target)]
+    if -1 in out:
+        known = _prod([d for d in out if d != -1])
+        total = _prod(s)
+        if known is None or total is None or known[0] == 0 or total[0] % known[0]:
+            return None
+        left = list(total[1])
+        for name in known[1]:
+            if name not in left:
+                return None
+            left.remove(name)
+        n = total[0] // known[0]
+        fill: Dim = n if not left else (left[0] if len(left) == 1 and n == 1 else None)
+        out = [fill if d == -1 else d for d in out]
+    return tuple(out)
+
+
+def _reshape_layout(e: Engine, node: gs.Node, lay: Layout, s: tuple[Dim, ...],
+                    t: tuple[Dim, ...]) -> None:
+    """Map the channel axis through a reshape of shape ``s`` -> ``t``.
 
     The channel axis survives when the dims before it keep their product and the channel
     axis lands on one output axis, possibly merged with the dims after it (a flatten): then
-    every channel owns a contiguous block of ``block * k`` positions.
+    every channel owns a contiguous block of ``block * k`` positions. Dims before the channel
+    axis may be named (a dynamic batch): they must reappear as such; the channel axis and the
+    dims after it must be static.
     """
     a = lay.axis
-    outer = int(np.prod(s[:a], dtype=np.int64))
-    inner = int(np.prod(s[a + 1:], dtype=np.int64))
     c = s[a]
-    prod = 1
-    for b, d in enumerate(t):
-        if prod == outer and d >= c and d % c == 0:
+    outer = _prod(s[:a])
+    inner = _prod(s[a + 1:])
+    if isinstance(c, int) and outer is not None and inner is not None and not inner[1]:
+        for b, d in enumerate(t):
+            if _prod(t[:b]) != outer or not isinstance(d, int) or d < c or d % c:
+                continue
             k = d // c
-            rest = int(np.prod(t[b + 1:], dtype=np.int64))
-            if inner % k == 0 and rest == inner // k:
+            rest = _prod(t[b + 1:])
+            if rest is not None and inner[0] % k == 0 and rest == (inner[0] // k, ()):
                 e.set_layout(node.outputs[0], Layout(b, lay.block * k, lay.segs), node)
                 return
-        prod *= d
-        if prod > outer:
-            break
-    e.block(lay, _why(node, f"reshape {list(s)} -> {list(t)} splits or mixes the channel axis"))
+    e.block(lay, _why(node, f"reshape {list(s)} -> {list(t)} splits or mixes the channel axis "
+                            f"(or the dims involved are not static)"))
 
 
 def flow_reshape(e: Engine, node: gs.Node, rule: OpRule) -> None:
     lay = e.layout(node.inputs[0])
     if lay is None:
         return
-    s, t = static_shape(node.inputs[0]), static_shape(node.outputs[0])
-    if s is None or t is None:
-        e.block(lay, _why(node, "dynamic shape: the reshape's channel mapping is unknown"))
-        return
     if len(node.inputs) > 1 and not is_const(node.inputs[1]):
         e.block(lay, _why(node, "target shape is computed at run time"))
+        return
+    s, t = dims(node.inputs[0]), dims(node.outputs[0])
+    if s is not None and (t is None or None in t):
+        t = _reshape_target(node, s)
+    if s is None or t is None:
+        e.block(lay, _why(node, "input or output shape unknown: the reshape's channel mapping "
+                                "is unknown"))
         return
     _reshape_layout(e, node, lay, s, t)
 
 
 def flow_flatten(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    """Flatten(axis=k) to 2-D: channel axis ``a >= k`` lands on output axis 1, ``a < k`` on
+    axis 0, each channel a contiguous block, when the dims on the way are static and the dims
+    between the flatten axis and the channel axis are 1."""
     lay = e.layout(node.inputs[0])
     if lay is None:
         return
-    s, t = static_shape(node.inputs[0]), static_shape(node.outputs[0])
-    if s is None or t is None:
-        e.block(lay, _why(node, "dynamic shape: the flatten's channel mapping is unknown"))
+    s = dims(node.inputs[0])
+    if s is None:
+        e.block(lay, _why(node, "input of unknown rank"))
         return
-    _reshape_layout(e, node, lay, s, t)
+    k = _norm_axis(int(node.attrs.get("axis", 1)), len(s))
+    a = lay.axis
+    before, after = (s[k:a], s[a + 1:]) if a >= k else (s[:a], s[a + 1:k])
+    between, block = _prod(before), _prod(after)
+    if between != (1, ()) or block is None or block[1]:
+        e.block(lay, _why(node, f"flatten of {list(s)} at axis {k} spreads or mixes the "
+                                f"channel axis (or the dims involved are not static)"))
+        return
+    e.set_layout(node.outputs[0], Layout(1 if a >= k else 0, lay.block * block[0], lay.segs),
+                 node)
 
 
 # --- layers -------------------------------------------------------------------------------
@@ -611,6 +726,7 @@ def _bias_ref(e: Engine, node: gs.Node, idx: int, out: Layout) -> None:
     shape = static_shape(b)
     if not is_const(b) or shape is None:
         e.block(out, _why(node, f"bias {b.name} is not a constant"))
+        e.block(e.layout(b), _why(node, f"{b.name} used as a bias"))
         return
     n = out.size
     if shape == (n,):

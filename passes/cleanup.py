@@ -29,8 +29,8 @@ class CleanupPass:
     name = "cleanup"
 
     def __call__(self, graph: gs.Graph) -> PassResult[CleanupReport]:
-        graph = graph.copy()
         nodes, consts = _count(graph)
+        graph = graph.copy()
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         nodes2, consts2 = _count(graph)
         return PassResult(graph, CleanupReport(nodes - nodes2, consts - consts2))

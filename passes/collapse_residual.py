@@ -13,13 +13,13 @@ inputs, which must agree exactly.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_ssl.analysis import LAYER_OPS, analyze_graph
-from onnx_ssl.graphutil import clear_inner_shapes, evaluate, unique_name
+from onnx_ssl.graphutil import clear_inner_shapes, dynamic_input_reason, evaluate, unique_name
 from onnx_ssl.groups import Analysis, Branch
 from onnx_ssl.pipeline import PassResult, Report
 
@@ -31,10 +31,10 @@ class CollapseResidualReport(Report):
     branches_removed: tuple[str, ...] = ()
     layers_removed: int = 0
     constant_adds: int = 0
+    kept: tuple[str, ...] = field(default=(), metadata={"info": True})
 
 
-def _entry_layers_zero(graph: gs.Graph, b: Branch) -> bool:
-    by_name = {n.name: n for n in graph.nodes}
+def _entry_layers_zero(by_name: dict[str, gs.Node], b: Branch) -> bool:
     produced = {t.name for n in b.nodes for t in by_name[n].outputs}
     entries = 0
     for n in b.nodes:
@@ -61,11 +61,17 @@ class CollapseResidualPass:
         self.seed = seed
 
     def __call__(self, graph: gs.Graph) -> PassResult[CollapseResidualReport]:
-        graph = graph.copy()
-        analysis = self.analysis or analyze_graph(graph, kinds=("depth",))
-        todo = [b for b in analysis.branches if b.prunable and _entry_layers_zero(graph, b)]
+        analysis = self.analysis or analyze_graph(graph, kinds=())
+        nodes = {n.name: n for n in graph.nodes}
+        todo = [b for b in analysis.branches if b.prunable and _entry_layers_zero(nodes, b)]
         if not todo:
-            return PassResult(graph, CollapseResidualReport())
+            return PassResult(graph, CollapseResidualReport())  # unchanged: no copy needed
+        graph = graph.copy()
+        no_fold = dynamic_input_reason(graph)
+        if no_fold:
+            kept = tuple(f"{b.add}: keeps its zeroed residual branch: evaluating the branch's "
+                         f"constant needs static input shapes, but {no_fold}" for b in todo)
+            return PassResult(graph, CollapseResidualReport(kept=kept))
         names = [b.branch_output for b in todo]
         a = evaluate(graph, names, self.seed)
         b2 = evaluate(graph, names, self.seed + 1)

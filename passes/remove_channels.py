@@ -36,7 +36,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_ssl.analysis import LAYER_OPS, analyze_graph
-from onnx_ssl.graphutil import clear_inner_shapes, evaluate, run_node, unique_name
+from onnx_ssl.graphutil import (
+    clear_inner_shapes,
+    dynamic_input_reason,
+    evaluate,
+    run_node,
+    unique_name,
+)
 from onnx_ssl.groups import Analysis, ChannelRef, Space
 from onnx_ssl.pipeline import PassResult, Report
 
@@ -64,17 +70,17 @@ class RemoveZeroChannelsReport(Report):
     kept: tuple[str, ...] = field(default=(), metadata={"info": True})
 
 
-def _is_zero(a: np.ndarray) -> bool:
-    return not np.any(a)
-
-
 def _source_layer_refs(space: Space, nodes: dict[str, gs.Node]) -> list[ChannelRef]:
-    """Out refs on the weight of a layer that creates the space's channels from other data."""
+    """Out refs on the weight of a node that creates the space's channels from other data: a
+    layer (its weight), or an embedding (a Gather of rows of a constant table)."""
     out = []
     for r in space.refs:
         if r.role != "out" or not r.is_weight:
             continue
         n = nodes[r.node]
+        if n.op == "Gather" and n.inputs[0].name == r.tensor:
+            out.append(r)  # the table's column is the channel's only data
+            continue
         if n.op not in LAYER_OPS or n.inputs[1].name != r.tensor:
             continue
         if n.op == "Conv" and int(n.attrs.get("group", 1)) > 1 and (
@@ -84,12 +90,34 @@ def _source_layer_refs(space: Space, nodes: dict[str, gs.Node]) -> list[ChannelR
     return out
 
 
-def _slice_zero(values: np.ndarray, ref: ChannelRef, channel: int) -> bool:
-    from onnx_ssl.analysis import member_slice
-    from onnx_ssl.groups import Member
+def _position_nonzero(values: np.ndarray, ref: ChannelRef) -> np.ndarray:
+    """For each position of ``ref.axis``: does the slice of ``values`` there hold a non-zero?"""
+    nz = values != 0
+    if ref.conv_groups > 1 and ref.role == "in" and ref.axis == 1:
+        # Grouped conv weight [G*og, ig, ...]: input position g*ig + i is W[g*og:(g+1)*og, i].
+        g = ref.conv_groups
+        per = nz.reshape(g, nz.shape[0] // g, nz.shape[1], -1).any(axis=(1, 3))
+        return per.reshape(-1)
+    other = tuple(a for a in range(nz.ndim) if a != ref.axis)
+    return nz.any(axis=other) if other else nz
 
-    m = Member(ref.tensor, "in", member_slice(ref, channel, values.shape))
-    return _is_zero(values[m.index(values.shape)])
+
+def _nonzero_channels(space: Space, refs: list[ChannelRef], tensors: dict[str, gs.Tensor]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel of the space: (some member of ``refs`` is non-zero, some ref covers it)."""
+    nonzero = np.zeros(space.channels, dtype=bool)
+    covered = np.zeros(space.channels, dtype=bool)
+    cache: dict[tuple[str, int, int], np.ndarray] = {}
+    for r in refs:
+        key = (r.tensor, r.axis, r.conv_groups)
+        if key not in cache:
+            cache[key] = _position_nonzero(np.asarray(tensors[r.tensor].values), r)
+        pos = cache[key]
+        span = pos[r.tensor_start * r.block:(r.tensor_start + r.length) * r.block]
+        nonzero[r.space_start:r.space_start + r.length] |= span.reshape(r.length,
+                                                                        r.block).any(axis=1)
+        covered[r.space_start:r.space_start + r.length] = True
+    return nonzero, covered
 
 
 def _balance(space: Space, removable: set[int]) -> tuple[set[int], list[str]]:
@@ -117,7 +145,12 @@ def _balance(space: Space, removable: set[int]) -> tuple[set[int], list[str]]:
 class RemoveZeroChannelsPass:
     name = "remove-zero-channels"
 
-    def __init__(self, analysis: Analysis | None = None, seed: int = 0) -> None:
+    def __init__(self, analysis: Analysis | None = None, seed: int = 0,
+                 analysed: gs.Graph | None = None) -> None:
+        """``analysis`` is used only for the graph it describes: ``analysed``, when given, must
+        be the very graph object the pass receives (an unchanged graph from earlier passes);
+        otherwise the pass analyses its input itself."""
+        self.analysed = analysed
         self.analysis = analysis
         self.seed = seed
         # Constants added by folding that must be sliced like an existing tensor axis:
@@ -127,11 +160,14 @@ class RemoveZeroChannelsPass:
     def __call__(self, graph: gs.Graph) -> PassResult[RemoveZeroChannelsReport]:
         graph = graph.copy()
         self._followers = []
-        analysis = self.analysis or analyze_graph(graph, kinds=("channel",))
+        usable = self.analysis is not None and (self.analysed is None or self.analysed is graph)
+        analysis = self.analysis if usable and self.analysis else analyze_graph(graph, kinds=())
         tensors = graph.tensors()
         nodes = {n.name: n for n in graph.nodes}
         kept: list[str] = []
         plan: dict[str, tuple[set[int], set[int]]] = {}  # space -> (unread, constant)
+        # Folding a constant channel evaluates it; that needs static inputs (but the batch).
+        no_fold = dynamic_input_reason(graph)
         for sp in analysis.spaces:
             input_only = (not sp.prunable and sp.origin == "input" and all(
                 r.startswith(INPUT_REASON_PREFIX) for r in sp.all_reasons))
@@ -139,19 +175,17 @@ class RemoveZeroChannelsPass:
                 continue
             in_refs = [r for r in sp.refs if r.role == "in" and r.is_weight]
             src = _source_layer_refs(sp, nodes)
-            unread: set[int] = set()
+            read, _ = _nonzero_channels(sp, in_refs, tensors)
+            made, covered = _nonzero_channels(sp, src, tensors)
+            unread = {int(c) for c in np.flatnonzero(~read)}
             const: set[int] = set()
-            for c in range(sp.channels):
-                rs = [r for r in in_refs if r.space_start <= c < r.space_start + r.length]
-                if all(_slice_zero(np.asarray(tensors[r.tensor].values), r, c) for r in rs):
-                    unread.add(c)
-                    continue
-                if input_only or not src:
-                    continue
-                ss = [r for r in src if r.space_start <= c < r.space_start + r.length]
-                if ss and all(_slice_zero(np.asarray(tensors[r.tensor].values), r, c)
-                              for r in ss):
-                    const.add(c)
+            if not input_only and src:
+                const = {int(c) for c in np.flatnonzero(covered & ~made & read)}
+            if const and no_fold:
+                kept.append(f"{sp.id}: keeps {len(const)} constant channel(s) (zero filters, "
+                            f"read by other layers): folding them needs static input shapes, "
+                            f"but {no_fold}")
+                const = set()
             removable = unread | const
             if not removable:
                 continue
@@ -167,7 +201,7 @@ class RemoveZeroChannelsPass:
         if not plan:
             return PassResult(graph, RemoveZeroChannelsReport(kept=tuple(kept)))
 
-        folded, maps = self._fold_constants(graph, analysis, plan)
+        folded, maps = self._fold_constants(graph, analysis, plan, kept)
         gathered = self._apply(graph, analysis, plan)
         clear_inner_shapes(graph)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -182,38 +216,46 @@ class RemoveZeroChannelsPass:
 
     # --- constants ------------------------------------------------------------------------
     def _fold_constants(self, graph: gs.Graph, analysis: Analysis,
-                        plan: dict[str, tuple[set[int], set[int]]]) -> tuple[int, int]:
-        """Add the contribution of removed constant channels to each consumer."""
+                        plan: dict[str, tuple[set[int], set[int]]], kept: list[str]
+                        ) -> tuple[int, int]:
+        """Add the contribution of removed constant channels to each consumer.
+
+        A channel whose producing filters are all zero is constant unless something else
+        feeds it data (a data-dependent factor broadcast over the channels, say): such
+        channels are taken out of ``plan`` and kept, with the reason in ``kept``.
+        """
         nodes = {n.name: n for n in graph.nodes}
-        # consumer node -> list of (ref, channel) for constant channels that it reads
-        per_consumer: dict[str, list[tuple[ChannelRef, int]]] = defaultdict(list)
-        for sid, (unread, const) in plan.items():
-            sp = analysis.space(sid)
-            for r in sp.refs:
-                if r.role != "in" or not r.is_weight:
-                    continue
-                for c in const - unread:
-                    if r.space_start <= c < r.space_start + r.length:
-                        per_consumer[r.node].append((r, c))
+        per_consumer = _constant_consumers(analysis, plan)
         if not per_consumer:
             return 0, 0
         inputs = sorted({nodes[n].inputs[0].name for n in per_consumer})
         a = evaluate(graph, inputs, self.seed)
         b = evaluate(graph, inputs, self.seed + 1)
+
+        def at(name: str, r: ChannelRef, c: int) -> tuple[Any, ...]:
+            node = nodes[name]
+            sel: list[Any] = [slice(None)] * a[node.inputs[0].name].ndim
+            sel[_activation_axis(node)] = list(r.positions(c))
+            return tuple(sel)
+
+        varying: dict[str, set[int]] = defaultdict(set)
+        for name, items in per_consumer.items():
+            x = nodes[name].inputs[0].name
+            for r, c in items:
+                if not np.array_equal(a[x][:1][at(name, r, c)], b[x][:1][at(name, r, c)]):
+                    varying[r.space].add(c)
+        if varying:
+            for sid, chans in varying.items():
+                _drop_from_plan(analysis.space(sid), plan, chans, kept)
+            per_consumer = _constant_consumers(analysis, plan)
         folded = maps = 0
         for name, items in per_consumer.items():
             node = nodes[name]
             x = node.inputs[0].name
-            xa, xb = a[x][:1], b[x][:1]
-            act_axis = _activation_axis(node)
+            xa = a[x][:1]
             z = np.zeros_like(xa)
             for r, c in items:
-                sel: list[Any] = [slice(None)] * xa.ndim
-                sel[act_axis] = list(r.positions(c))
-                if not np.array_equal(xa[tuple(sel)], xb[tuple(sel)]):
-                    raise RuntimeError(f"channel {c} of {r.space} is not constant at {name}; "
-                                       f"refusing to fold it")
-                z[tuple(sel)] = xa[tuple(sel)]
+                z[at(name, r, c)] = xa[at(name, r, c)]
             # The consumer without its bias is linear: L(x) = L(x_kept) + L(z).
             contrib = run_node(node, {0: z}, int(graph.opset or 17), drop_from=2)
             out_axis = 1 if node.op in ("Conv", "ConvTranspose", "Gemm") else contrib.ndim - 1
@@ -253,8 +295,9 @@ class RemoveZeroChannelsPass:
             if (old, axis_old) in deletions:
                 deletions[(new, axis_new)] |= deletions[(old, axis_old)]
         # Structural attributes of activations, before the shapes are forgotten.
+        by_tensor = {name: (axis, pos) for (name, axis), pos in deletions.items()}
         for node in list(graph.nodes):
-            _rewrite_structure(graph, node, deletions)
+            _rewrite_structure(graph, node, by_tensor)
         for (name, axis), pos in deletions.items():
             t = tensors.get(name)  # a bias replaced by a folded copy is gone (its copy follows)
             if isinstance(t, gs.Constant):
@@ -284,6 +327,38 @@ class RemoveZeroChannelsPass:
             c.inputs = [out if t is x else t for t in c.inputs]
         graph.nodes.append(node)
         return len(pos)
+
+
+def _constant_consumers(analysis: Analysis, plan: dict[str, tuple[set[int], set[int]]]
+                        ) -> dict[str, list[tuple[ChannelRef, int]]]:
+    """Consumer layer -> the (in ref, channel) pairs of the constant channels it reads."""
+    per_consumer: dict[str, list[tuple[ChannelRef, int]]] = defaultdict(list)
+    for sid, (unread, const) in plan.items():
+        sp = analysis.space(sid)
+        for r in sp.refs:
+            if r.role != "in" or not r.is_weight:
+                continue
+            for c in sorted(const - unread):
+                if r.space_start <= c < r.space_start + r.length:
+                    per_consumer[r.node].append((r, c))
+    return per_consumer
+
+
+def _drop_from_plan(space: Space, plan: dict[str, tuple[set[int], set[int]]],
+                    varying: set[int], kept: list[str]) -> None:
+    """Keep the ``varying`` channels of ``space`` (not constant after all), and rebalance."""
+    unread, const = plan[space.id]
+    kept.append(f"{space.id}: keeps channel(s) {sorted(varying)}: their filters are zero, but "
+                f"their values still depend on the input (something other than the space's "
+                f"layers feeds them, such as a data-dependent factor broadcast over the "
+                f"channels), so they are not constants that can be folded")
+    const = const - varying
+    removable, why = _balance(space, unread | const)
+    kept += why
+    if removable:
+        plan[space.id] = (unread & removable, const & removable)
+    else:
+        del plan[space.id]
 
 
 def _activation_axis(node: gs.Node) -> int:
@@ -346,14 +421,11 @@ def _add_bias_map(graph: gs.Graph, node: gs.Node, k: np.ndarray) -> list[Followe
 
 
 def _rewrite_structure(graph: gs.Graph, node: gs.Node,
-                       deletions: dict[tuple[str, int], set[int]]) -> None:
+                       deletions: dict[str, tuple[int, set[int]]]) -> None:
     """Update attributes and shape inputs that encode channel counts."""
 
     def deleted(t: gs.Tensor) -> tuple[int, set[int]] | None:
-        for (name, axis), pos in deletions.items():
-            if name == t.name:
-                return axis, pos
-        return None
+        return deletions.get(t.name)
 
     if node.op == "Split":
         d = deleted(node.inputs[0])
@@ -414,9 +486,9 @@ def _rewrite_structure(graph: gs.Graph, node: gs.Node,
         if d is None or len(node.inputs) < 4 or not node.inputs[3].name:
             return
         axis, pos = d
-        sizes = np.asarray(node.inputs[3].values).astype(np.int64).copy()
-        sizes[axis] -= len(pos)
-        node.inputs[3] = gs.Constant(unique_name(graph, f"{node.name}.sizes"), sizes)
+        new_sizes = np.asarray(node.inputs[3].values).astype(np.int64).copy()
+        new_sizes[axis] -= len(pos)
+        node.inputs[3] = gs.Constant(unique_name(graph, f"{node.name}.sizes"), new_sizes)
     elif node.op == "Conv" and int(node.attrs.get("group", 1)) > 1:
         w = node.inputs[1]
         if np.asarray(w.values).shape[1] != 1:

@@ -231,7 +231,8 @@ def test_control_flow_blocks_what_subgraphs_read(rng):
         helper.make_node("Conv", ["b", "w2"], ["y"], name="c2"),
     ]
     # The condition is an input: a constant one is folded away (exactly) by `prepare`.
-    graph = helper.make_graph(nodes, "cf", [vi("x", [1, 3, 4, 4]), vi("cond", [], TensorProto.BOOL)],
+    graph = helper.make_graph(nodes, "cf",
+                              [vi("x", [1, 3, 4, 4]), vi("cond", [], TensorProto.BOOL)],
                               [vi("y", [1, 2, 4, 4])],
                               [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)

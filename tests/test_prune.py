@@ -10,8 +10,8 @@ from onnx import helper, numpy_helper
 
 from onnx_ssl import models
 from onnx_ssl.analysis import analyze, prepare
-from onnx_ssl.errors import VerificationError
 from onnx_ssl.compiler import prune
+from onnx_ssl.errors import VerificationError
 from onnx_ssl.runtime import verify
 
 PROPERTY_MODELS = [n for n in models.names()
