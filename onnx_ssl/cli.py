@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_cmd_analyze)
 
     _add_prune(sub)
+    from .bench import add_parser as add_bench
+
+    add_bench(sub)
     try:
         from .training import cli as training_cli
     except ImportError as e:  # pragma: no cover - the training package is part of onnx-ssl

@@ -1,0 +1,113 @@
+"""``onnx-ssl bench``: measured ONNX Runtime latency of models against their MAC bound.
+
+Models are timed in alternation in one process (so machine noise hits all alike), with all
+graph optimisations on; the report gives each model's median latency, its speed-up over the
+first model, its MAC reduction (the "FLOP bound": the speed-up a perfectly efficient kernel
+would get) and the ratio of the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import onnx
+
+from .analysis import analyze
+from .errors import InputError
+from .runtime import ort, random_inputs
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    name: str
+    macs: int
+    latency_ms: float
+    speedup: float
+    mac_reduction: float
+
+    @property
+    def efficiency(self) -> float:
+        return self.speedup / self.mac_reduction if self.mac_reduction else 0.0
+
+
+def benchmark(models: Sequence[tuple[str, onnx.ModelProto]], provider: str = "cpu",
+              iters: int = 20, warmup: int = 3, threads: int = 0, seed: int = 0
+              ) -> list[BenchRow]:
+    rt = ort()
+    ep = PROVIDERS[provider]
+    if ep not in rt.get_available_providers():
+        raise InputError(f"{ep} is not available in this ONNX Runtime build (available: "
+                         f"{', '.join(rt.get_available_providers())})")
+    sessions = []
+    feeds = None
+    for name, m in models:
+        so = rt.SessionOptions()
+        so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        s = rt.InferenceSession(m.SerializeToString(), so, providers=[ep])
+        f = random_inputs(s, seed)
+        if feeds is not None and {k: v.shape for k, v in f.items()} != {
+                k: v.shape for k, v in feeds.items()}:
+            raise InputError(f"{name}: its inputs differ from the first model's; benchmark "
+                             f"models with the same inputs")
+        feeds = feeds or f
+        sessions.append((name, s))
+    assert feeds is not None
+    times: dict[str, list[float]] = {n: [] for n, _ in sessions}
+    for _, s in sessions:
+        for _ in range(warmup):
+            s.run(None, feeds)
+    for _ in range(iters):
+        for n, s in sessions:
+            t = time.perf_counter()
+            s.run(None, feeds)
+            times[n].append(time.perf_counter() - t)
+    macs = [analyze(m, kinds=()).macs for _, m in models]
+    base_lat = statistics.median(times[sessions[0][0]])
+    rows = []
+    for (name, _), mm in zip(models, macs, strict=True):
+        lat = statistics.median(times[name])
+        rows.append(BenchRow(name, mm, lat * 1000, base_lat / lat,
+                             macs[0] / mm if mm else float("inf")))
+    return rows
+
+
+def format_rows(rows: Sequence[BenchRow], provider: str) -> str:
+    head = ("model", "MACs", "latency (ms)", "speed-up", "MAC reduction (bound)",
+            "speed-up / bound")
+    body = [(r.name, f"{r.macs / 1e6:.1f} M", f"{r.latency_ms:.2f}", f"{r.speedup:.2f}x",
+             f"{r.mac_reduction:.2f}x", f"{r.efficiency:.2f}") for r in rows]
+    allr = [head, *body]
+    w = [max(len(r[i]) for r in allr) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(x) for c, x in zip(r, w, strict=True)) for r in allr]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    lines.append(f"(ONNX Runtime {PROVIDERS[provider]}, median of timed runs in alternation)")
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("bench", help="time models on ONNX Runtime against their MAC bound")
+    p.add_argument("models", nargs="+", help="models to compare; the first is the baseline")
+    p.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
+    p.add_argument("--iters", type=int, default=20, help="timed runs per model (default 20)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ORT default)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .cli import _load
+
+    if args.iters < 1:
+        raise InputError("--iters must be >= 1")
+    models = [(str(p), _load(p)) for p in args.models]
+    rows = benchmark(models, args.provider, args.iters, threads=args.threads)
+    print(format_rows(rows, args.provider))
+    return 0
