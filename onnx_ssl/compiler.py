@@ -2,8 +2,9 @@
 
 Pipeline: prepare (fold constant shape arithmetic) -> [ZeroSmallGroupsPass, only with a
 threshold: changes the function, reported separately] -> CollapseResidualPass ->
-RemoveZeroChannelsPass -> CleanupPass -> finish (sort, shape inference, checker, ORT load)
--> numeric check against the model it read (or the thresholded one) -> write.
+RemoveZeroChannelsPass -> ShrinkKernelsPass -> CleanupPass -> finish (sort, shape inference,
+checker, ORT load) -> numeric check against the model it read (or the thresholded one) ->
+write.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .io import ModelMeta, check_writable, save_model, to_graph, write_text_atom
 from .passes.cleanup import CleanupPass
 from .passes.collapse_residual import CollapseResidualPass
 from .passes.remove_channels import RemoveZeroChannelsPass
+from .passes.shrink_kernels import ShrinkKernelsPass
 from .passes.zero_small_groups import ZeroSmallGroupsPass
 from .pipeline import PassManager, Report, finish
 from .runtime import ATOL, RTOL, Difference, compare
@@ -190,7 +192,8 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
             effect = tuple(compare(model, reference, n=verify_n, seed=seed))
     # The channel pass reuses `before` only if the collapse pass left the graph untouched.
     pm = PassManager([CollapseResidualPass(before, seed),
-                      RemoveZeroChannelsPass(before, seed, analysed=graph), CleanupPass()])
+                      RemoveZeroChannelsPass(before, seed, analysed=graph), ShrinkKernelsPass(),
+                      CleanupPass()])
     out = pm(graph)
     passes += list(out.results)
     final = finish(out.graph, meta)
