@@ -7,7 +7,7 @@ against the same network pruned by Torch-Pruning.
    half the channels of every prunable space zeroed, and of residual chains to 10k nodes.
 2. Latency: the same ResNet-50 (random weights, HF ``ResNetConfig()``), half the channels of
    every prunable space zeroed (``out`` and ``in`` members), pruned by onnx-ssl; ONNX
-   Runtime CPU, all graph optimisations, 2 intra-op threads, batch 1 and batch 8; the
+   Runtime CPU, all graph optimisations, 1 and 2 intra-op threads, batch 1 and 8; the
    original and the pruned models are timed in alternation in the same run (median).
    Target (issue 3): latency reduction >= 0.9 x MAC reduction at batch 1.
 3. Torch-Pruning (``MagnitudePruner``, 50% per group, classifier ignored) on the same torch
@@ -21,7 +21,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -60,13 +59,14 @@ def macs(model: onnx.ModelProto) -> int:
     return analyze(model).macs
 
 
-def latency(models: dict[str, onnx.ModelProto], batch: int, iters: int) -> dict[str, float]:
+def latency(models: dict[str, onnx.ModelProto], batch: int, iters: int, threads: int
+            ) -> dict[str, float]:
     rt = ort()
     sessions = {}
     for name, m in models.items():
         so = rt.SessionOptions()
         so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = 2
+        so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         sessions[name] = rt.InferenceSession(m.SerializeToString(), so,
                                              providers=["CPUExecutionProvider"])
@@ -127,11 +127,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20, help="timed runs per model at batch 1")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="intra-op thread counts to time (default 1 2)")
     args = ap.parse_args()
     if not args.skip_speed:
         print(table(speed(args)))
         print()
-    rows = [("batch", "model", "MACs", "MAC reduction", "latency (ms)", "speed-up",
+    rows = [("batch", "threads", "model", "MACs", "MAC reduction", "latency (ms)", "speed-up",
              "speed-up / MAC reduction")]
     for batch, iters in ((1, args.iters), (8, max(3, args.iters // 4))):
         original = resnet50(batch)
@@ -144,14 +146,15 @@ def main() -> int:
         tp_model = torch_pruning_model(batch)
         if tp_model is not None:
             models["Torch-Pruning 50% per group"] = tp_model
-        lat = latency(models, batch, iters)
         base_macs = macs(original)
-        for name, m in models.items():
-            mm = macs(m)
-            red = base_macs / mm
-            sp = lat["original"] / lat[name]
-            rows.append((str(batch), name, f"{mm / 1e9:.3f} G", f"{red:.2f}x",
-                         f"{lat[name]:.1f}", f"{sp:.2f}x", f"{sp / red:.2f}"))
+        for threads in args.threads:
+            lat = latency(models, batch, iters, threads)
+            for name, m in models.items():
+                mm = macs(m)
+                red = base_macs / mm
+                sp = lat["original"] / lat[name]
+                rows.append((str(batch), str(threads), name, f"{mm / 1e9:.3f} G", f"{red:.2f}x",
+                             f"{lat[name]:.1f}", f"{sp:.2f}x", f"{sp / red:.2f}"))
     print(table(rows))
     return 0
 
