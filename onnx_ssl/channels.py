@@ -4,10 +4,10 @@ A *layout* says which channels sit along one axis of a tensor: a sequence of seg
 contiguous run of channels of one raw space, every channel occupying ``block`` consecutive
 positions (``block`` > 1 after a flatten into a fully connected layer or a depthwise
 convolution with a channel multiplier). Raw spaces are created by producers (Conv, Gemm,
-MatMul outputs) and graph inputs, and are united by residual Adds, element-wise products and
-depthwise convolutions. The op rules in :mod:`onnx_ssl.rules` drive this state; the
-analysis in :mod:`onnx_ssl.analysis` turns it into immutable :class:`~onnx_ssl.groups.Space`
-and :class:`~onnx_ssl.groups.Group` objects.
+MatMul outputs, embedding lookups) and graph inputs, and are united by residual Adds,
+element-wise products and depthwise convolutions. The op rules in :mod:`onnx_ssl.rules`
+drive this state; the analysis in :mod:`onnx_ssl.analysis` turns it into immutable
+:class:`~onnx_ssl.groups.Space` and :class:`~onnx_ssl.groups.Group` objects.
 """
 
 from __future__ import annotations

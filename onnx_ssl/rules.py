@@ -140,6 +140,13 @@ def _ints(v: np.ndarray | None) -> list[int] | None:
     return None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
 
 
+def _untracked(t: gs.Tensor) -> str:
+    """``t`` described as carrying untracked channels, naming the node that made it."""
+    src = t.inputs[0] if t.inputs else None
+    where = f" (made by {src.name} ({src.op}))" if src is not None else ""
+    return f"{t.name}{where} carries channels that are not tracked"
+
+
 def _first_layout(e: Engine, node: gs.Node) -> tuple[int, Layout] | None:
     for i, t in enumerate(node.inputs):
         lay = e.layout(t)
@@ -264,7 +271,7 @@ def flow_binary(e: Engine, node: gs.Node, rule: OpRule) -> None:
             e.block(base, _why(node, f"operand {t.name} does not match the channel axis"))
             continue
         if not is_const(t):
-            e.block(base, _why(node, f"operand {t.name} carries channels that are not tracked"))
+            e.block(base, _why(node, f"operand {_untracked(t)}"))
             continue
         # A constant sliced with the channel: a divisor or exponent is never zeroed.
         role = "stat" if node.op in ("Div", "Pow") and i == 1 else "out"
@@ -403,7 +410,7 @@ def flow_concat(e: Engine, node: gs.Node, rule: OpRule) -> None:
         ok = True
         for i, (t, lay) in enumerate(zip(node.inputs, tracked, strict=True)):
             if lay is None:
-                e.block(ref, _why(node, f"input {i} ({t.name}) carries untracked channels"))
+                e.block(ref, _why(node, f"input {i}: {_untracked(t)}"))
                 ok = False
             elif lay is not ref:
                 ok = e.unite(ref, lay, node) and ok
@@ -426,7 +433,7 @@ def flow_concat(e: Engine, node: gs.Node, rule: OpRule) -> None:
                     e.block(other, _why(node, "concatenates inputs of different block sizes"))
                 return
             opaque = e.opaque(n // block, node,
-                              _why(node, f"input {t.name} carries untracked channels"))
+                              _why(node, f"input {_untracked(t)}"))
             lay = Layout(axis, block, opaque.segs)
         if lay.block != block or lay.axis != axis:
             for other in tracked:
@@ -755,7 +762,7 @@ def _conv(e: Engine, node: gs.Node) -> None:
         mult = c_out // c_in
         if lay is None:
             out = _new_output(e, node, c_out, 1)
-            e.block(out, _why(node, "depthwise convolution of untracked channels"))
+            e.block(out, _why(node, f"depthwise convolution of {_untracked(x)}"))
         else:
             out = lay.with_block(lay.block * mult)
             e.touch(lay, node)

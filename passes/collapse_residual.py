@@ -1,9 +1,9 @@
 """CollapseResidualPass: delete residual branches whose output became a constant.
 
 A residual block computes ``y = shortcut + F(x)`` where the branch ``F`` runs from the fork
-``x`` to the Add. When every layer of ``F`` that reads data from outside the branch has an
-all-zero weight (the paper's depth-wise sparsity zeroes *every* layer of the branch, which
-implies this), ``F(x) = k`` is the same for every input: biases, BatchNorm shifts and
+``x`` to the Add. When every path from ``x`` through ``F`` meets a layer with an all-zero
+weight (the paper's depth-wise sparsity zeroes *every* layer of the branch, which implies
+this), ``F(x) = k`` is the same for every input: biases, BatchNorm shifts and
 activations of them. Then ``y = shortcut + k``: the branch is deleted and the Add keeps the
 constant ``k`` (reduced to ``[1, C, 1, 1]`` when it is the same at every position), or
 disappears entirely when ``k == 0``. ``k`` is evaluated with ONNX Runtime on two different
@@ -35,22 +35,37 @@ class CollapseResidualReport(Report):
 
 
 def _entry_layers_zero(by_name: dict[str, gs.Node], b: Branch) -> bool:
+    """Whether every path from data outside the branch to its output passes through a layer
+    whose weight is all zero (``y = 0 x + bias``), so the branch output is a constant.
+
+    Data spreads from the tensors the branch reads from outside through every node, except
+    a Conv/Gemm/MatMul with an all-zero constant weight that receives it only as its data
+    input: such a layer stops it. Ops on the way to that layer (a no-op Pad an exporter left
+    before a 1x1 convolution, a Cast, a Transpose) are then of no consequence.
+    """
     produced = {t.name for n in b.nodes for t in by_name[n].outputs}
-    entries = 0
-    for n in b.nodes:
-        node = by_name[n]
-        reads_outside = any(t.name and not isinstance(t, gs.Constant) and t.name not in produced
-                            for t in node.inputs)
-        if not reads_outside:
-            continue
-        if node.op not in LAYER_OPS or not isinstance(node.inputs[1], gs.Constant):
-            return False
-        if node.inputs[0].name in produced:
-            return False
-        if np.any(np.asarray(node.inputs[1].values)):
-            return False
-        entries += 1
-    return entries > 0
+    data: set[str] = set()  # branch tensors that depend on the branch's input
+    stops: set[str] = set()
+    changed = True
+    while changed:  # b.nodes is in graph order; iterate in case it is not topological
+        changed = False
+        for n in b.nodes:
+            node = by_name[n]
+            if n in stops or all(t.name in data for t in node.outputs if t.name):
+                continue
+            fed = [t for t in node.inputs if t.name and not isinstance(t, gs.Constant)
+                   and (t.name not in produced or t.name in data)]
+            if not fed:
+                continue
+            if (node.op in LAYER_OPS and len(node.inputs) > 1
+                    and isinstance(node.inputs[1], gs.Constant)
+                    and all(t is node.inputs[0] for t in fed)
+                    and not np.any(np.asarray(node.inputs[1].values))):
+                stops.add(n)
+                continue
+            data.update(t.name for t in node.outputs if t.name)
+            changed = True
+    return bool(stops) and b.branch_output not in data
 
 
 class CollapseResidualPass:
