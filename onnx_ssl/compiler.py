@@ -142,8 +142,9 @@ class PruneReport:
                          if k not in ("modified", "kept", "spaces") and v not in ((), [], 0)}
                 lines.append(f"pass {name}: {shown}")
         if not self.modified:
-            lines.append("no change: nothing to remove (the model has no zero groups, or it "
-                         "was already pruned)")
+            lines.append("no change: nothing could be removed" + (
+                " (zero channels were kept for the reasons below)" if self.kept else
+                " (the model has no zero groups, or it was already pruned)"))
         if self.threshold is not None:
             worst = max((d.relative for d in self.threshold_effect), default=0.0)
             lines.append(f"threshold {self.threshold:g} CHANGED the function: max output "

@@ -64,15 +64,26 @@ _NP_TYPES = {
 }
 
 
+# The batch size used for a symbolic leading (batch) dimension in the numeric check.
+DYNAMIC_BATCH = 2
+
+
 def random_inputs(sess: Any, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs for every graph input; refuses inputs whose shape is not static."""
+    """Seeded inputs for every graph input.
+
+    A symbolic first dimension is taken as the batch and set to ``DYNAMIC_BATCH``; any other
+    dynamic dimension is refused (its size cannot be guessed).
+    """
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for i in sess.get_inputs():
-        shape = i.shape
+        shape = list(i.shape)
+        if shape and not (isinstance(shape[0], int) and shape[0] >= 0):
+            shape[0] = DYNAMIC_BATCH
         if any(not isinstance(d, int) or d < 0 for d in shape):
-            raise InputError(f"input '{i.name}' has a dynamic shape {shape}; the numeric check "
-                             f"needs static input shapes (or pass --no-verify)")
+            raise InputError(f"input '{i.name}' has a dynamic shape {i.shape}; the numeric "
+                             f"check needs static sizes except the batch (or pass "
+                             f"--no-verify)")
         dtype = _NP_TYPES.get(i.type)
         if dtype is None:
             raise InputError(f"input '{i.name}' has unsupported type {i.type}")

@@ -142,15 +142,31 @@ def test_failed_verification_writes_nothing(lenet_path: Path, tmp_path: Path, mo
     assert not out.exists()
 
 
-def test_dynamic_input_cannot_be_verified(tmp_path: Path):
-    m = models.build("mlp")
+def test_dynamic_batch_is_verified_other_dynamic_dims_are_refused(tmp_path: Path):
+    m = prepare(models.build("syn_mlp_input_gather"))
+    arrs = {t.name: numpy_helper.to_array(t).copy() for t in m.graph.initializer}
+    arrs["fc1.weight"][3] = 0
+    arrs["fc1.bias"][3] = 0
+    for t in m.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(arrs[t.name], t.name))
+    del m.graph.value_info[:]
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     m.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
     p = tmp_path / "dyn.onnx"
     onnx.save_model(m, p)
     r = cli("prune", str(p), "-o", str(tmp_path / "o.onnx"))
-    assert r.returncode == 2 and "dynamic shape" in r.stderr
-    assert not (tmp_path / "o.onnx").exists()
+    assert r.returncode == 0, r.stderr
+    assert "numeric check: passed" in r.stdout
+    out = onnx.load(tmp_path / "o.onnx")
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    # A dynamic feature dimension cannot be verified: one-line error, nothing written.
+    m2 = models.build("mlp")
+    m2.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "F"
+    p2 = tmp_path / "dyn2.onnx"
+    onnx.save_model(m2, p2)
+    r = cli("prune", str(p2), "-o", str(tmp_path / "o2.onnx"))
+    assert r.returncode == 2 and "dynamic" in r.stderr, r.stderr
+    assert not (tmp_path / "o2.onnx").exists()
 
 
 def test_external_data_model_stays_external(tmp_path: Path):
