@@ -29,8 +29,9 @@ from onnx_ssl.training.penalty import Lambdas
 VARIANTS = {
     "no penalty": Lambdas(),
     "filter+channel": Lambdas(filter=1e-3, channel=1e-3),
-    "all structures": Lambdas(filter=1e-3, channel=1e-3, shape=1e-3, filter2d=1e-3,
-                              neuron=1e-3, coupled=1e-3),
+    "all structures": Lambdas(
+        filter=1e-3, channel=1e-3, shape=1e-3, filter2d=1e-3, neuron=1e-3, coupled=1e-3
+    ),
 }
 
 
@@ -49,14 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, lam in VARIANTS.items():
-            art = build_artifacts(models.build("lenet"), Path(tmp) / name.replace(" ", "_"),
-                                  ArtifactOptions(lambdas=lam))
+            art = build_artifacts(
+                models.build("lenet"),
+                Path(tmp) / name.replace(" ", "_"),
+                ArtifactOptions(lambdas=lam),
+            )
             state = o.api.CheckpointState.load_checkpoint(str(art.checkpoint))
             so = o.ort.SessionOptions()
             so.intra_op_num_threads = args.threads
             so.log_severity_level = 3
-            module = o.api.Module(str(art.training_model), state, str(art.eval_model),
-                                  session_options=so)
+            module = o.api.Module(
+                str(art.training_model), state, str(art.eval_model), session_options=so
+            )
             opt = o.api.Optimizer(str(art.optimizer_model), module)
             feeds = {"input": x, "labels": y, PENALTY_SCALE: np.ones(1, np.float32)}
             inputs = [feeds[n] for n in module.input_names()]
@@ -80,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append((time.perf_counter() - t) / args.steps)
 
     base = statistics.median(times["no penalty"])
-    print(f"LeNet training step, batch {args.batch}, {args.threads} thread(s), median of "
-          f"{args.rounds} rounds x {args.steps} steps (forward + backward + AdamW):")
+    print(
+        f"LeNet training step, batch {args.batch}, {args.threads} thread(s), median of "
+        f"{args.rounds} rounds x {args.steps} steps (forward + backward + AdamW):"
+    )
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:15s} {1e3 * med:8.2f} ms/step   overhead {100 * (med / base - 1):+6.1f}%")

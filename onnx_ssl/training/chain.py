@@ -1,0 +1,679 @@
+"""The SSL procedure of Wen et al. 2016 (section 4.3) on an ONNX model, and the demo.
+
+:func:`run_ssl`:
+
+1. split the data into a training and a held-out part (the same split for every phase) and
+   measure the input model's error on the held-out part;
+2. train with the group-Lasso penalty (artifacts with the chosen lambdas; by default SGD
+   with the proximal step, which makes groups exactly zero);
+3. threshold: set to zero every regularised group whose RMS (``||w_G|| / sqrt(|G|)``) is at
+   most ``threshold``;
+4. prune: :func:`onnx_ssl.prune` removes the zero groups and checks that the smaller model
+   computes the same outputs as the thresholded one;
+5. fine-tune the pruned model without the penalty;
+6. write the final model and a report: error before and after each phase, filters and
+   channels per layer, MACs per layer (the paper's FLOP column), params, layers.
+
+:func:`run_demo` is the tool's main job on built-in data: LeNet from ``onnx_ssl.models``, a
+baseline trained on scikit-learn's digits (resized to 28x28), the chain with filter-wise and
+channel-wise sparsity, and a table in the form of the paper's Table 1 with measured ONNX
+Runtime CPU speedups.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_ssl.errors import InputError
+from onnx_ssl.io import save_model, write_text_atomic
+
+from .artifacts import (
+    ArtifactOptions,
+    TensorSpec,
+    _graph_inputs,
+    _runs_with_batch,
+    _set_batch,
+    build_artifacts,
+    export_inference_model,
+)
+from .data import Dataset, fit_inputs, fit_targets
+from .penalty import Lambdas
+from .trainer import EpochStats, ProgressEvent, TrainConfig, Trainer, data_loss_and_error
+
+log = logging.getLogger(__name__)
+
+# Defaults of `onnx-ssl ssl`, chosen on LeNet with an 8,000-image MNIST split (125 steps
+# per epoch, baseline error 1.85%): lambda 0.01 prunes nothing; 0.02 keeps the baseline
+# error with 15-40 filters; 0.03 gives 4-30 filters (21.6% of the MACs) at 2.20%; 0.04
+# gives 3-26 filters at 2.20%; 0.1 leaves 1-15 filters at 3.15%.
+DEFAULT_LAMBDA = 0.03
+DEFAULT_SSL_EPOCHS = 20
+DEFAULT_SSL_LR = 0.05
+DEFAULT_FINETUNE_EPOCHS = 10
+DEFAULT_FINETUNE_LR = 5e-4
+DEFAULT_THRESHOLD = 1e-3
+
+# The demo's digits give 23 steps per epoch: the proximal step needs a larger lambda to
+# reach zero in 20 epochs (0.1 keeps the baseline error with about 9-33 filters).
+DEMO_LAMBDA = 0.1
+
+Notify = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SslOptions:
+    """Options of the SSL chain (the CLI's defaults)."""
+
+    lambdas: Lambdas = field(
+        default_factory=lambda: Lambdas(filter=DEFAULT_LAMBDA, channel=DEFAULT_LAMBDA)
+    )
+    loss: str = "cross-entropy"
+    epochs: int = DEFAULT_SSL_EPOCHS
+    lr: float = DEFAULT_SSL_LR
+    optimizer: str = "sgd"
+    prox: bool = True
+    schedule: str = "cosine"
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    scale_by_size: bool = False
+    threshold: float = DEFAULT_THRESHOLD
+    finetune_epochs: int = DEFAULT_FINETUNE_EPOCHS
+    finetune_lr: float = DEFAULT_FINETUNE_LR
+    finetune_optimizer: str = "adamw"
+    val_fraction: float = 0.2
+    seed: int = 0
+    verify: int = 2
+    work_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.threshold) and self.threshold >= 0):
+            raise InputError(f"--threshold must be >= 0, got {self.threshold}")
+        if self.epochs < 0 or self.finetune_epochs < 0:
+            raise InputError("epochs must be >= 0")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lambdas"] = self.lambdas.to_json()
+        d["work_dir"] = None if self.work_dir is None else str(self.work_dir)
+        return d
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One parameterised layer before and after (the paper's Table 1 columns)."""
+
+    node: str
+    op: str
+    filters_before: int
+    filters_after: int
+    channels_before: int
+    channels_after: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    speedup: float | None = None
+
+    @property
+    def mac_fraction(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 0.0
+
+
+@dataclass(frozen=True)
+class SslReport:
+    """What the chain did, with errors on the held-out data after every phase."""
+
+    model: str
+    data: str
+    train_samples: int
+    val_samples: int
+    error_before: float | None
+    error_ssl: float | None
+    error_thresholded: float | None
+    error_pruned: float | None
+    error_final: float | None
+    groups_zeroed: int
+    layers: tuple[LayerRow, ...]
+    layers_before: int
+    layers_after: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    options: SslOptions
+    ssl_history: tuple[EpochStats, ...] = ()
+    finetune_history: tuple[EpochStats, ...] = ()
+    speedup: float | None = None
+    seconds: float = 0.0
+    prune_text: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "data": self.data,
+            "train_samples": self.train_samples,
+            "val_samples": self.val_samples,
+            "error": {
+                "before": self.error_before,
+                "ssl": self.error_ssl,
+                "thresholded": self.error_thresholded,
+                "pruned": self.error_pruned,
+                "final": self.error_final,
+            },
+            "groups_zeroed": self.groups_zeroed,
+            "layers_before": self.layers_before,
+            "layers_after": self.layers_after,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "speedup": self.speedup,
+            "layers": [{**asdict(r), "mac_fraction": r.mac_fraction} for r in self.layers],
+            "options": self.options.to_json(),
+            "ssl_history": [h.row() for h in self.ssl_history],
+            "finetune_history": [h.row() for h in self.finetune_history],
+            "seconds": round(self.seconds, 2),
+        }
+
+    def to_text(self) -> str:
+        def pct(e: float | None) -> str:
+            return "-" if e is None else f"{100 * e:.2f}%"
+
+        lines = [
+            f"SSL on {self.model} with {self.data} ({self.train_samples} training, "
+            f"{self.val_samples} held-out samples); lambdas: "
+            f"{self.options.lambdas.describe()}",
+            f"held-out error: before {pct(self.error_before)}, after SSL "
+            f"{pct(self.error_ssl)}, thresholded ({self.groups_zeroed} groups zeroed) "
+            f"{pct(self.error_thresholded)}, pruned {pct(self.error_pruned)}, fine-tuned "
+            f"{pct(self.error_final)}",
+            "",
+        ]
+        rows = [("layer", "op", "filters", "channels", "params", "MACs (FLOP/2)", "MACs kept")]
+        for r in self.layers:
+            rows.append(
+                (
+                    r.node,
+                    r.op,
+                    f"{r.filters_before} -> {r.filters_after}",
+                    f"{r.channels_before} -> {r.channels_after}",
+                    f"{r.params_before} -> {r.params_after}",
+                    f"{r.macs_before} -> {r.macs_after}",
+                    f"{r.mac_fraction:.1%}",
+                )
+            )
+        lines += _table(rows)
+        pfrac = self.params_after / self.params_before if self.params_before else 0.0
+        mfrac = self.macs_after / self.macs_before if self.macs_before else 0.0
+        lines += [
+            "",
+            f"layers {self.layers_before} -> {self.layers_after}; params "
+            f"{self.params_before} -> {self.params_after} ({pfrac:.1%}); MACs "
+            f"{self.macs_before} -> {self.macs_after} ({mfrac:.1%})",
+            f"time {self.seconds:.1f}s",
+        ]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SslResult:
+    model: onnx.ModelProto
+    report: SslReport
+    output: Path | None = None
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+# --- evaluation of an arbitrary model ------------------------------------------------------
+
+
+def evaluate_model(
+    model: onnx.ModelProto,
+    data: Dataset,
+    loss: str = "cross-entropy",
+    output: str | None = None,
+    classes: int | None = None,
+) -> tuple[float, float | None]:
+    """(mean data loss, error rate) of ``model`` on ``data`` with ONNX Runtime."""
+    from onnx_ssl.runtime import session
+
+    inputs = _graph_inputs(model)
+    specs = [TensorSpec.of(i) for i in inputs]
+    static = [s.shape[0] for s in specs if s.shape and s.shape[0] is not None]
+    m = model
+    if static and _runs_with_batch(_set_batch(model, "batch"), 2):
+        m = onnx.shape_inference.infer_shapes(_set_batch(model, "batch"))
+        static = []
+    batch = int(static[0]) if static else 256
+    out_name = output or model.graph.output[0].name
+    out_spec = next(TensorSpec.of(o) for o in model.graph.output if o.name == out_name)
+    d = fit_inputs(data, [(s.name, s.shape, s.dtype) for s in specs])
+    d = fit_targets(
+        d,
+        loss,
+        out_spec.shape,
+        classes or (out_spec.shape[-1] if loss == "cross-entropy" else None),
+    )
+    sess = session(m, optimize=True)
+    outs = []
+    for xb, _ in d.batches(batch):
+        n = len(next(iter(xb.values())))
+        if n < batch and static:
+            idx = np.concatenate([np.arange(n), np.zeros(batch - n, dtype=np.int64)])
+            xb = {k: v[idx] for k, v in xb.items()}
+        outs.append(sess.run([out_name], xb)[0][:n])
+    return data_loss_and_error(loss, np.concatenate(outs), d.y)
+
+
+# --- the chain ------------------------------------------------------------------------------
+
+
+def _static(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with batch 1 where its batch is free (the prune pass needs static shapes)."""
+    for vi in _graph_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            return _set_batch(model, 1)
+    return model
+
+
+def _restore_io(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give ``model`` the input/output declarations of ``original`` if it runs with them."""
+    decl = {vi.name: vi for vi in (*original.graph.input, *original.graph.output)}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    changed = False
+    for vi in (*m.graph.input, *m.graph.output):
+        if vi.name in decl and vi.type != decl[vi.name].type:
+            dims = decl[vi.name].type.tensor_type.shape.dim
+            if len(dims) == len(vi.type.tensor_type.shape.dim):
+                vi.type.CopyFrom(decl[vi.name].type)
+                changed = True
+    if not changed:
+        return model
+    del m.graph.value_info[:]
+    return m if _runs_with_batch(m, 2) else model
+
+
+def run_ssl(
+    model: onnx.ModelProto,
+    data: Dataset,
+    options: SslOptions | None = None,
+    *,
+    output: str | Path | None = None,
+    report_path: str | Path | None = None,
+    name: str = "",
+    progress: Callable[[ProgressEvent], None] | None = None,
+    notify: Notify | None = None,
+) -> SslResult:
+    """Run the SSL chain (see the module docstring) and write ``output`` if given."""
+    from onnx_ssl import prune as _prune
+
+    opts = options or SslOptions()
+    say = notify or (lambda msg: log.info("%s", msg))
+    t0 = time.perf_counter()
+    name = name or model.graph.name or "model"
+    with tempfile.TemporaryDirectory(prefix="onnx-ssl-") as tmp:
+        work = Path(opts.work_dir) if opts.work_dir is not None else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+
+        say(f"building the SSL training artifacts ({opts.lambdas.describe()})")
+        art = build_artifacts(
+            model,
+            work / "ssl",
+            ArtifactOptions(
+                loss=opts.loss,
+                lambdas=opts.lambdas,
+                weight_decay=opts.weight_decay,
+                optimizer=opts.optimizer,
+                scale_by_size=opts.scale_by_size,
+                fallback_batch=opts.batch_size,
+            ),
+            name=name,
+        )
+        cfg = TrainConfig(
+            epochs=opts.epochs,
+            batch_size=opts.batch_size,
+            lr=opts.lr,
+            schedule=opts.schedule,
+            prox=opts.prox,
+            val_fraction=0.0,
+            seed=opts.seed,
+            save_state=opts.work_dir is not None,
+        )
+        trainer = Trainer(art, cfg)
+        train, val = trainer.prepare_data(data).split(opts.val_fraction, opts.seed)
+        fitted_val = val if len(val) else None
+        _, err_before = trainer.evaluate(fitted_val) if fitted_val is not None else (0, None)
+        say(
+            f"held-out error before SSL: {_pct(err_before)}; training with SSL for "
+            f"{opts.epochs} epochs"
+        )
+        ssl = trainer.fit(train, val if len(val) else None, progress)
+        err_ssl = ssl.val_error
+
+        params = trainer.params()
+        zeroed = art.info.penalty.zero_groups(params, opts.threshold)
+        trainer.set_params(params)
+        _, err_thr = trainer.evaluate(fitted_val) if fitted_val is not None else (0, None)
+        thresholded = export_inference_model(art, params)
+        say(
+            f"SSL done: held-out error {_pct(err_ssl)}; {zeroed} groups at RMS <= "
+            f"{opts.threshold:g} set to zero (error {_pct(err_thr)}); pruning"
+        )
+
+        pr = _prune(_static(thresholded), verify=opts.verify, seed=opts.seed, name=name)
+        pruned = _restore_io(thresholded, pr.model)
+        err_pruned = evaluate_model(pruned, val, opts.loss)[1] if len(val) else None
+        rep = pr.report
+        say(
+            f"pruned: params {rep.params_before} -> {rep.params_after}, MACs "
+            f"{rep.macs_before} -> {rep.macs_after}; held-out error {_pct(err_pruned)}"
+        )
+
+        final = pruned
+        ft_hist: tuple[EpochStats, ...] = ()
+        err_final = err_pruned
+        if opts.finetune_epochs > 0:
+            say(f"fine-tuning the pruned model for {opts.finetune_epochs} epochs")
+            ft_art = build_artifacts(
+                pruned,
+                work / "finetune",
+                ArtifactOptions(
+                    loss=opts.loss,
+                    optimizer=opts.finetune_optimizer,
+                    weight_decay=opts.weight_decay,
+                    fallback_batch=opts.batch_size,
+                ),
+                name=name,
+            )
+            ft_cfg = replace(
+                cfg, epochs=opts.finetune_epochs, lr=opts.finetune_lr, prox=False, penalty=False
+            )
+            ft = Trainer(ft_art, ft_cfg).fit(train, val if len(val) else None, progress)
+            assert ft.model is not None
+            final = _restore_io(pruned, ft.model)
+            ft_hist = ft.history
+            err_final = ft.val_error
+
+    layers = tuple(
+        LayerRow(
+            s.node,
+            s.op,
+            s.filters_before,
+            s.filters_after,
+            s.channels_before,
+            s.channels_after,
+            s.params_before,
+            s.params_after,
+            s.macs_before,
+            s.macs_after,
+        )
+        for s in rep.layers
+    )
+    report = SslReport(
+        model=name,
+        data=data.name,
+        train_samples=len(train),
+        val_samples=len(val),
+        error_before=err_before,
+        error_ssl=err_ssl,
+        error_thresholded=err_thr,
+        error_pruned=err_pruned,
+        error_final=err_final,
+        groups_zeroed=zeroed,
+        layers=layers,
+        layers_before=rep.layers_before,
+        layers_after=rep.layers_after,
+        params_before=rep.params_before,
+        params_after=rep.params_after,
+        macs_before=rep.macs_before,
+        macs_after=rep.macs_after,
+        options=opts,
+        ssl_history=ssl.history,
+        finetune_history=ft_hist,
+        seconds=time.perf_counter() - t0,
+        prune_text=rep.to_text(),
+    )
+    out_path = None
+    if output is not None:
+        out_path = save_model(final, output)
+    if report_path is not None:
+        import json
+
+        write_text_atomic(report_path, json.dumps(report.to_json(), indent=1) + "\n")
+    return SslResult(final, report, out_path)
+
+
+def _pct(e: float | None) -> str:
+    return "-" if e is None else f"{100 * e:.2f}%"
+
+
+# --- timing -------------------------------------------------------------------------------
+
+
+def time_pair(
+    a: tuple[Any, Mapping[str, np.ndarray]],
+    b: tuple[Any, Mapping[str, np.ndarray]],
+    min_time: float = 0.4,
+    rounds: int = 7,
+) -> tuple[float, float]:
+    """Median seconds per run of two (session, feeds) pairs, measured in alternating rounds
+    so that load from other processes affects both alike."""
+    inner = []
+    for sess, feeds in (a, b):
+        for _ in range(3):
+            sess.run(None, dict(feeds))
+        t = time.perf_counter()
+        sess.run(None, dict(feeds))
+        one = max(time.perf_counter() - t, 1e-6)
+        inner.append(max(1, int(min_time / 2 / rounds / one)))
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for k, (sess, feeds) in enumerate((a, b)):
+            t = time.perf_counter()
+            for _ in range(inner[k]):
+                sess.run(None, dict(feeds))
+            times[k].append((time.perf_counter() - t) / inner[k])
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
+def _feeds_for(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in _graph_inputs(model):
+        spec = TensorSpec.of(vi)
+        shape = [batch] + [d if d is not None else 1 for d in spec.shape[1:]]
+        feeds[vi.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def _model_session(
+    model: onnx.ModelProto, batch: int, threads: int
+) -> tuple[Any, dict[str, np.ndarray]]:
+    from onnx_ssl.runtime import session
+
+    m = onnx.shape_inference.infer_shapes(_set_batch(model, batch))
+    return session(m, optimize=True, threads=threads), _feeds_for(m, batch)
+
+
+def _single_layer(node: gs.Node, in_shape: Sequence[int], opset: int) -> onnx.ModelProto:
+    x = gs.Variable("x", dtype=np.float32, shape=list(in_shape))
+    y = gs.Variable("y", dtype=np.float32)
+    inputs: list[gs.Tensor] = [x]
+    rng = np.random.default_rng(0)
+    for i, t in enumerate(node.inputs[1:], start=1):
+        if not t.name:
+            inputs.append(gs.Variable.empty())
+            continue
+        shape = [int(d) for d in t.shape]
+        inputs.append(gs.Constant(f"p{i}", rng.standard_normal(shape).astype(np.float32)))
+    n = gs.Node(node.op, name=node.name, attrs=dict(node.attrs), inputs=inputs, outputs=[y])
+    g = gs.Graph(nodes=[n], inputs=[x], outputs=[y], opset=opset)
+    m = gs.export_onnx(g)
+    m.ir_version = min(m.ir_version, 10)
+    return m
+
+
+def layer_sessions(
+    model: onnx.ModelProto, batch: int, names: Sequence[str], threads: int = 1
+) -> dict[str, tuple[Any, dict[str, np.ndarray]]]:
+    """A session running each named layer alone (its input shape at ``batch``)."""
+    from onnx_ssl.analysis import prepare
+    from onnx_ssl.runtime import session
+
+    prepared = prepare(_set_batch(model, batch))
+    graph = gs.import_onnx(prepared)
+    opset = next((o.version for o in prepared.opset_import if o.domain in ("", "ai.onnx")), 17)
+    nodes = {n.name: n for n in graph.nodes}
+    out: dict[str, tuple[Any, dict[str, np.ndarray]]] = {}
+    for name in names:
+        node = nodes.get(name)
+        if node is None or node.inputs[0].shape is None:
+            continue
+        m = _single_layer(node, [int(d) for d in node.inputs[0].shape], opset)
+        out[name] = (session(m, optimize=True, threads=threads), _feeds_for(m, batch))
+    return out
+
+
+def add_speedups(
+    report: SslReport,
+    before: onnx.ModelProto,
+    after: onnx.ModelProto,
+    batch: int = 64,
+    threads: int = 1,
+) -> SslReport:
+    """Measured speedups per layer and for the whole model (ONNX Runtime CPU, ``threads``
+    threads, ``batch`` images; each layer alone on its input shape)."""
+    names = [r.node for r in report.layers]
+    sb = layer_sessions(before, batch, names, threads)
+    sa = layer_sessions(after, batch, names, threads)
+    speed: dict[str, float] = {}
+    for n in names:
+        if n in sb and n in sa:
+            tb, ta = time_pair(sb[n], sa[n])
+            speed[n] = tb / ta
+    rows = tuple(replace(r, speedup=speed.get(r.node)) for r in report.layers)
+    tb, ta = time_pair(
+        _model_session(before, batch, threads), _model_session(after, batch, threads)
+    )
+    whole = tb / ta
+    return replace(report, layers=rows, speedup=whole)
+
+
+# --- the demo -------------------------------------------------------------------------------
+
+
+def demo_options(**kw: Any) -> SslOptions:
+    """The chain's options for the demo (a larger lambda than for MNIST-size data)."""
+    kw.setdefault("lambdas", Lambdas(filter=DEMO_LAMBDA, channel=DEMO_LAMBDA))
+    return SslOptions(**kw)
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    baseline_error: float | None
+    ssl: SslResult
+    table: str
+    seconds: float
+
+
+def table1(report: SslReport, baseline_error: float | None, conv_only: bool = True) -> str:
+    """The paper's Table 1 layout: one row for the baseline, one for SSL; per conv layer the
+    filters, channels, FLOP (as % of the baseline) and measured speedup."""
+    rows_l = [r for r in report.layers if not conv_only or r.op in ("Conv", "ConvTranspose")]
+    names = [r.node for r in rows_l]
+
+    def per(f: Callable[[LayerRow], str]) -> str:
+        return " - ".join(f(r) for r in rows_l)
+
+    header = (
+        "",
+        "error",
+        f"filters ({', '.join(names)})",
+        "channels",
+        "FLOP",
+        "speedup (measured)",
+        "model speedup",
+    )
+    base = (
+        "baseline",
+        _pct(baseline_error),
+        per(lambda r: str(r.filters_before)),
+        per(lambda r: str(r.channels_before)),
+        per(lambda r: "100%"),
+        per(lambda r: "1.00x"),
+        "1.00x",
+    )
+    ssl = (
+        "SSL",
+        _pct(report.error_final),
+        per(lambda r: str(r.filters_after)),
+        per(lambda r: str(r.channels_after)),
+        per(lambda r: f"{r.mac_fraction:.1%}"),
+        per(lambda r: "-" if r.speedup is None else f"{r.speedup:.2f}x"),
+        "-" if report.speedup is None else f"{report.speedup:.2f}x",
+    )
+    lines = _table([header, base, ssl])
+    return "\n".join(lines)
+
+
+def run_demo(
+    *,
+    data: Dataset | None = None,
+    baseline_epochs: int = 10,
+    options: SslOptions | None = None,
+    output: str | Path | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    notify: Notify | None = None,
+    timing_batch: int = 64,
+    seed: int = 0,
+) -> DemoResult:
+    """LeNet on the digits: baseline, SSL chain with filter and channel sparsity, Table 1."""
+    from onnx_ssl import models
+
+    from .data import load_digits
+
+    say = notify or (lambda msg: log.info("%s", msg))
+    t0 = time.perf_counter()
+    ds = data if data is not None else load_digits()
+    opts = options or demo_options(seed=seed)
+    lenet = models.build("lenet")
+    train, val = ds.split(opts.val_fraction, opts.seed)
+    with tempfile.TemporaryDirectory(prefix="onnx-ssl-demo-") as tmp:
+        say(
+            f"training a LeNet baseline on {ds.name} ({len(train)} training, {len(val)} "
+            f"held-out samples, {baseline_epochs} epochs)"
+        )
+        art = build_artifacts(lenet, Path(tmp) / "baseline", ArtifactOptions(), name="lenet")
+        base = Trainer(
+            art,
+            TrainConfig(
+                epochs=baseline_epochs, lr=1e-3, val_fraction=0.0, seed=opts.seed, save_state=False
+            ),
+        ).fit(train, val, progress)
+        assert base.model is not None
+        baseline = base.model
+    say(f"baseline held-out error {_pct(base.val_error)}")
+    res = run_ssl(baseline, ds, opts, output=output, name="lenet", progress=progress, notify=notify)
+    say("measuring ONNX Runtime CPU speedups")
+    report = add_speedups(res.report, baseline, res.model, batch=timing_batch)
+    res = SslResult(res.model, report, res.output)
+    text = table1(report, base.val_error)
+    return DemoResult(base.val_error, res, text, time.perf_counter() - t0)

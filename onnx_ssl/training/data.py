@@ -1,0 +1,355 @@
+"""Training data: ``.npz`` files, folders of MNIST IDX files, scikit-learn's bundled digits.
+
+A data *spec* is one of
+
+``digits``           scikit-learn's bundled 8x8 digits (1,797 images, the built-in default),
+                     resized to the model's input size (bilinear), pixel values in [0, 1]
+``PATH.npz``         arrays ``x`` and ``y`` (or one array per model input name, plus ``y``)
+``FOLDER``           MNIST IDX files (``*-images-idx3-ubyte`` and ``*-labels-idx1-ubyte``,
+                     gzipped or raw; every pair found is used), pixel values in [0, 1]
+
+The samples are checked against the model input (shape without the batch axis, dtype) and
+the labels against the loss (class indices in range for cross-entropy, the output's shape
+otherwise); a mismatch is a one-line :class:`~onnx_ssl.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import os
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnx_ssl.errors import InputError
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "digits"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Inputs (one array per model input, first axis = samples) and targets."""
+
+    x: Mapping[str, np.ndarray]
+    y: np.ndarray
+    name: str
+    resizable: bool = False
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, idx: np.ndarray, name: str | None = None) -> Dataset:
+        return Dataset(
+            {k: v[idx] for k, v in self.x.items()}, self.y[idx], name or self.name, self.resizable
+        )
+
+    def split(self, val_fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """A shuffled split into (train, held-out); the held-out part has
+        ``round(len * val_fraction)`` samples (at least 1 when the fraction is > 0)."""
+        if not 0 <= val_fraction < 1:
+            raise InputError(f"validation fraction must be in [0, 1), got {val_fraction}")
+        n = len(self)
+        n_val = round(n * val_fraction)
+        if val_fraction > 0:
+            n_val = max(1, n_val)
+        if n - n_val < 1:
+            raise InputError(f"{self.name}: {n} samples are too few to hold out {n_val}")
+        perm = np.random.default_rng(seed).permutation(n)
+        return (
+            self.subset(np.sort(perm[n_val:]), f"{self.name} (train)"),
+            self.subset(np.sort(perm[:n_val]), f"{self.name} (held-out)"),
+        )
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False
+    ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        n = len(self)
+        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+        stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+        for lo in range(0, stop, batch_size):
+            idx = order[lo : lo + batch_size]
+            yield {k: v[idx] for k, v in self.x.items()}, self.y[idx]
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        if drop_last and n >= batch_size:
+            return n // batch_size
+        return math.ceil(n / batch_size)
+
+
+def load_data(spec: str | os.PathLike[str] | None) -> Dataset:
+    """Load a dataset from a spec (see the module docstring); ``None`` is the built-in one."""
+    if spec is None or str(spec) == BUILTIN:
+        return load_digits()
+    p = Path(spec)
+    if not p.exists():
+        raise InputError(
+            f"{p}: no such data file or folder (use a .npz file, a folder of "
+            f"MNIST IDX files, or '{BUILTIN}')"
+        )
+    if p.is_dir():
+        return load_idx_folder(p)
+    if p.suffix == ".npz":
+        return load_npz(p)
+    raise InputError(
+        f"{p}: unknown data format (expected a .npz file or a folder of MNIST IDX files)"
+    )
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 8x8 digits, scaled to [0, 1], as ``[N, 8, 8]`` float32."""
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError as e:
+        raise InputError(
+            "the built-in digits data set needs scikit-learn (pip install "
+            "scikit-learn), or pass --data with your own data"
+        ) from e
+    d = sk_digits()
+    x = (np.asarray(d.images, dtype=np.float32) / 16.0).astype(np.float32)
+    return Dataset({"x": x}, np.asarray(d.target, dtype=np.int64), "digits", resizable=True)
+
+
+def load_npz(path: Path) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: np.asarray(f[k]) for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+    if "y" not in arrays:
+        raise InputError(
+            f"{path}: no array 'y' (the targets); it has {', '.join(sorted(arrays)) or 'no arrays'}"
+        )
+    y = arrays.pop("y")
+    xs = {k: v for k, v in arrays.items() if not k.startswith("_")}
+    if not xs:
+        raise InputError(f"{path}: no input array (expected 'x' or one per model input)")
+    if y.ndim == 0 or y.shape[0] == 0:
+        raise InputError(f"{path}: 'y' must hold one target per sample (got shape {y.shape})")
+    for k, v in xs.items():
+        if v.ndim == 0 or v.shape[0] != y.shape[0]:
+            raise InputError(
+                f"{path}: array '{k}' has {v.shape[0] if v.ndim else 0} samples "
+                f"but 'y' has {y.shape[0]}"
+            )
+    return Dataset(xs, y, path.name)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise InputError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise InputError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise InputError(f"{path}: truncated IDX header")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    size = int(np.prod(dims, dtype=np.int64))
+    if len(raw) - header != size:
+        raise InputError(
+            f"{path}: IDX data has {len(raw) - header} bytes, the header "
+            f"promises {size} (truncated file?)"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_idx_folder(folder: Path) -> Dataset:
+    """Every ``<prefix>-images-idx3-ubyte[.gz]`` with its ``<prefix>-labels-idx1-ubyte[.gz]``."""
+    images = sorted(
+        p for p in folder.iterdir() if "images-idx3-ubyte" in p.name and p.suffix in ("", ".gz")
+    )
+    if not images:
+        raise InputError(f"{folder}: no MNIST IDX files (*-images-idx3-ubyte[.gz]) found")
+    xs, ys = [], []
+    for img in images:
+        stem = img.name.replace("images-idx3-ubyte", "labels-idx1-ubyte")
+        lab = folder / stem
+        if not lab.exists():
+            alt = folder / (stem[:-3] if stem.endswith(".gz") else stem + ".gz")
+            if not alt.exists():
+                raise InputError(f"{img}: no matching labels file {lab.name}")
+            lab = alt
+        x, y = _read_idx(img), _read_idx(lab)
+        if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise InputError(
+                f"{img}: {x.shape[0] if x.ndim else 0} images but {lab.name} has "
+                f"{y.shape[0] if y.ndim else 0} labels"
+            )
+        xs.append(x)
+        ys.append(y)
+    x = np.concatenate(xs).astype(np.float32) / 255.0
+    y = np.concatenate(ys).astype(np.int64)
+    log.info(
+        "%s: %d images %s from %s", folder, len(y), x.shape[1:], ", ".join(p.name for p in images)
+    )
+    return Dataset({"x": x}, y, folder.name)
+
+
+def resize_bilinear(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Resize ``[N, H0, W0]`` images to ``[N, h, w]`` (bilinear, half-pixel centres)."""
+    n, h0, w0 = x.shape
+
+    def axis(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (pos - lo).astype(np.float32)
+
+    ylo, yhi, fy = axis(h, h0)
+    xlo, xhi, fx = axis(w, w0)
+    top = x[:, ylo][:, :, xlo] * (1 - fx) + x[:, ylo][:, :, xhi] * fx
+    bot = x[:, yhi][:, :, xlo] * (1 - fx) + x[:, yhi][:, :, xhi] * fx
+    return (top * (1 - fy[:, None]) + bot * fy[:, None]).astype(np.float32)
+
+
+def _np_dtype(name: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError as e:
+        raise InputError(f"model input type {name} is not supported for training") from e
+
+
+def fit_inputs(data: Dataset, inputs: Sequence[tuple[str, tuple[int | None, ...], str]]) -> Dataset:
+    """Match the data's input arrays to the model inputs ``(name, shape, dtype)``.
+
+    A single data array ``x`` feeds a single-input model; otherwise arrays are matched by
+    name. Samples are reshaped when only the layout differs (``[28, 28]`` for a
+    ``[1, 28, 28]`` input) and, for the built-in digits, resized to the input's image size.
+    """
+    if len(data.x) == 1 and len(inputs) == 1:
+        arrays = {inputs[0][0]: next(iter(data.x.values()))}
+    else:
+        missing = [name for name, _, _ in inputs if name not in data.x]
+        if missing:
+            raise InputError(
+                f"{data.name}: no array for model input(s) {', '.join(missing)} "
+                f"(arrays: {', '.join(data.x)})"
+            )
+        arrays = {name: data.x[name] for name, _, _ in inputs}
+    out: dict[str, np.ndarray] = {}
+    for name, shape, dtype_name in inputs:
+        a = arrays[name]
+        dtype = _np_dtype(dtype_name)
+        want = shape[1:]
+        got = a.shape[1:]
+        if any(d is None for d in want):
+            if len(want) != len(got) or any(
+                w is not None and w != g for w, g in zip(want, got, strict=True)
+            ):
+                raise InputError(
+                    f"{data.name}: samples of shape {tuple(got)} do not fit model "
+                    f"input '{name}' of shape {_fmt(shape)}"
+                )
+        elif tuple(got) != tuple(want):
+            if int(np.prod(got, dtype=np.int64)) == _numel(want):
+                a = a.reshape((a.shape[0], *want))  # type: ignore[arg-type]
+            elif data.resizable and a.ndim == 3:
+                a = _resize_to(a, want, name, data.name)
+            else:
+                raise InputError(
+                    f"{data.name}: samples of shape {tuple(got)} do not fit model "
+                    f"input '{name}' of shape {_fmt(shape)} (the data has the "
+                    f"wrong shape)"
+                )
+        if np.issubdtype(dtype, np.floating):
+            if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+                raise InputError(f"{data.name}: input '{name}' has non-numeric dtype {a.dtype}")
+            a = a.astype(dtype, copy=False)
+            if not np.all(np.isfinite(a)):
+                raise InputError(f"{data.name}: input '{name}' contains NaN or infinite values")
+        elif np.issubdtype(dtype, np.integer):
+            if not np.issubdtype(a.dtype, np.integer):
+                raise InputError(
+                    f"{data.name}: input '{name}' must hold integers for a model "
+                    f"input of type {dtype_name}, got {a.dtype}"
+                )
+            a = a.astype(dtype, copy=False)
+        else:
+            a = a.astype(dtype, copy=False)
+        out[name] = np.ascontiguousarray(a)
+    return Dataset(out, data.y, data.name, data.resizable)
+
+
+def _resize_to(
+    a: np.ndarray, want: tuple[int | None, ...], name: str, data_name: str
+) -> np.ndarray:
+    dims = [int(d) for d in want if d is not None]
+    if len(dims) == 3 and dims[0] == 1:
+        return resize_bilinear(a, dims[1], dims[2])[:, None]
+    if len(dims) == 2:
+        return resize_bilinear(a, dims[0], dims[1])
+    if len(dims) == 1 and math.isqrt(dims[0]) ** 2 == dims[0]:
+        s = math.isqrt(dims[0])
+        return resize_bilinear(a, s, s).reshape(a.shape[0], dims[0])
+    raise InputError(
+        f"{data_name}: {a.shape[1:]} images cannot be resized to model input "
+        f"'{name}' of shape {_fmt((None, *want))}"
+    )
+
+
+def fit_targets(
+    data: Dataset, loss: str, target_shape: tuple[int | None, ...], classes: int | None
+) -> Dataset:
+    """Check the targets: class indices in ``[0, classes)`` for cross-entropy, else arrays of
+    the output's per-sample shape (in [0, 1] for bce)."""
+    y = np.asarray(data.y)
+    if y.ndim == 0 or y.shape[0] == 0:
+        raise InputError(f"{data.name}: no samples")
+    if loss == "cross-entropy":
+        if y.ndim != 1:
+            if y.ndim == 2 and y.shape[1] == 1:
+                y = y[:, 0]
+            else:
+                raise InputError(
+                    f"{data.name}: labels must be one class index per sample, got shape {y.shape}"
+                )
+        if np.issubdtype(y.dtype, np.floating):
+            if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+                raise InputError(f"{data.name}: labels must be integer class indices")
+        elif not np.issubdtype(y.dtype, np.integer):
+            raise InputError(f"{data.name}: labels must be integer class indices, got {y.dtype}")
+        yi = y.astype(np.int64)
+        lo, hi = int(yi.min()), int(yi.max())
+        if lo < 0 or (classes is not None and hi >= classes):
+            raise InputError(
+                f"{data.name}: labels out of range: found {lo}..{hi} but the model "
+                f"has {classes} classes (0..{(classes or 0) - 1})"
+            )
+        return Dataset(data.x, yi, data.name, data.resizable)
+    want = target_shape[1:]
+    yf = y.astype(np.float32)
+    if tuple(yf.shape[1:]) != tuple(want) and None not in want:
+        if int(np.prod(yf.shape[1:], dtype=np.int64)) == _numel(want):
+            yf = yf.reshape((yf.shape[0], *want))  # type: ignore[arg-type]
+        else:
+            raise InputError(
+                f"{data.name}: targets of shape {yf.shape[1:]} do not fit the "
+                f"model output of shape {_fmt(target_shape)}"
+            )
+    if not np.all(np.isfinite(yf)):
+        raise InputError(f"{data.name}: targets contain NaN or infinite values")
+    if loss == "bce" and (yf.min() < 0 or yf.max() > 1):
+        raise InputError(
+            f"{data.name}: bce targets must lie in [0, 1], found {yf.min():g}..{yf.max():g}"
+        )
+    return Dataset(data.x, yf, data.name, data.resizable)
+
+
+def _numel(shape: Sequence[int | None]) -> int:
+    return int(np.prod([d or 0 for d in shape], dtype=np.int64))
+
+
+def _fmt(shape: Sequence[int | None]) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"

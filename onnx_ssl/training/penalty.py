@@ -1,0 +1,803 @@
+"""The group-Lasso regulariser of SSL (Wen et al. 2016): which weights form each group, and
+the same penalty three ways: as ONNX nodes in the loss graph, vectorised in numpy (for the
+proximal step and the sparsity statistics) and group by group in plain numpy (the reference
+the tests check the other two against).
+
+The training loss is the paper's equation (1)::
+
+    E(W) = E_D(W) + lambda * R(W) + sum_g lambda_g * sum_l R_g(W^(l)),
+    R_g(w) = sum over groups G of ||w^(G)||_2,
+
+with one ``lambda_g`` per *structure*:
+
+``filter``   ``W[n, :, :, :]`` of every convolution (equation 2, rows of the lowered matrix)
+``channel``  ``W[:, c, :, :]`` of every convolution (equation 2, its input channels)
+``shape``    ``W[:, c, m, k]`` of every convolution (equation 3, columns of the lowered matrix)
+``filter2d`` ``W[n, c, :, :]`` of every convolution (section 3.3, 2D filters)
+``neuron``   rows and columns of every fully connected weight (the MLP experiment)
+``depth``    all weights of one residual branch (section 3.3, layer depth)
+``coupled``  one group per channel of a prunable channel space: every ``out`` and ``in``
+             slice the analysis ties to that channel, across tensors (a filter, its bias,
+             its BatchNorm scale and shift, and the next layers' input slices), so that a
+             channel and everything that only serves it go to zero together.
+
+"Convolution" means a Conv or ConvTranspose layer whose weight has rank >= 3; "fully
+connected" a Gemm or MatMul layer with a constant rank-2 weight. ``W[n, ...]`` indexes the
+layer's output-channel axis and ``W[:, c, ...]`` its input-channel axis (the analysis'
+``Layer.out_axis`` and ``in_axis``).
+
+Each group norm is computed as ``sqrt(sum(w^2) + eps)`` so that a group already at zero has
+a finite (zero) gradient; with ``scale_by_size`` a group's term is multiplied by
+``sqrt(number of weights in the group)`` (the group-Lasso weighting of Yuan & Lin).
+
+The proximal operator of ``t * lambda * ||w||`` is group soft-thresholding::
+
+    w <- w * max(0, 1 - t * lambda / ||w||)
+
+which sets a group exactly to zero when its norm is at most ``t * lambda``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_ssl.errors import InputError
+from onnx_ssl.groups import Analysis, Member
+
+log = logging.getLogger(__name__)
+
+Structure = Literal["filter", "channel", "shape", "filter2d", "neuron", "depth", "coupled"]
+STRUCTURES: tuple[Structure, ...] = (
+    "filter",
+    "channel",
+    "shape",
+    "filter2d",
+    "neuron",
+    "depth",
+    "coupled",
+)
+# Analysis group kinds the penalty needs.
+ANALYSIS_KINDS = ("depth",)
+DEFAULT_EPS = 1e-12
+CONV_OPS = ("Conv", "ConvTranspose")
+FC_OPS = ("Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class Lambdas:
+    """The per-structure strengths ``lambda_g`` of equation (1) (0 disables a structure)."""
+
+    filter: float = 0.0
+    channel: float = 0.0
+    shape: float = 0.0
+    filter2d: float = 0.0
+    neuron: float = 0.0
+    depth: float = 0.0
+    coupled: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise InputError(f"lambda for {f.name} must be a finite number >= 0, got {v!r}")
+
+    def get(self, s: str) -> float:
+        return float(getattr(self, s))
+
+    def active(self) -> tuple[str, ...]:
+        return tuple(s for s in STRUCTURES if self.get(s) > 0)
+
+    def to_json(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> Lambdas:
+        return Lambdas(**{s: float(d.get(s, 0.0)) for s in STRUCTURES})
+
+    def scaled(self, factor: float) -> Lambdas:
+        return Lambdas(**{s: self.get(s) * factor for s in STRUCTURES})
+
+    def describe(self) -> str:
+        act = [f"{s}={self.get(s):g}" for s in self.active()]
+        return ", ".join(act) if act else "none"
+
+
+# --- terms ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AxisTerm:
+    """Groups of one weight tensor: one group per index of the ``keep`` axes, each holding
+    the weights along all other axes (``filter``: keep the output axis, and so on)."""
+
+    structure: str
+    layer: str
+    tensor: str
+    shape: tuple[int, ...]
+    keep: tuple[int, ...]
+    lam: float
+    side: str = ""
+
+    @property
+    def reduce(self) -> tuple[int, ...]:
+        return tuple(a for a in range(len(self.shape)) if a not in self.keep)
+
+    @property
+    def group_size(self) -> int:
+        return int(np.prod([self.shape[a] for a in self.reduce], dtype=np.int64))
+
+    @property
+    def groups(self) -> int:
+        return int(np.prod([self.shape[a] for a in self.keep], dtype=np.int64))
+
+    @property
+    def label(self) -> str:
+        return f"{self.layer}/{self.side}" if self.side else self.layer
+
+    def sizes(self) -> np.ndarray:
+        return np.full(self.groups, float(self.group_size))
+
+    def sumsq(self, params: Mapping[str, np.ndarray]) -> np.ndarray:
+        w = np.asarray(params[self.tensor], dtype=np.float64)
+        return np.sum(w * w, axis=self.reduce).reshape(-1)
+
+    def scale(self, params: Mapping[str, np.ndarray], factor: np.ndarray) -> None:
+        w = params[self.tensor]
+        f = factor.reshape([self.shape[a] for a in self.keep])
+        f = np.expand_dims(f, self.reduce) if self.reduce else f
+        w *= f.astype(w.dtype)
+
+
+@dataclass(frozen=True)
+class CoupledPart:
+    """Channels ``space_start .. +length`` of the space at positions
+    ``(tensor_start + j) * block ..`` of ``axis`` of ``tensor`` (see ``ChannelRef``);
+    ``conv_groups`` > 1 for the input side of a grouped convolution, whose axis 1 holds the
+    channels of one group and axis 0 the groups' filters."""
+
+    tensor: str
+    shape: tuple[int, ...]
+    axis: int
+    space_start: int
+    tensor_start: int
+    length: int
+    block: int
+    conv_groups: int = 1
+
+    @property
+    def grouped(self) -> bool:
+        return self.conv_groups > 1 and self.axis == 1
+
+    @property
+    def positions(self) -> int:
+        """Number of positions along the (grouped: virtual, groups x axis-1) channel axis."""
+        return self.shape[1] * self.conv_groups if self.grouped else self.shape[self.axis]
+
+    def profile(self, w: np.ndarray) -> np.ndarray:
+        """Sum of squares of ``w`` at each position of the channel axis."""
+        w = np.asarray(w, dtype=np.float64)
+        if self.grouped:
+            g = self.conv_groups
+            v = (w * w).reshape(g, self.shape[0] // g, *self.shape[1:])
+            return v.sum(axis=(1, *range(3, v.ndim))).reshape(-1)
+        return np.sum(w * w, axis=tuple(a for a in range(w.ndim) if a != self.axis))
+
+    def scale_positions(self, w: np.ndarray, factor: np.ndarray) -> None:
+        """Multiply the slices of ``w`` at each channel-axis position by ``factor``."""
+        if self.grouped:
+            g = self.conv_groups
+            v = w.reshape(g, self.shape[0] // g, *self.shape[1:])
+            f = factor.reshape(g, 1, self.shape[1], *([1] * (len(self.shape) - 2)))
+            v *= f.astype(w.dtype)
+            return
+        shape = [1] * len(self.shape)
+        shape[self.axis] = self.shape[self.axis]
+        w *= factor.reshape(shape).astype(w.dtype)
+
+    def elements_per_position(self) -> int:
+        n = int(np.prod(self.shape, dtype=np.int64))
+        return n // self.positions
+
+
+@dataclass(frozen=True)
+class CoupledTerm:
+    """One group per channel of a prunable space: the sum over its parts."""
+
+    structure: str
+    space: str
+    channels: int
+    parts: tuple[CoupledPart, ...]
+    lam: float
+
+    @property
+    def label(self) -> str:
+        return self.space
+
+    @property
+    def groups(self) -> int:
+        return self.channels
+
+    def sizes(self) -> np.ndarray:
+        s = np.zeros(self.channels)
+        for p in self.parts:
+            s[p.space_start : p.space_start + p.length] += p.block * p.elements_per_position()
+        return s
+
+    def sumsq(self, params: Mapping[str, np.ndarray]) -> np.ndarray:
+        acc = np.zeros(self.channels)
+        for p in self.parts:
+            prof = p.profile(params[p.tensor])
+            lo = p.tensor_start * p.block
+            piece = prof[lo : lo + p.length * p.block].reshape(p.length, p.block).sum(axis=1)
+            acc[p.space_start : p.space_start + p.length] += piece
+        return acc
+
+    def scale(self, params: Mapping[str, np.ndarray], factor: np.ndarray) -> None:
+        for p in self.parts:
+            full = np.ones(p.positions)
+            lo = p.tensor_start * p.block
+            full[lo : lo + p.length * p.block] = np.repeat(
+                factor[p.space_start : p.space_start + p.length], p.block
+            )
+            p.scale_positions(params[p.tensor], full)
+
+
+@dataclass(frozen=True)
+class DepthTerm:
+    """One group: all trainable weights of a residual branch."""
+
+    structure: str
+    branch: str
+    tensors: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    lam: float
+
+    @property
+    def label(self) -> str:
+        return self.branch
+
+    @property
+    def groups(self) -> int:
+        return 1
+
+    def sizes(self) -> np.ndarray:
+        return np.array([float(sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes))])
+
+    def sumsq(self, params: Mapping[str, np.ndarray]) -> np.ndarray:
+        return np.array(
+            [sum(float(np.sum(np.asarray(params[t], np.float64) ** 2)) for t in self.tensors)]
+        )
+
+    def scale(self, params: Mapping[str, np.ndarray], factor: np.ndarray) -> None:
+        for t in self.tensors:
+            w = params[t]
+            w *= w.dtype.type(factor[0])
+
+
+Term = AxisTerm | CoupledTerm | DepthTerm
+
+
+@dataclass(frozen=True)
+class Penalty:
+    """The regulariser: its terms (all structures, including those with lambda 0, which only
+    serve the sparsity statistics) and the options that shape the group norms."""
+
+    terms: tuple[Term, ...]
+    lambdas: Lambdas
+    scale_by_size: bool = False
+    eps: float = DEFAULT_EPS
+    layers: tuple[str, ...] = field(default=())
+
+    @property
+    def active_terms(self) -> tuple[Term, ...]:
+        return tuple(t for t in self.terms if t.lam > 0)
+
+    def tensors(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for t in self.active_terms:
+            for name in term_tensors(t):
+                seen[name] = None
+        return tuple(seen)
+
+    def weights(self, term: Term) -> np.ndarray:
+        """Per-group multipliers ``lambda_g`` (times ``sqrt(size)`` when scaling by size)."""
+        w = np.full(term.groups, term.lam)
+        if self.scale_by_size:
+            w = w * np.sqrt(term.sizes())
+        return w
+
+    # --- numpy, vectorised ------------------------------------------------------------
+    def norms(self, term: Term, params: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The group L2 norms (no epsilon) of one term."""
+        return np.sqrt(term.sumsq(params))
+
+    def value(self, params: Mapping[str, np.ndarray]) -> float:
+        """``sum_g lambda_g sum_G sqrt(||w_G||^2 + eps)`` over the active terms."""
+        total = 0.0
+        for t in self.active_terms:
+            total += float(np.sum(self.weights(t) * np.sqrt(t.sumsq(params) + self.eps)))
+        return total
+
+    def prox(self, params: Mapping[str, np.ndarray], step: float) -> int:
+        """Group soft-thresholding ``w <- w * max(0, 1 - step * lambda_G / ||w_G||)`` of every
+        active term, in place (terms that overlap are applied one after the other).
+
+        Returns the number of groups that are exactly zero afterwards.
+        """
+        zero = 0
+        for t in self.active_terms:
+            n = np.sqrt(t.sumsq(params))
+            thr = step * self.weights(t)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                factor = np.where(n > thr, 1.0 - thr / np.where(n > 0, n, 1.0), 0.0)
+            t.scale(params, factor)
+            zero += int(np.sum(factor == 0))
+        return zero
+
+    def zero_groups(self, params: Mapping[str, np.ndarray], threshold: float) -> int:
+        """Set to exactly zero every group of the active terms whose RMS (norm divided by
+        ``sqrt(size)``) is at most ``threshold``; returns how many groups were zeroed."""
+        count = 0
+        for t in self.active_terms:
+            rms = np.sqrt(t.sumsq(params) / np.maximum(t.sizes(), 1))
+            factor = np.where(rms <= threshold, 0.0, 1.0)
+            if np.any(factor == 0):
+                t.scale(params, factor)
+            count += int(np.sum(factor == 0))
+        return count
+
+    def sparsity(self, params: Mapping[str, np.ndarray], tol: float = 0.0) -> list[SparsityRow]:
+        """For every term (active or not): how many of its groups are zero, i.e. have a norm
+        of at most ``tol * sqrt(size)``."""
+        rows = []
+        for t in self.terms:
+            n = np.sqrt(t.sumsq(params))
+            lim = tol * np.sqrt(t.sizes())
+            rows.append(SparsityRow(t.structure, t.label, int(np.sum(n <= lim)), t.groups))
+        return rows
+
+    # --- json -------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lambdas": self.lambdas.to_json(),
+            "scale_by_size": self.scale_by_size,
+            "eps": self.eps,
+            "layers": list(self.layers),
+            "terms": [_term_to_json(t) for t in self.terms],
+        }
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> Penalty:
+        return Penalty(
+            terms=tuple(_term_from_json(t) for t in d["terms"]),
+            lambdas=Lambdas.from_json(d["lambdas"]),
+            scale_by_size=bool(d.get("scale_by_size", False)),
+            eps=float(d.get("eps", DEFAULT_EPS)),
+            layers=tuple(d.get("layers", ())),
+        )
+
+
+@dataclass(frozen=True)
+class SparsityRow:
+    structure: str
+    label: str
+    zero: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.zero / self.total if self.total else 0.0
+
+
+def term_tensors(t: Term) -> tuple[str, ...]:
+    if isinstance(t, AxisTerm):
+        return (t.tensor,)
+    if isinstance(t, CoupledTerm):
+        return tuple(dict.fromkeys(p.tensor for p in t.parts))
+    return t.tensors
+
+
+def _term_to_json(t: Term) -> dict[str, Any]:
+    d = asdict(t)
+    d["type"] = type(t).__name__
+    return d
+
+
+def _tuple(x: Any) -> Any:
+    if isinstance(x, list):
+        return tuple(_tuple(v) for v in x)
+    return x
+
+
+def _term_from_json(d: Mapping[str, Any]) -> Term:
+    kind = d["type"]
+    body = {k: _tuple(v) for k, v in d.items() if k != "type"}
+    if kind == "AxisTerm":
+        return AxisTerm(**body)
+    if kind == "CoupledTerm":
+        body["parts"] = tuple(
+            CoupledPart(**{k: _tuple(v) for k, v in p.items()}) for p in d["parts"]
+        )
+        return CoupledTerm(**body)
+    if kind == "DepthTerm":
+        return DepthTerm(**body)
+    raise ValueError(f"unknown penalty term type {kind!r}")
+
+
+# --- building the terms from the analysis --------------------------------------------------
+
+
+def build_penalty(
+    analysis: Analysis,
+    lambdas: Lambdas,
+    trainable: Mapping[str, Sequence[int]],
+    *,
+    scale_by_size: bool = False,
+    eps: float = DEFAULT_EPS,
+) -> Penalty:
+    """The terms of every structure for the parameterised layers, prunable channel spaces and
+    prunable residual branches of ``analysis``; only tensors in ``trainable`` (name -> shape)
+    take part. Structures whose lambda is 0 are kept as inactive terms for the statistics,
+    except ``coupled`` and ``depth``, which are only built when asked for (they may be large).
+    """
+    terms: list[Term] = []
+    seen: set[tuple[str, str, tuple[int, ...]]] = set()
+    layers: list[str] = []
+    for la in analysis.layers:
+        if la.weight not in trainable:
+            log.debug("layer %s: weight %s is not trainable; no penalty", la.node, la.weight)
+            continue
+        shape = tuple(int(d) for d in trainable[la.weight])
+        layers.append(la.node)
+        if la.op_type in CONV_OPS and len(shape) >= 3:
+            spatial = tuple(a for a in range(len(shape)) if a not in (la.out_axis, la.in_axis))
+            kinds: list[tuple[str, tuple[int, ...]]] = [
+                ("filter", (la.out_axis,)),
+                ("channel", (la.in_axis,)),
+                ("shape", tuple(sorted((la.in_axis, *spatial)))),
+                ("filter2d", tuple(sorted((la.out_axis, la.in_axis)))),
+            ]
+        elif la.op_type in FC_OPS and len(shape) == 2:
+            kinds = [("neuron", (la.out_axis,)), ("neuron", (la.in_axis,))]
+        else:
+            continue
+        for structure, keep in kinds:
+            key = (structure, la.weight, keep)
+            if key in seen:
+                continue
+            seen.add(key)
+            side = (
+                ("rows" if keep == (la.out_axis,) else "columns") if structure == "neuron" else ""
+            )
+            terms.append(
+                AxisTerm(structure, la.node, la.weight, shape, keep, lambdas.get(structure), side)
+            )
+    if lambdas.coupled > 0:
+        for sp in analysis.spaces:
+            if not sp.prunable:
+                continue
+            parts = tuple(
+                CoupledPart(
+                    r.tensor,
+                    tuple(int(d) for d in trainable[r.tensor]),
+                    r.axis,
+                    r.space_start,
+                    r.tensor_start,
+                    r.length,
+                    r.block,
+                    int(getattr(r, "conv_groups", 1)),
+                )
+                for r in sp.refs
+                if r.is_weight and r.role in ("out", "in") and r.tensor in trainable
+            )
+            if parts:
+                terms.append(CoupledTerm("coupled", sp.id, sp.channels, parts, lambdas.coupled))
+    if lambdas.depth > 0:
+        depth_groups = [g for g in analysis.groups if g.kind == "depth"]
+        if not depth_groups and analysis.branches:
+            log.warning(
+                "the analysis lists residual branches but no depth groups; "
+                "analyse with kind 'depth' to regularise depth"
+            )
+        for g in depth_groups:
+            if not g.prunable:
+                continue
+            names = tuple(
+                dict.fromkeys(
+                    m.tensor
+                    for m in g.members
+                    if m.role != "stat"
+                    and m.tensor in trainable
+                    and all(s is None for s in m.slice)
+                )
+            )
+            if names:
+                terms.append(
+                    DepthTerm(
+                        "depth",
+                        g.id.rsplit("/depth", 1)[0],
+                        names,
+                        tuple(tuple(int(d) for d in trainable[n]) for n in names),
+                        lambdas.depth,
+                    )
+                )
+    for s in lambdas.active():
+        if not any(t.structure == s and t.lam > 0 for t in terms):
+            log.warning("lambda-%s is set but the model has no %s groups", s, s)
+    return Penalty(tuple(terms), lambdas, scale_by_size, eps, tuple(layers))
+
+
+# --- the ONNX graph of the penalty ---------------------------------------------------------
+
+
+class GraphWriter:
+    """Appends nodes and initializers to a graph (protobuf messages built directly)."""
+
+    def __init__(self, graph: onnx.GraphProto, opset: int, prefix: str = "ssl") -> None:
+        if opset < 11:
+            raise InputError(
+                f"opset {opset} is too old for training (need >= 11); convert "
+                f"the model with onnx.version_converter"
+            )
+        self.graph = graph
+        self.opset = opset
+        self.prefix = prefix
+        self._n = 0
+        self._consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{self.prefix}/{hint}/{self._n}"
+
+    def const(self, value: Any, dtype: Any = np.float32, hint: str = "const") -> str:
+        """An initializer; scalars get shape [1] (see :meth:`reduce_sum`)."""
+        arr = np.ascontiguousarray(np.asarray(value, dtype=dtype))
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        key = (arr.dtype.str, arr.tobytes(), arr.shape)
+        if key not in self._consts:
+            name = self.name(hint)
+            self.graph.initializer.append(numpy_helper.from_array(arr, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def node(
+        self,
+        op: str,
+        inputs: Sequence[str],
+        hint: str | None = None,
+        output: str | None = None,
+        **attrs: int | float | Sequence[int],
+    ) -> str:
+        out = output or self.name(hint or op.lower())
+        n = onnx.NodeProto(op_type=op, name=f"{out}:node")
+        n.input.extend(inputs)
+        n.output.append(out)
+        for k, v in attrs.items():
+            a = onnx.AttributeProto(name=k)
+            if isinstance(v, bool | int):
+                a.type = onnx.AttributeProto.INT
+                a.i = int(v)
+            elif isinstance(v, float):
+                a.type = onnx.AttributeProto.FLOAT
+                a.f = v
+            else:
+                a.type = onnx.AttributeProto.INTS
+                a.ints.extend(int(i) for i in v)
+            n.attribute.append(a)
+        self.graph.node.append(n)
+        return out
+
+    def reduce_sum(
+        self, x: str, axes: Sequence[int] | None, keepdims: int = 0, hint: str = "sum"
+    ) -> str:
+        """ReduceSum over ``axes``; ``None``: over all axes, to shape [1].
+
+        Every scalar of the loss graph has shape [1], never rank 0: ONNX Runtime's constant
+        sharing turns scalar initializers into [1] tensors, and the gradient of an Add that
+        broadcasts a rank-0 operand against a [1] one fails to build.
+        """
+        if axes is not None and not axes:
+            raise ValueError("reduce_sum over no axes (ReduceSum would reduce all)")
+        if axes is None:
+            total = self.node("ReduceSum", [x], hint, keepdims=0)
+            return self.to_vector(total)
+        if self.opset >= 13:
+            return self.node(
+                "ReduceSum", [x, self.const(list(axes), np.int64, "axes")], hint, keepdims=keepdims
+            )
+        return self.node("ReduceSum", [x], hint, axes=list(axes), keepdims=keepdims)
+
+    def to_vector(self, x: str) -> str:
+        """Reshape a scalar to shape [1]."""
+        return self.node("Reshape", [x, self.const([1], np.int64, "shape1")], "vector")
+
+    def add_all(self, xs: Sequence[str], hint: str = "add") -> str:
+        """A chain of Adds (``Sum`` has no gradient in ONNX Runtime)."""
+        if not xs:
+            return self.const(0.0, hint="zero")
+        acc = xs[0]
+        for x in xs[1:]:
+            acc = self.node("Add", [acc, x], hint)
+        return acc
+
+
+def add_penalty_nodes(penalty: Penalty, w: GraphWriter) -> str:
+    """Append the active terms' nodes; return the name of the scalar penalty value."""
+    squares: dict[str, str] = {}
+    profiles: dict[tuple[str, int, int], str] = {}
+    eps = w.const(penalty.eps, hint="eps")
+
+    def sq(t: str) -> str:
+        if t not in squares:
+            squares[t] = w.node("Mul", [t, t], "sq")
+        return squares[t]
+
+    def weighted_norm_sum(sumsq: str, term: Term) -> str:
+        norms = w.node("Sqrt", [w.node("Add", [sumsq, eps], "sumsq_eps")], "norm")
+        weights = penalty.weights(term)
+        if np.all(weights == weights[0]):
+            total = w.reduce_sum(norms, None, hint="norm_sum")
+            return w.node("Mul", [total, w.const(weights[0], hint="lambda")], "term")
+        flat = w.node("Reshape", [norms, w.const([-1], np.int64, "shape")], "norm_flat")
+        scaled = w.node("Mul", [flat, w.const(weights, hint="lambda")], "norm_weighted")
+        return w.reduce_sum(scaled, None, hint="term")
+
+    def profile(p: CoupledPart) -> str:
+        key = (p.tensor, p.axis, p.conv_groups if p.grouped else 1)
+        if key not in profiles:
+            s = sq(p.tensor)
+            rank = len(p.shape)
+            if p.grouped:
+                g = p.conv_groups
+                view = [g, p.shape[0] // g, *p.shape[1:]]
+                v = w.node("Reshape", [s, w.const(view, np.int64, "shape")], "grouped")
+                r = w.reduce_sum(v, [1, *range(3, rank + 1)], hint="profile")
+                profiles[key] = w.node("Reshape", [r, w.const([-1], np.int64, "shape")], "profile")
+            elif rank == 1:
+                profiles[key] = s
+            else:
+                profiles[key] = w.reduce_sum(
+                    s, [a for a in range(rank) if a != p.axis], hint="profile"
+                )
+        return profiles[key]
+
+    terms_out: list[str] = []
+    for t in penalty.active_terms:
+        if isinstance(t, AxisTerm):
+            s = w.reduce_sum(sq(t.tensor), list(t.reduce), hint=f"{t.structure}_sumsq")
+            terms_out.append(weighted_norm_sum(s, t))
+        elif isinstance(t, CoupledTerm):
+            pieces = []
+            for p in t.parts:
+                prof = profile(p)
+                lo, hi = p.tensor_start * p.block, (p.tensor_start + p.length) * p.block
+                if lo != 0 or hi != p.positions:
+                    prof = w.node(
+                        "Slice",
+                        [
+                            prof,
+                            w.const([lo], np.int64, "start"),
+                            w.const([hi], np.int64, "end"),
+                            w.const([0], np.int64, "axes"),
+                        ],
+                        "slice",
+                    )
+                if p.block > 1:
+                    prof = w.node(
+                        "Reshape", [prof, w.const([p.length, p.block], np.int64, "shape")], "blocks"
+                    )
+                    prof = w.reduce_sum(prof, [1], hint="block_sum")
+                if p.length != t.channels:
+                    pads = [p.space_start, t.channels - p.space_start - p.length]
+                    prof = w.node("Pad", [prof, w.const(pads, np.int64, "pads")], "pad")
+                pieces.append(prof)
+            terms_out.append(weighted_norm_sum(w.add_all(pieces, "coupled_sumsq"), t))
+        else:
+            parts = [w.reduce_sum(sq(name), None, hint="depth_sumsq") for name in t.tensors]
+            terms_out.append(weighted_norm_sum(w.add_all(parts, "depth_sumsq"), t))
+    return w.add_all(terms_out, "penalty")
+
+
+# --- the reference: group by group, no vectorisation ------------------------------------
+
+
+@dataclass(frozen=True)
+class RefGroup:
+    """One group as explicit (tensor, flat indices) pairs, with its multiplier."""
+
+    structure: str
+    members: tuple[tuple[str, np.ndarray], ...]
+    lam: float
+
+    @property
+    def size(self) -> int:
+        return sum(int(ix.size) for _, ix in self.members)
+
+
+def reference_groups(
+    analysis: Analysis, lambdas: Lambdas, shapes: Mapping[str, Sequence[int]]
+) -> list[RefGroup]:
+    """Every group of every active structure, enumerated one by one.
+
+    ``filter``/``channel`` are enumerated here by index loops; ``shape``, ``filter2d``,
+    ``neuron``, ``depth`` and ``coupled`` come from the analysis' own group lists (the
+    ``channel`` groups of the analysis are the coupled groups), as slices via
+    :meth:`Member.index`; the analysis must have been run with those kinds.
+    """
+    out: list[RefGroup] = []
+
+    def flat(tensor: str, member: Member) -> np.ndarray:
+        shp = tuple(int(d) for d in shapes[tensor])
+        return (
+            np.arange(int(np.prod(shp, dtype=np.int64))).reshape(shp)[member.index(shp)].reshape(-1)
+        )
+
+    for la in analysis.layers:
+        if la.weight not in shapes or la.op_type not in CONV_OPS or len(la.weight_shape) < 3:
+            continue
+        shp = tuple(int(d) for d in shapes[la.weight])
+        for structure, axis in (("filter", la.out_axis), ("channel", la.in_axis)):
+            if lambdas.get(structure) <= 0:
+                continue
+            for i in range(shp[axis]):
+                sl: list[tuple[int, ...] | None] = [None] * len(shp)
+                sl[axis] = (i,)
+                m = Member(la.weight, "out", tuple(sl))
+                out.append(
+                    RefGroup(structure, ((la.weight, flat(la.weight, m)),), lambdas.get(structure))
+                )
+    kind_to_structure = {
+        "channel": "coupled",
+        "shape": "shape",
+        "filter2d": "filter2d",
+        "neuron": "neuron",
+        "depth": "depth",
+    }
+    for g in analysis.groups:
+        structure = kind_to_structure[g.kind]
+        lam = lambdas.get(structure)
+        if lam <= 0 or (structure in ("coupled", "depth") and not g.prunable):
+            continue
+        members = tuple(
+            (m.tensor, flat(m.tensor, m))
+            for m in g.members
+            if m.role != "stat" and m.tensor in shapes
+        )
+        if members:
+            out.append(RefGroup(structure, members, lam))
+    return out
+
+
+def reference_value_and_grad(
+    groups: Iterable[RefGroup],
+    params: Mapping[str, np.ndarray],
+    *,
+    scale_by_size: bool = False,
+    eps: float = DEFAULT_EPS,
+) -> tuple[float, dict[str, np.ndarray]]:
+    """``sum_G lambda_G sqrt(||w_G||^2 + eps)`` and its gradient, in float64."""
+    value = 0.0
+    grads = {k: np.zeros(np.shape(v), np.float64) for k, v in params.items()}
+    for g in groups:
+        vals = [np.asarray(params[t], np.float64).reshape(-1)[ix] for t, ix in g.members]
+        norm = math.sqrt(sum(float(np.sum(v * v)) for v in vals) + eps)
+        lam = g.lam * (math.sqrt(g.size) if scale_by_size else 1.0)
+        value += lam * norm
+        for (t, ix), v in zip(g.members, vals, strict=True):
+            grads[t].reshape(-1)[ix] += lam * v / norm
+    return value, grads
+
+
+def iter_term_summaries(penalty: Penalty) -> Iterator[str]:
+    """One line per active term, for logs."""
+    for t in penalty.active_terms:
+        yield f"{t.structure} {t.label}: {t.groups} groups, lambda {t.lam:g}"

@@ -1,0 +1,554 @@
+"""The training loop over onnxruntime-training artifacts (Module, Optimizer, CheckpointState).
+
+Each step feeds a batch and the penalty scale ``s`` to the training model, whose loss is
+``E_D(W) + weight_decay/2 ||W||^2 + s * sum_g lambda_g R_g(W)`` (see
+:mod:`onnx_ssl.training.artifacts`), runs the optimizer, copies the BatchNorm batch
+statistics into the running statistics, and with ``prox`` applies the proximal operator of
+the group Lasso to the parameters in place (through the checkpoint's live arrays)::
+
+    w_G <- w_G * max(0, 1 - lr * lambda_G / ||w_G||_2)
+
+In proximal mode ``s`` is 0: the optimizer follows the data loss (proximal gradient
+descent), and the soft-thresholding makes groups exactly zero instead of only small. With
+AdamW the threshold ``lr * lambda`` is small next to Adam's normalised steps; plain ``sgd``
+is the textbook proximal gradient method.
+
+After every epoch the state (parameters and optimizer moments) is written atomically to
+``train_state.ckpt`` (a previous one is replaced only by a complete new file), the log to
+CSV or JSON, and at the end the trained weights are exported into the inference model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnx_ssl.errors import InputError, OnnxSslError
+from onnx_ssl.io import save_model, write_text_atomic
+
+from . import _ort
+from .artifacts import (
+    FINGERPRINT_PROPERTY,
+    OUT_DATA,
+    OUT_LOSS,
+    OUT_PENALTY,
+    OUT_WD,
+    PENALTY_SCALE,
+    Artifacts,
+    _native_stderr_captured,
+    _one_line,
+    export_inference_model,
+    load_artifacts,
+)
+from .data import Dataset, fit_inputs, fit_targets
+from .penalty import term_tensors
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "step", "constant")
+STATE = "train_state.ckpt"
+LOG = "train_log.csv"
+TRAINED = "trained_model.onnx"
+EPOCH_PROPERTY = "onnx_ssl.epoch"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of one training run (the CLI's defaults)."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    schedule: str = "cosine"
+    prox: bool = False
+    penalty: bool = True
+    resume: bool = False
+    val_fraction: float = 0.2
+    seed: int = 0
+    zero_tol: float = 1e-6
+    log_path: Path | None = None
+    export_path: Path | None = None
+    save_state: bool = True
+    export: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise InputError(f"--epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"--lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(
+                f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}"
+            )
+
+    def lr_at(self, step: int, total: int) -> float:
+        """The learning rate at ``step`` of ``total``: cosine decay to 0, or x0.1 at 50% and
+        75% of the steps (``step``), or constant."""
+        if total <= 0 or self.schedule == "constant":
+            return self.lr
+        frac = step / total
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * frac))
+        return self.lr * (0.1 ** ((frac >= 0.5) + (frac >= 0.75)))
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """One line of the training log (means over the epoch's batches).
+
+    ``loss`` is the objective of equation (1), data loss + weight decay + group-Lasso
+    penalty (without the penalty under ``--no-penalty``); ``penalty`` is
+    ``sum_g lambda_g R_g(W)``; ``zero_groups`` the fraction of exactly-zero groups (RMS at
+    most ``zero_tol``) of each structure and layer.
+    """
+
+    epoch: int
+    lr: float
+    loss: float
+    data_loss: float
+    penalty: float
+    weight_decay: float
+    train_error: float | None
+    val_loss: float | None
+    val_error: float | None
+    seconds: float
+    zero_groups: tuple[tuple[str, float], ...] = ()
+
+    def row(self) -> dict[str, Any]:
+        r: dict[str, Any] = {
+            "epoch": self.epoch,
+            "lr": self.lr,
+            "loss": self.loss,
+            "data_loss": self.data_loss,
+            "penalty": self.penalty,
+            "weight_decay": self.weight_decay,
+            "train_error": self.train_error,
+            "val_loss": self.val_loss,
+            "val_error": self.val_error,
+            "seconds": round(self.seconds, 3),
+        }
+        for k, v in self.zero_groups:
+            r[f"zero:{k}"] = v
+        return r
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """What the trainer reports while it works (the CLI draws a progress bar from it)."""
+
+    kind: str  # "epoch_start" | "batch" | "epoch_end" | "eval"
+    epoch: int
+    epochs: int
+    batch: int = 0
+    batches: int = 0
+    loss: float = float("nan")
+    stats: EpochStats | None = None
+    label: str = ""
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    history: tuple[EpochStats, ...]
+    params: Mapping[str, np.ndarray]
+    model: onnx.ModelProto | None
+    export_path: Path | None
+    train: Dataset
+    val: Dataset | None
+    epochs_done: int = 0
+    log_path: Path | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def val_error(self) -> float | None:
+        return self.history[-1].val_error if self.history else None
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+def data_loss_and_error(loss: str, out: np.ndarray, y: np.ndarray) -> tuple[float, float | None]:
+    """The mean data loss and the error rate (None for regression) of outputs ``out``."""
+    o = np.asarray(out, dtype=np.float64)
+    if loss == "cross-entropy":
+        m = o.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(o - m).sum(axis=1)) + m[:, 0]
+        value = float(np.mean(lse - o[np.arange(len(y)), y]))
+        return value, float(np.mean(np.argmax(o, axis=1) != y))
+    t = np.asarray(y, dtype=np.float64).reshape(o.shape)
+    if loss == "mse":
+        return float(np.mean((o - t) ** 2)), None
+    if loss == "l1":
+        return float(np.mean(np.abs(o - t))), None
+    value = float(np.mean(np.logaddexp(0.0, o) - o * t))
+    return value, float(np.mean((o > 0) != (t > 0.5)))
+
+
+# --- the trainer ------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs training on an artifacts folder (see the module docstring)."""
+
+    def __init__(
+        self, artifacts: Artifacts | str | os.PathLike[str], config: TrainConfig | None = None
+    ) -> None:
+        self.art = artifacts if isinstance(artifacts, Artifacts) else load_artifacts(artifacts)
+        self.config = config or TrainConfig()
+        self.info = self.art.info
+        self.start_epoch = 0
+        self.api = _ort.load().api
+        self._open()
+
+    # --- state ----------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.art.path / STATE
+
+    def _load_state(self, path: Path) -> Any:
+        try:
+            with _native_stderr_captured():
+                state = self.api.CheckpointState.load_checkpoint(str(path))
+        except Exception as e:  # onnxruntime's own exception types
+            raise InputError(f"{path}: not a readable checkpoint ({_one_line(e)})") from e
+        props = dict(state.properties)
+        fp = props.get(FINGERPRINT_PROPERTY)
+        if fp != self.info.fingerprint:
+            raise InputError(
+                f"{path}: checkpoint does not match the artifacts in "
+                f"{self.art.path} (fingerprint {fp} != {self.info.fingerprint}); "
+                f"rebuild the artifacts or start without --resume"
+            )
+        return state
+
+    def _open(self) -> None:
+        cfg = self.config
+        path = self.art.checkpoint
+        if cfg.resume:
+            if self.state_path.exists():
+                path = self.state_path
+            else:
+                log.warning(
+                    "--resume: no %s in %s yet; starting from the initial checkpoint",
+                    STATE,
+                    self.art.path,
+                )
+        self.state = self._load_state(path)
+        if path == self.state_path:
+            self.start_epoch = int(dict(self.state.properties).get(EPOCH_PROPERTY, 0))
+            log.info("resuming after epoch %d from %s", self.start_epoch, path)
+        so = _ort.load().ort.SessionOptions()
+        so.log_severity_level = 3
+        try:
+            with _native_stderr_captured():
+                self.module = self.api.Module(
+                    str(self.art.training_model),
+                    self.state,
+                    str(self.art.eval_model),
+                    session_options=so,
+                )
+                self.optimizer = self.api.Optimizer(str(self.art.optimizer_model), self.module)
+        except Exception as e:  # onnxruntime's own exception types
+            raise InputError(
+                f"{self.art.path}: ONNX Runtime cannot open the artifacts with "
+                f"checkpoint {path.name}: {_one_line(e)}"
+            ) from e
+        self.module.train()
+        self.train_inputs = list(self.module.input_names())
+        self.train_outputs = list(self.module.output_names())
+        self.module.eval()
+        self.eval_inputs = list(self.module.input_names())
+        self.eval_outputs = list(self.module.output_names())
+        self.module.train()
+
+    def params(self, names: Any = None) -> dict[str, np.ndarray]:
+        """Copies of the parameters (trainable and frozen) by name."""
+        names = names if names is not None else (*self.info.trainable, *self.info.frozen)
+        return {n: np.array(self.state.parameters[n].data) for n in names}
+
+    def live(self, names: Any) -> dict[str, np.ndarray]:
+        """The checkpoint's live arrays: writing to them changes the parameters."""
+        return {n: self.state.parameters[n].data for n in names}
+
+    def set_params(self, values: Mapping[str, np.ndarray]) -> None:
+        for n, v in values.items():
+            self.state.parameters[n].data[...] = v
+
+    def save_state(self, epoch: int) -> None:
+        """Write parameters and optimizer state atomically to ``train_state.ckpt``."""
+        self.state.properties[EPOCH_PROPERTY] = int(epoch)
+        tmp = self.state_path.with_name(f".{STATE}.tmp{os.getpid()}")
+        try:
+            with _native_stderr_captured():
+                self.api.CheckpointState.save_checkpoint(
+                    self.state, str(tmp), include_optimizer_state=True
+                )
+            os.replace(tmp, self.state_path)
+        except Exception as e:
+            if tmp.exists():
+                tmp.unlink()
+            if isinstance(e, OnnxSslError):
+                raise
+            raise InputError(
+                f"{self.state_path}: cannot save the checkpoint: {_one_line(e)}"
+            ) from e
+
+    # --- data -----------------------------------------------------------------------
+    def prepare_data(self, data: Dataset) -> Dataset:
+        """Fit a dataset to the model's inputs and loss (one-line errors otherwise)."""
+        inputs = [(s.name, s.shape, s.dtype) for s in self.info.inputs]
+        d = fit_inputs(data, inputs)
+        out = next(o for o in self.info.outputs if o.name == self.info.loss_output)
+        return fit_targets(d, self.info.loss, out.shape, self.info.classes)
+
+    def _feeds(
+        self, names: list[str], xb: Mapping[str, np.ndarray], yb: np.ndarray, scale: float
+    ) -> list[np.ndarray]:
+        values: dict[str, np.ndarray] = dict(xb)
+        values[self.info.target.name] = yb
+        values[PENALTY_SCALE] = np.array([scale], dtype=np.float32)
+        try:
+            return [values[n] for n in names]
+        except KeyError as e:
+            raise InputError(
+                f"the training model needs input {e.args[0]!r}, which the data does not provide"
+            ) from e
+
+    def _padded(
+        self, data: Dataset, batch: int
+    ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, int]]:
+        for xb, yb in data.batches(batch):
+            n = len(yb)
+            fixed = self.info.fixed_batch
+            if fixed is not None and n < fixed:
+                idx = np.concatenate([np.arange(n), np.zeros(fixed - n, dtype=np.int64)])
+                xb = {k: v[idx] for k, v in xb.items()}
+                yb = yb[idx]
+            yield xb, yb, n
+
+    def predict(self, data: Dataset, batch_size: int | None = None) -> np.ndarray:
+        """The loss output of the eval model over ``data`` (BatchNorm and Dropout in
+        inference form)."""
+        bs = self.info.fixed_batch or batch_size or self.config.batch_size
+        self.module.eval()
+        k = self.eval_outputs.index(self.info.loss_output)
+        outs = []
+        try:
+            for xb, yb, n in self._padded(data, bs):
+                res = self.module(*self._feeds(self.eval_inputs, xb, yb, 0.0))
+                outs.append(np.asarray(res[k])[:n])
+        finally:
+            self.module.train()
+        return np.concatenate(outs) if outs else np.zeros((0,))
+
+    def evaluate(self, data: Dataset) -> tuple[float, float | None]:
+        """(mean data loss, error rate) of the current parameters on ``data``."""
+        if len(data) == 0:
+            return float("nan"), None
+        return data_loss_and_error(self.info.loss, self.predict(data), data.y)
+
+    # --- training -------------------------------------------------------------------
+    def sparsity(self, tol: float | None = None) -> tuple[tuple[str, float], ...]:
+        pen = self.info.penalty
+        tensors = {n for t in pen.terms for n in term_tensors(t)}
+        params = self.params(sorted(tensors))
+        rows = pen.sparsity(params, self.config.zero_tol if tol is None else tol)
+        return tuple((f"{r.structure}:{r.label}", round(r.fraction, 4)) for r in rows)
+
+    def fit(
+        self, data: Dataset, val: Dataset | None = None, progress: ProgressFn | None = None
+    ) -> TrainResult:
+        """Train for ``config.epochs`` epochs (from the resumed epoch on).
+
+        ``data`` is split into train and held-out parts (``config.val_fraction``) unless
+        ``val`` is given.
+        """
+        cfg = self.config
+        held: Dataset | None
+        data = self.prepare_data(data)
+        if val is None and cfg.val_fraction > 0:
+            train, held = data.split(cfg.val_fraction, cfg.seed)
+        else:
+            train, held = data, val
+        held = self.prepare_data(held) if held is not None and len(held) else None
+        bs = self.info.fixed_batch or cfg.batch_size
+        if self.info.fixed_batch and cfg.batch_size != self.info.fixed_batch:
+            log.warning(
+                "these artifacts train at a fixed batch size of %d (the model's shapes "
+                "depend on it); --batch-size %d ignored",
+                self.info.fixed_batch,
+                cfg.batch_size,
+            )
+        drop_last = self.info.fixed_batch is not None
+        if drop_last and len(train) < bs:
+            raise InputError(
+                f"{train.name}: {len(train)} samples are fewer than the fixed batch size {bs}"
+            )
+        steps = train.num_batches(bs, drop_last)
+        total = steps * cfg.epochs
+        scale = 1.0 if cfg.penalty and not cfg.prox else 0.0
+        pen = self.info.penalty
+        prox_tensors = pen.tensors() if cfg.prox else ()
+        stat_idx = [(self.train_outputs.index(o), p) for o, p in self.info.bn_stats]
+        idx = {n: self.train_outputs.index(n) for n in (OUT_LOSS, OUT_DATA, OUT_PENALTY, OUT_WD)}
+        out_idx = self.train_outputs.index(self.info.loss_output)
+        log_path = cfg.log_path or self.art.path / LOG
+        rows = _read_log(log_path, self.start_epoch) if cfg.resume else []
+        history: list[EpochStats] = []
+        if cfg.prox and not pen.active_terms:
+            log.warning("--prox: the artifacts have no group-Lasso terms (all lambdas are 0)")
+
+        for epoch in range(self.start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            if progress:
+                progress(ProgressEvent("epoch_start", epoch + 1, cfg.epochs, 0, steps))
+            sums = np.zeros(4)
+            wrong = 0
+            seen = 0
+            lr = cfg.lr
+            for i, (xb, yb) in enumerate(
+                train.batches(bs, shuffle=True, seed=cfg.seed + epoch, drop_last=drop_last)
+            ):
+                lr = cfg.lr_at(epoch * steps + i, total)
+                self.optimizer.set_learning_rate(lr)
+                self.module.lazy_reset_grad()
+                res = self.module(*self._feeds(self.train_inputs, xb, yb, scale))
+                self.optimizer.step()
+                for k, p in stat_idx:
+                    self.state.parameters[p].data[...] = res[k]
+                if prox_tensors:
+                    pen.prox(self.live(prox_tensors), lr)
+                n = len(yb)
+                vals = [
+                    float(np.asarray(res[idx[key]]).reshape(-1)[0])
+                    for key in (OUT_LOSS, OUT_DATA, OUT_PENALTY, OUT_WD)
+                ]
+                if cfg.prox:  # the objective of eq. (1): the penalty is applied by the prox
+                    vals[0] = vals[1] + vals[2] + vals[3]
+                if not math.isfinite(vals[0]):
+                    raise InputError(
+                        f"training diverged at epoch {epoch + 1}, step {i + 1} "
+                        f"(loss {vals[0]}); lower --lr or the lambdas"
+                    )
+                sums += np.array(vals) * n
+                seen += n
+                _, err = data_loss_and_error(self.info.loss, np.asarray(res[out_idx]), yb)
+                if err is not None:
+                    wrong += int(round(err * n))
+                if progress:
+                    progress(ProgressEvent("batch", epoch + 1, cfg.epochs, i + 1, steps, vals[0]))
+            means = sums / max(seen, 1)
+            if progress and held is not None:
+                progress(ProgressEvent("eval", epoch + 1, cfg.epochs, label="evaluating"))
+            val_loss, val_err = self.evaluate(held) if held is not None else (None, None)
+            stats = EpochStats(
+                epoch=epoch + 1,
+                lr=lr,
+                loss=float(means[0]),
+                data_loss=float(means[1]),
+                penalty=float(means[2]),
+                weight_decay=float(means[3]),
+                train_error=(
+                    wrong / seen if seen and self.info.loss in ("cross-entropy", "bce") else None
+                ),
+                val_loss=val_loss,
+                val_error=val_err,
+                seconds=time.perf_counter() - t0,
+                zero_groups=self.sparsity(),
+            )
+            history.append(stats)
+            rows = [r for r in rows if int(r["epoch"]) < stats.epoch] + [stats.row()]
+            if cfg.save_state:
+                self.save_state(epoch + 1)
+                _write_log(log_path, rows)
+            log.info(
+                "epoch %d/%d: loss %.4f (data %.4f, penalty %.4f), val error %s, %.1fs",
+                stats.epoch,
+                cfg.epochs,
+                stats.loss,
+                stats.data_loss,
+                stats.penalty,
+                "-" if val_err is None else f"{val_err:.4f}",
+                stats.seconds,
+            )
+            if progress:
+                progress(
+                    ProgressEvent(
+                        "epoch_end", epoch + 1, cfg.epochs, steps, steps, stats.loss, stats
+                    )
+                )
+
+        params = self.params()
+        model = None
+        export_path = None
+        if cfg.export:
+            model = export_inference_model(self.art, params)
+            if cfg.save_state or cfg.export_path is not None:
+                export_path = cfg.export_path or self.art.path / TRAINED
+                save_model(model, export_path)
+        return TrainResult(
+            tuple(history),
+            params,
+            model,
+            export_path,
+            train,
+            held,
+            max(cfg.epochs, self.start_epoch),
+            log_path if cfg.save_state else None,
+        )
+
+
+def _read_log(path: Path, upto: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+        rows = (
+            json.loads(text) if path.suffix == ".json" else list(csv.DictReader(io.StringIO(text)))
+        )
+    except (OSError, ValueError) as e:
+        log.warning("%s: previous log unreadable (%s); starting a new one", path, e)
+        return []
+    return [r for r in rows if int(r.get("epoch", 0)) <= upto]
+
+
+def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    if path.suffix == ".json":
+        write_text_atomic(path, json.dumps(rows, indent=1) + "\n")
+        return
+    keys: dict[str, None] = {}
+    for r in rows:
+        keys.update(dict.fromkeys(r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(keys), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in keys})
+    write_text_atomic(path, buf.getvalue())
+
+
+def train(
+    artifacts: Artifacts | str | os.PathLike[str],
+    data: Dataset,
+    config: TrainConfig | None = None,
+    progress: ProgressFn | None = None,
+    val: Dataset | None = None,
+) -> TrainResult:
+    """Train the artifacts on ``data``; see :class:`Trainer`."""
+    return Trainer(artifacts, config).fit(data, val, progress)

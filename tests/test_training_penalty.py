@@ -1,0 +1,204 @@
+"""The group-Lasso term: the ONNX loss graph, its gradient and the numpy versions against a
+group-by-group reference; the proximal step; the artifacts ONNX Runtime loads."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from test_training_helpers import tiny_cnn
+
+from onnx_ssl import analysis, models
+from onnx_ssl.errors import UnsupportedModelError
+from onnx_ssl.training import _ort
+from onnx_ssl.training.artifacts import (
+    OUT_PENALTY,
+    PENALTY_SCALE,
+    ArtifactOptions,
+    build_artifacts,
+    load_artifacts,
+)
+from onnx_ssl.training.penalty import (
+    STRUCTURES,
+    Lambdas,
+    Penalty,
+    build_penalty,
+    reference_groups,
+    reference_value_and_grad,
+)
+
+ALL = Lambdas(
+    filter=0.011,
+    channel=0.023,
+    shape=0.031,
+    filter2d=0.043,
+    neuron=0.052,
+    depth=0.061,
+    coupled=0.073,
+)
+KINDS = ("channel", "depth", "shape", "filter2d", "neuron")
+
+
+def _analysis(model: onnx.ModelProto) -> analysis.Analysis:
+    return analysis.analyze(analysis.prepare(model), kinds=KINDS, prepared=True)
+
+
+def _step(module, state, art, feeds, scale, names):
+    """One forward/backward; returns (outputs, gradients of the trainable parameters)."""
+    module.lazy_reset_grad()
+    feeds = dict(feeds)
+    feeds[PENALTY_SCALE] = np.array([scale], np.float32)
+    out = module(*[feeds[n] for n in module.input_names()])
+    grads = {p: np.array(state.parameters[p].grad, dtype=np.float64) for p in names}
+    return out, grads
+
+
+@pytest.mark.parametrize("scale_by_size", [False, True])
+def test_loss_and_gradient_match_numpy(tmp_path, scale_by_size):
+    model = tiny_cnn(grouped=True)
+    art = build_artifacts(
+        model, tmp_path / "a", ArtifactOptions(lambdas=ALL, scale_by_size=scale_by_size)
+    )
+    structures = {t.structure for t in art.info.penalty.active_terms}
+    assert structures == set(STRUCTURES)
+    api = _ort.load().api
+    state = api.CheckpointState.load_checkpoint(str(art.checkpoint))
+    module = api.Module(str(art.training_model), state, str(art.eval_model))
+    # Groups already at zero: a filter, an input channel, a whole coupled channel.
+    w3 = state.parameters["c3.weight"].data
+    w3[1] = 0
+    state.parameters["c2.weight"].data[:, 2] = 0
+    for name in (
+        "c1.weight",
+        "c1.bias",
+        "bn1.scale",
+        "bn1.bias",
+        "c2.weight",
+        "c2.bias",
+        "bn2.scale",
+        "bn2.bias",
+    ):
+        arr = state.parameters[name].data
+        arr[4] = 0
+    state.parameters["c2.weight"].data[:, 4] = 0
+    state.parameters["c3.weight"].data[4:8, 1] = 0  # channel 4 = group 1, index 1 (2 groups)
+    rng = np.random.default_rng(0)
+    feeds = {
+        "input": rng.standard_normal((5, 1, 8, 8)).astype(np.float32),
+        "labels": rng.integers(0, 10, 5).astype(np.int64),
+    }
+    trainable = art.info.trainable
+    out1, g1 = _step(module, state, art, feeds, 1.0, trainable)
+    out0, g0 = _step(module, state, art, feeds, 0.0, trainable)
+    params = {p: np.array(state.parameters[p].data, dtype=np.float64) for p in trainable}
+
+    groups = reference_groups(_analysis(model), ALL, {k: v.shape for k, v in params.items()})
+    value, grad = reference_value_and_grad(groups, params, scale_by_size=scale_by_size)
+    names = module.output_names()
+    onnx_value = float(np.asarray(out1[names.index(OUT_PENALTY)]).reshape(-1)[0])
+    assert onnx_value == pytest.approx(value, rel=1e-5)
+    assert art.info.penalty.value(params) == pytest.approx(value, rel=1e-9)
+    # Gradient of the penalty alone: the step with scale 1 minus the step with scale 0.
+    for name in trainable:
+        assert np.all(np.isfinite(g1[name])), name
+        np.testing.assert_allclose(
+            g1[name] - g0[name], grad[name], rtol=1e-4, atol=1e-5, err_msg=name
+        )
+    assert max(float(np.abs(grad[n]).max()) for n in grad) > 1e-2  # the check can fail
+    # A group at zero contributes no gradient (no NaN from sqrt at 0).
+    assert np.all(grad["c3.weight"][1] == 0)
+    assert np.all(grad["bn1.scale"][4] == 0) and np.all(grad["c2.weight"][:, 4] == 0)
+
+
+@pytest.mark.parametrize(
+    "name", ["syn_grouped", "syn_depthwise", "syn_flatten_fc", "syn_concat", "resnet20"]
+)
+def test_vectorised_penalty_matches_reference(name):
+    model = models.build(name)
+    an = _analysis(analysis.prepare(model))
+    prepared = analysis.prepare(model)
+    inits = {
+        t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in prepared.graph.initializer
+    }
+    rng = np.random.default_rng(1)
+    params = {
+        k: v + rng.standard_normal(v.shape) * 0.01
+        for k, v in inits.items()
+        if v.dtype.kind == "f" and v.ndim >= 1
+    }
+    shapes = {k: v.shape for k, v in params.items()}
+    stats = {m.tensor for g in an.groups for m in g.members if m.role == "stat"}
+    trainable = {k: v for k, v in shapes.items() if k not in stats}
+    pen = build_penalty(an, ALL, trainable)
+    groups = reference_groups(an, ALL, trainable)
+    value, _ = reference_value_and_grad(groups, params)
+    assert pen.value(params) == pytest.approx(value, rel=1e-9)
+    assert len(groups) == sum(t.groups for t in pen.active_terms)
+    # JSON round trip keeps the penalty.
+    assert Penalty.from_json(pen.to_json()).value(params) == pytest.approx(value, rel=1e-12)
+
+
+def test_proximal_step_is_group_soft_thresholding():
+    w = np.array([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]], dtype=np.float32)  # norms 5, 0.5, 0
+    an = analysis.Analysis(
+        model="m",
+        spaces=(),
+        groups=(),
+        layers=(analysis.Layer("fc", "Gemm", "W", None, 0, 1, 1, (3, 2), 6, 6, None, None),),
+    )
+    pen = build_penalty(an, Lambdas(neuron=1.0), {"W": (3, 2)})
+    rows = next(t for t in pen.terms if t.label == "fc/rows")
+    pen2 = Penalty((rows,), pen.lambdas)
+    params = {"W": w.copy()}
+    zero = pen2.prox(params, step=0.6)
+    # row 0: 5 -> 5 - 0.6; row 1: norm 0.5 <= 0.6 -> exactly 0; row 2 stays 0.
+    np.testing.assert_allclose(params["W"][0], w[0] * (1 - 0.6 / 5), rtol=1e-6)
+    assert np.all(params["W"][1:] == 0)
+    assert zero == 2
+    # Thresholding by RMS: row 0 has RMS 5/sqrt(2).
+    params = {"W": w.copy()}
+    assert pen2.zero_groups(params, threshold=0.51 / math.sqrt(2)) == 2
+    assert np.all(params["W"][0] == w[0])
+
+
+def test_artifacts_load_in_ort_with_fixed_ir(tmp_path):
+    art = build_artifacts(
+        tiny_cnn(), tmp_path / "a", ArtifactOptions(lambdas=Lambdas(coupled=0.01), optimizer="sgd")
+    )
+    for f in (
+        "training_model.onnx",
+        "eval_model.onnx",
+        "optimizer_model.onnx",
+        "inference_model.onnx",
+    ):
+        m = onnx.load(str(tmp_path / "a" / f))
+        assert m.ir_version <= 10, f
+        assert all(o.version <= 21 for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    info = load_artifacts(tmp_path / "a").info
+    assert set(info.frozen) == {"bn1.mean", "bn1.var", "bn2.mean", "bn2.var"}
+    assert "bn1.scale" in info.trainable and "c1.weight" in info.trainable
+    assert [o for o, _ in info.bn_stats]
+    ev = onnx.load(str(art.eval_model))
+    assert all(len(n.output) == 1 for n in ev.graph.node if n.op_type == "BatchNormalization")
+    assert not {o.name for o in ev.graph.output} & {o for o, _ in info.bn_stats}
+
+
+def test_unsupported_gradient_op_is_named(tmp_path):
+    model = tiny_cnn(bn=False, residual=False)
+    for n in model.graph.node:
+        if n.name == "r3":
+            n.op_type = "Elu"
+    with pytest.raises(UnsupportedModelError, match="no gradient for Elu"):
+        build_artifacts(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_no_trainable_parameters(tmp_path):
+    model = onnx.parser.parse_model("""
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (float[1, 4] input) => (float[1, 4] logits) { logits = Relu(input) }
+    """)
+    with pytest.raises(UnsupportedModelError, match="no trainable parameters"):
+        build_artifacts(model, tmp_path / "a")
