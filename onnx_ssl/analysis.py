@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -103,9 +104,47 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     return _prepare(model)[0]
 
 
+def _fold_trivial(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant nodes holding a tensor become initializers, and Identity of an initializer
+    is bypassed, directly on the proto (cheap; exporters emit one per weight)."""
+    outputs = {o.name for o in model.graph.output}
+    inits = {t.name for t in model.graph.initializer}
+    trivial = [n for n in model.graph.node
+               if (n.op_type == "Constant" and len(n.attribute) == 1
+                   and n.attribute[0].name == "value" and n.output[0] not in outputs)
+               or (n.op_type == "Identity" and n.output[0] not in outputs)]
+    if not trivial:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    rename: dict[str, str] = {}
+    keep = []
+    for n in m.graph.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value" \
+                and n.output[0] not in outputs:
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            m.graph.initializer.append(t)
+            inits.add(t.name)
+            continue
+        src = rename.get(n.input[0], n.input[0]) if n.input else ""
+        if n.op_type == "Identity" and n.output[0] not in outputs and src in inits:
+            rename[n.output[0]] = src
+            continue
+        keep.append(n)
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m
+
+
 def _prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, gs.Graph]:
     meta = ModelMeta.of(model)
-    m = _infer(model)
+    m = _infer(_fold_trivial(model))
     graph = to_graph(m)
     if not _foldable(m):
         return _unshared(m, graph, meta)
@@ -121,7 +160,8 @@ def _prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, gs.Graph]:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         m = _infer(from_graph(graph, meta))
         graph = to_graph(m)
-        if len(graph.nodes) == before:
+        # Shapes inferred anew may make more arithmetic constant; stop when nothing is left.
+        if len(graph.nodes) == before or not _foldable(m):
             break
     return _unshared(m, graph, meta)
 
@@ -333,13 +373,26 @@ def _channel_groups(spaces: Sequence[Space], shapes: dict[str, tuple[int, ...]]
                     ) -> list[Group]:
     groups: list[Group] = []
     for sp in spaces:
-        wrefs = [r for r in sp.refs if r.is_weight]
-        for c in range(sp.channels):
-            members = tuple(
-                Member(r.tensor, r.role, member_slice(r, c, shapes[r.tensor]))  # type: ignore
-                for r in wrefs if r.space_start <= c < r.space_start + r.length)
+        per_channel: list[list[Member]] = [[] for _ in range(sp.channels)]
+        for r in sp.refs:
+            if not r.is_weight:
+                continue
+            shape = shapes[r.tensor]
+            role: Any = r.role
+            if r.conv_groups > 1 and r.role == "in" and r.axis == 1:
+                for j in range(r.length):
+                    c = r.space_start + j
+                    per_channel[c].append(Member(r.tensor, role, member_slice(r, c, shape)))
+                continue
+            pre: tuple[None, ...] = (None,) * r.axis
+            post: tuple[None, ...] = (None,) * (len(shape) - r.axis - 1)
+            for j in range(r.length):
+                first = (r.tensor_start + j) * r.block
+                pos = tuple(range(first, first + r.block))
+                per_channel[r.space_start + j].append(Member(r.tensor, role, (*pre, pos, *post)))
+        for c, members in enumerate(per_channel):
             groups.append(Group(f"{sp.id}/{c}", "channel", sp.id, c, sp.prunable, sp.reason,
-                                members))
+                                tuple(members)))
     return groups
 
 

@@ -29,7 +29,7 @@ DEFAULT_KINDS: tuple[Kind, ...] = ("channel", "depth")
 Slice = tuple[tuple[int, ...] | None, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Member:
     """One slice of one weight tensor that belongs to a group."""
 
@@ -120,7 +120,7 @@ class Space:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Group:
     id: str
     kind: Kind
