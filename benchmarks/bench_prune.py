@@ -127,12 +127,15 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20, help="timed runs per model at batch 1")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="intra-op thread counts to time (default 1 2)")
     args = ap.parse_args()
     if not args.skip_speed:
         print(table(speed(args)))
         print()
+    if args.skip_latency:
+        return 0
     rows = [("batch", "threads", "model", "MACs", "MAC reduction", "latency (ms)", "speed-up",
              "speed-up / MAC reduction")]
     for batch, iters in ((1, args.iters), (8, max(3, args.iters // 4))):

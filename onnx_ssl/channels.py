@@ -13,6 +13,7 @@ drive this state; the analysis in :mod:`onnx_ssl.analysis` turns it into immutab
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -31,7 +32,7 @@ class Layout:
     block: int
     segs: tuple[Seg, ...]
 
-    @property
+    @cached_property
     def channels(self) -> int:
         return sum(s.length for s in self.segs)
 

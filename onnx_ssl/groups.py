@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 Role = Literal["out", "in", "stat"]
@@ -204,11 +205,12 @@ class Analysis:
     def macs(self) -> int:
         return sum(layer.macs for layer in self.layers)
 
+    @cached_property
+    def _spaces_by_id(self) -> dict[str, Space]:
+        return {s.id: s for s in self.spaces}
+
     def space(self, space_id: str) -> Space:
-        for s in self.spaces:
-            if s.id == space_id:
-                return s
-        raise KeyError(space_id)
+        return self._spaces_by_id[space_id]
 
     def groups_of(self, kinds: Iterable[Kind]) -> tuple[Group, ...]:
         wanted = set(kinds)
