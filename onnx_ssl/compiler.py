@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LayerStat:
+    """One parameterised layer before and after pruning (the paper's Table 1 columns)."""
+
     node: str
     op: str
     filters_before: int
@@ -47,6 +49,8 @@ class LayerStat:
     params_after: int
     macs_before: int
     macs_after: int
+    # Measured ONNX Runtime speed-up of this layer, where a benchmark filled it in.
+    speedup: float | None = None
 
     @property
     def mac_fraction(self) -> float:

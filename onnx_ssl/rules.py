@@ -162,6 +162,16 @@ def _check_aux_outputs(e: Engine, node: gs.Node, lay: Layout | None, graph_outpu
             e.block(lay, _why(node, f"auxiliary output {t.name} is used"))
 
 
+def _layout_and_rank(e: Engine, node: gs.Node) -> tuple[Layout, int] | None:
+    """The first input's layout and rank; blocks its channels when the rank is unknown."""
+    lay = e.layout(node.inputs[0])
+    r = rank(node.inputs[0])
+    if lay is None or r is None:
+        e.block(lay, _why(node, "input of unknown rank"))
+        return None
+    return lay, r
+
+
 # --- handlers ----------------------------------------------------------------------------
 
 
@@ -346,11 +356,10 @@ def _reduce_axes(e: Engine, node: gs.Node, r: int) -> list[int] | None:
 
 
 def flow_reduce(e: Engine, node: gs.Node, rule: OpRule) -> None:
-    lay = e.layout(node.inputs[0])
-    r = rank(node.inputs[0])
-    if lay is None or r is None:
-        e.block(lay, _why(node, "input of unknown rank"))
+    got = _layout_and_rank(e, node)
+    if got is None:
         return
+    lay, r = got
     axes = _reduce_axes(e, node, r)
     if axes is None:
         e.block(lay, _why(node, "reduction axes are not constant"))
@@ -364,11 +373,10 @@ def flow_reduce(e: Engine, node: gs.Node, rule: OpRule) -> None:
 
 
 def flow_softmax(e: Engine, node: gs.Node, rule: OpRule) -> None:
-    lay = e.layout(node.inputs[0])
-    r = rank(node.inputs[0])
-    if lay is None or r is None:
-        e.block(lay, _why(node, "input of unknown rank"))
+    got = _layout_and_rank(e, node)
+    if got is None:
         return
+    lay, r = got
     opset = getattr(e, "opset", 17)
     axis = _norm_axis(int(_attr(node, "axis", -1 if opset >= 13 else 1)), r)  # type: ignore
     mixes = lay.axis == axis if opset >= 13 else lay.axis >= axis
@@ -380,11 +388,10 @@ def flow_softmax(e: Engine, node: gs.Node, rule: OpRule) -> None:
 
 
 def flow_layernorm(e: Engine, node: gs.Node, rule: OpRule) -> None:
-    lay = e.layout(node.inputs[0])
-    r = rank(node.inputs[0])
-    if lay is None or r is None:
-        e.block(lay, _why(node, "input of unknown rank"))
+    got = _layout_and_rank(e, node)
+    if got is None:
         return
+    lay, r = got
     axis = _norm_axis(int(_attr(node, "axis", -1)), r)  # type: ignore[call-overload]
     if lay.axis >= axis:
         e.block(lay, _why(node, "normalises over the channel axis"))
@@ -446,11 +453,10 @@ def flow_concat(e: Engine, node: gs.Node, rule: OpRule) -> None:
 
 
 def flow_split(e: Engine, node: gs.Node, rule: OpRule) -> None:
-    lay = e.layout(node.inputs[0])
-    r = rank(node.inputs[0])
-    if lay is None or r is None:
-        e.block(lay, _why(node, "input of unknown rank"))
+    got = _layout_and_rank(e, node)
+    if got is None:
         return
+    lay, r = got
     axis = _norm_axis(int(_attr(node, "axis", 0)), r)  # type: ignore[call-overload]
     if axis != lay.axis:
         for t in node.outputs:
@@ -480,11 +486,10 @@ def flow_split(e: Engine, node: gs.Node, rule: OpRule) -> None:
 
 
 def flow_slice(e: Engine, node: gs.Node, rule: OpRule) -> None:
-    lay = e.layout(node.inputs[0])
-    r = rank(node.inputs[0])
-    if lay is None or r is None:
-        e.block(lay, _why(node, "input of unknown rank"))
+    got = _layout_and_rank(e, node)
+    if got is None:
         return
+    lay, r = got
     vals = [_ints(const_value(t)) if t.name else None for t in node.inputs[1:]]
     starts, ends = vals[0], vals[1]
     axes = vals[2] if len(vals) > 2 and vals[2] is not None else (
@@ -549,11 +554,10 @@ def flow_gather(e: Engine, node: gs.Node, rule: OpRule) -> None:
 
 
 def flow_transpose(e: Engine, node: gs.Node, rule: OpRule) -> None:
-    lay = e.layout(node.inputs[0])
-    r = rank(node.inputs[0])
-    if lay is None or r is None:
-        e.block(lay, _why(node, "input of unknown rank"))
+    got = _layout_and_rank(e, node)
+    if got is None:
         return
+    lay, r = got
     perm = [int(p) for p in _attr(node, "perm", list(range(r))[::-1])]  # type: ignore
     e.set_layout(node.outputs[0], lay.with_axis(perm.index(lay.axis)), node)
 
@@ -567,11 +571,10 @@ def _axes_input(node: gs.Node) -> list[int] | None:
 
 
 def flow_squeeze(e: Engine, node: gs.Node, rule: OpRule) -> None:
-    lay = e.layout(node.inputs[0])
-    r = rank(node.inputs[0])
-    if lay is None or r is None:
-        e.block(lay, _why(node, "input of unknown rank"))
+    got = _layout_and_rank(e, node)
+    if got is None:
         return
+    lay, r = got
     axes = _axes_input(node)
     if axes is None:
         shape = dims(node.inputs[0])

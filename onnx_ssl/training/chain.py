@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_ssl.compiler import LayerStat
 from onnx_ssl.errors import InputError
 from onnx_ssl.io import save_model, write_text_atomic
 
@@ -110,27 +111,6 @@ class SslOptions:
 
 
 @dataclass(frozen=True)
-class LayerRow:
-    """One parameterised layer before and after (the paper's Table 1 columns)."""
-
-    node: str
-    op: str
-    filters_before: int
-    filters_after: int
-    channels_before: int
-    channels_after: int
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
-    speedup: float | None = None
-
-    @property
-    def mac_fraction(self) -> float:
-        return self.macs_after / self.macs_before if self.macs_before else 0.0
-
-
-@dataclass(frozen=True)
 class SslReport:
     """What the chain did, with errors on the held-out data after every phase."""
 
@@ -144,7 +124,7 @@ class SslReport:
     error_pruned: float | None
     error_final: float | None
     groups_zeroed: int
-    layers: tuple[LayerRow, ...]
+    layers: tuple[LayerStat, ...]
     layers_before: int
     layers_after: int
     params_before: int
@@ -412,21 +392,7 @@ def run_ssl(
             ft_hist = ft.history
             err_final = ft.val_error
 
-    layers = tuple(
-        LayerRow(
-            s.node,
-            s.op,
-            s.filters_before,
-            s.filters_after,
-            s.channels_before,
-            s.channels_after,
-            s.params_before,
-            s.params_after,
-            s.macs_before,
-            s.macs_after,
-        )
-        for s in rep.layers
-    )
+    layers = rep.layers
     report = SslReport(
         model=name,
         data=data.name,
@@ -600,7 +566,7 @@ def table1(report: SslReport, baseline_error: float | None, conv_only: bool = Tr
     rows_l = [r for r in report.layers if not conv_only or r.op in ("Conv", "ConvTranspose")]
     names = [r.node for r in rows_l]
 
-    def per(f: Callable[[LayerRow], str]) -> str:
+    def per(f: Callable[[LayerStat], str]) -> str:
         return " - ".join(f(r) for r in rows_l)
 
     header = (
