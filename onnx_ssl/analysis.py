@@ -33,55 +33,20 @@ from .groups import (
     Member,
     Space,
 )
-from .io import CONTROL_FLOW_OPS, ModelMeta, from_graph, to_graph
+from .io import (
+    CONTROL_FLOW_OPS,
+    ModelMeta,
+    fold_trivial_constants,
+    from_graph,
+    infer_shapes,
+    to_graph,
+)
 from .rules import apply_rule
 
 log = logging.getLogger(__name__)
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_TYPES = (np.float32, np.float64, np.float16)
-
-
-_SKELETON_MIN_ELEMENTS = 4096
-
-
-def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference on a skeleton whose large weights are typed inputs (no bytes copied)."""
-    skeleton = onnx.ModelProto()
-    graph = model.graph
-    skeleton.ir_version = model.ir_version
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
-    sg = skeleton.graph
-    sg.name = graph.name
-    sg.node.extend(graph.node)
-    sg.input.extend(graph.input)
-    sg.output.extend(graph.output)
-    input_names = {i.name for i in graph.input}
-    for t in graph.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        if n >= _SKELETON_MIN_ELEMENTS and t.data_type != onnx.TensorProto.INT64:
-            if t.name not in input_names:
-                sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type,
-                                                                   list(t.dims)))
-        else:
-            sg.initializer.append(t)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise InputError(f"shape inference failed: {first}") from e
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(inferred.graph.value_info)
-    outs = {o.name: o for o in inferred.graph.output}
-    for o in out.graph.output:
-        if o.name in outs:
-            o.CopyFrom(outs[o.name])
-    return out
 
 
 def _foldable(model: onnx.ModelProto) -> bool:
@@ -104,47 +69,9 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     return _prepare(model)[0]
 
 
-def _fold_trivial(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant nodes holding a tensor become initializers, and Identity of an initializer
-    is bypassed, directly on the proto (cheap; exporters emit one per weight)."""
-    outputs = {o.name for o in model.graph.output}
-    inits = {t.name for t in model.graph.initializer}
-    trivial = [n for n in model.graph.node
-               if (n.op_type == "Constant" and len(n.attribute) == 1
-                   and n.attribute[0].name == "value" and n.output[0] not in outputs)
-               or (n.op_type == "Identity" and n.output[0] not in outputs)]
-    if not trivial:
-        return model
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    rename: dict[str, str] = {}
-    keep = []
-    for n in m.graph.node:
-        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value" \
-                and n.output[0] not in outputs:
-            t = onnx.TensorProto()
-            t.CopyFrom(n.attribute[0].t)
-            t.name = n.output[0]
-            m.graph.initializer.append(t)
-            inits.add(t.name)
-            continue
-        src = rename.get(n.input[0], n.input[0]) if n.input else ""
-        if n.op_type == "Identity" and n.output[0] not in outputs and src in inits:
-            rename[n.output[0]] = src
-            continue
-        keep.append(n)
-    for n in keep:
-        for i, name in enumerate(n.input):
-            if name in rename:
-                n.input[i] = rename[name]
-    del m.graph.node[:]
-    m.graph.node.extend(keep)
-    return m
-
-
 def _prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, gs.Graph]:
     meta = ModelMeta.of(model)
-    m = _infer(_fold_trivial(model))
+    m = infer_shapes(fold_trivial_constants(model), strict=False)
     graph = to_graph(m)
     if not _foldable(m):
         return _unshared(m, graph, meta)
@@ -158,7 +85,7 @@ def _prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, gs.Graph]:
             raise UnsupportedModelError(f"constant folding failed: {str(e).splitlines()[0]}"
                                         ) from e
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        m = _infer(from_graph(graph, meta))
+        m = infer_shapes(from_graph(graph, meta), strict=False)
         graph = to_graph(m)
         # Shapes inferred anew may make more arithmetic constant; stop when nothing is left.
         if len(graph.nodes) == before or not _foldable(m):
@@ -169,7 +96,7 @@ def _prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, gs.Graph]:
 def _unshared(m: onnx.ModelProto, graph: gs.Graph, meta: ModelMeta
               ) -> tuple[onnx.ModelProto, gs.Graph]:
     if unshare_constants(graph):
-        m = _infer(from_graph(graph, meta))
+        m = infer_shapes(from_graph(graph, meta), strict=False)
         graph = to_graph(m)
     return m, graph
 

@@ -203,14 +203,91 @@ def clamp_ir(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference with data propagation, strict: a failure raises with its cause."""
+_SKELETON_MIN_ELEMENTS = 4096
+
+
+def infer_shapes(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
+    """ONNX shape inference with data propagation; a failure raises with its cause.
+
+    It runs on a skeleton whose large weights are typed graph inputs, so no weight bytes are
+    serialised; the inferred value_info and outputs are copied back. ``strict`` also checks
+    types and fails on ops inference does not know (the end of every pipeline); the analysis
+    runs it leniently, since an unknown op only blocks the channels it touches.
+    """
+    skeleton = onnx.ModelProto()
+    graph = model.graph
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    sg = skeleton.graph
+    sg.name = graph.name
+    sg.node.extend(graph.node)
+    sg.input.extend(graph.input)
+    sg.output.extend(graph.output)
+    input_names = {i.name for i in graph.input}
+    for t in graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n >= _SKELETON_MIN_ELEMENTS and t.data_type != onnx.TensorProto.INT64:
+            if t.name not in input_names:
+                sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type,
+                                                                   list(t.dims)))
+        else:
+            sg.initializer.append(t)
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True,
-                                                 data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=strict,
+                                                     strict_mode=strict, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
         first = str(e).strip().splitlines()[0]
         raise InputError(f"shape inference failed: {first}") from e
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    outs = {o.name: o for o in inferred.graph.output}
+    for o in out.graph.output:
+        if o.name in outs:
+            o.CopyFrom(outs[o.name])
+    return out
+
+
+def fold_trivial_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant nodes holding a tensor become initializers, and Identity of an initializer
+    is bypassed, directly on the proto (cheap; exporters emit one per weight)."""
+    outputs = {o.name for o in model.graph.output}
+    inits = {t.name for t in model.graph.initializer}
+    trivial = [n for n in model.graph.node
+               if (n.op_type == "Constant" and len(n.attribute) == 1
+                   and n.attribute[0].name == "value" and n.output[0] not in outputs)
+               or (n.op_type == "Identity" and n.output[0] not in outputs)]
+    if not trivial:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    rename: dict[str, str] = {}
+    keep = []
+    for n in m.graph.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value" \
+                and n.output[0] not in outputs:
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            m.graph.initializer.append(t)
+            inits.add(t.name)
+            continue
+        src = rename.get(n.input[0], n.input[0]) if n.input else ""
+        if n.op_type == "Identity" and n.output[0] not in outputs and src in inits:
+            rename[n.output[0]] = src
+            continue
+        keep.append(n)
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m
 
 
 # --- writing ---------------------------------------------------------------------------
