@@ -34,15 +34,29 @@ def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
 
 
+def embedding_tables(m: onnx.ModelProto) -> dict[str, int]:
+    """Constant 2-D float tables read by a Gather (embeddings): name -> columns."""
+    inits = {t.name: t for t in m.graph.initializer}
+    out = {}
+    for n in m.graph.node:
+        t = inits.get(n.input[0]) if n.op_type == "Gather" else None
+        if t is not None and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT:
+            out[t.name] = int(t.dims[1])
+    return out
+
+
 def zero_groups(model: onnx.ModelProto, groups: Iterable[Group], side: str = "both"
                 ) -> onnx.ModelProto:
-    """Zero the members of groups: side 'both' (out and in), 'in', or 'filter' (only the
-    producing layer weights, leaving biases and norm parameters)."""
+    """A copy of ``model`` with the members of ``groups`` zeroed: ``both`` (every out and in
+    member), ``in`` (the in members), or ``filter`` (only the producing weights: the filters
+    of Conv/Gemm/MatMul layers, depthwise ones included, and embedding columns; biases and
+    norm parameters stay, so the channel becomes a non-zero constant)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     arrs = {t.name: numpy_helper.to_array(t).copy() for t in m.graph.initializer}
     layer_weights = {n.input[1] for n in m.graph.node
                      if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")}
+    layer_weights |= set(embedding_tables(m))
     for g in groups:
         for mem in g.members:
             if mem.role == "stat":

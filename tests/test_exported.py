@@ -23,13 +23,12 @@ import functools
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
 
 import exported as X
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_same_outputs
+from helpers import assert_same_outputs, embedding_tables, zero_groups
 from onnx import numpy_helper
 
 from onnx_ssl import runtime
@@ -98,45 +97,11 @@ def prepared(name: str, exporter: str) -> tuple[onnx.ModelProto, Analysis]:
     return m, analyze(m, prepared=True)
 
 
-def embedding_tables(m: onnx.ModelProto) -> dict[str, int]:
-    """Constant 2-D float tables read by a Gather (embeddings): name -> columns."""
-    inits = {t.name: t for t in m.graph.initializer}
-    out = {}
-    for n in m.graph.node:
-        t = inits.get(n.input[0]) if n.op_type == "Gather" else None
-        if t is not None and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT:
-            out[t.name] = int(t.dims[1])
-    return out
-
-
 def out_channels(m: onnx.ModelProto, a: Analysis) -> int:
     """Output channels of the layers that produce channels: filters and neurons of the
     Conv/Gemm/MatMul layers, columns of the embedding tables."""
     return (sum(la.weight_shape[la.out_axis] for la in a.layers)
             + sum(embedding_tables(m).values()))
-
-
-def zero(m: onnx.ModelProto, groups: Iterable[Group], side: str) -> onnx.ModelProto:
-    """A copy of ``m`` with the members of ``groups`` zeroed: ``both`` (every out and in
-    member), ``in`` (the in members), or ``filter`` (only the producing weights: the filters
-    of Conv/Gemm/MatMul layers, depthwise ones included, and embedding columns; biases and
-    norm parameters stay, so the channel becomes a non-zero constant)."""
-    z = onnx.ModelProto()
-    z.CopyFrom(m)
-    producing = {n.input[1] for n in z.graph.node if n.op_type in LAYER_OPS}
-    producing |= set(embedding_tables(z))
-    arrays = {t.name: numpy_helper.to_array(t).copy() for t in z.graph.initializer}
-    for g in groups:
-        for mem in g.members:
-            if mem.role == "stat" or (side == "in" and mem.role != "in"):
-                continue
-            if side == "filter" and not (mem.role == "out" and mem.tensor in producing):
-                continue
-            v = arrays[mem.tensor]
-            v[mem.index(v.shape)] = 0
-    for t in z.graph.initializer:
-        t.CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
-    return z
 
 
 def balanced(space: Space, channel: int) -> list[int]:
@@ -294,7 +259,7 @@ def test_zeroed_groups_are_pruned_exactly(case: tuple[str, str], side: str) -> N
     skip_if_ill_conditioned(name, exporter, m)
     chosen = pick(a, K, seed=len(name) + SIDES.index(side))
     assert chosen, f"{name}: no prunable channel group"
-    zeroed = zero(m, chosen, side)
+    zeroed = zero_groups(m, chosen, side)
     result = prune(zeroed, verify=2)  # raises VerificationError beyond the tolerance
     assert_same_outputs(zeroed, result.model, seed=11)
     report = dict(result.report.passes)["remove-zero-channels"]
@@ -324,7 +289,7 @@ def test_zeroed_residual_branch_is_collapsed_exactly(case: tuple[str, str]) -> N
     assert depth, f"{name}: no prunable residual branch"
     group = depth[len(depth) // 2]
     branch = next(b for b in a.branches if f"{b.add}/depth" == group.id)
-    zeroed = zero(m, [group], "filter")
+    zeroed = zero_groups(m, [group], "filter")
     result = prune(zeroed, verify=2)
     assert_same_outputs(zeroed, result.model, seed=13)
     collapsed = dict(result.report.passes)["collapse-residual"]
@@ -367,10 +332,10 @@ def test_dynamic_batch_prunes_exactly(side: str) -> None:
     m, a = prepared("hf_resnet_bottleneck", "ts_dynbatch")
     if side == "branch":
         depth = [g for g in a.groups if g.kind == "depth" and g.prunable]
-        zeroed = zero(m, depth[1:2], "filter")
+        zeroed = zero_groups(m, depth[1:2], "filter")
     else:
         chosen = pick(a, K, seed=5)
-        zeroed = zero(m, chosen, side)
+        zeroed = zero_groups(m, chosen, side)
     result = prune(zeroed, verify=0)
     assert not result.report.kept, result.report.kept
     dims = result.model.graph.input[0].type.tensor_type.shape.dim
