@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     model = _load(args.model)
     a = analyze(model, kinds=kinds, name=str(args.model))
     if args.json:
-        write_text_atomic(args.json, json.dumps(a.to_json(), indent=1) + "\n")
+        write_text_atomic(args.json, a.dumps() + "\n")
         print(f"wrote {args.json}: {len(a.spaces)} spaces, {len(a.groups)} groups",
               file=sys.stderr)
     else:

@@ -14,7 +14,7 @@ pass and the training artifacts read them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -211,10 +211,6 @@ class Analysis:
 
     def space(self, space_id: str) -> Space:
         return self._spaces_by_id[space_id]
-
-    def groups_of(self, kinds: Iterable[Kind]) -> tuple[Group, ...]:
-        wanted = set(kinds)
-        return tuple(g for g in self.groups if g.kind in wanted)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,40 +129,6 @@ def validate(model: onnx.ModelProto, name: str = "model", path: Path | None = No
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{name}: invalid ONNX model: {first}") from e
-
-
-def control_flow_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.op_type in CONTROL_FLOW_OPS]
-
-
-def subgraph_outer_names(node: onnx.NodeProto) -> set[str]:
-    """Names a control-flow node's subgraphs read from the enclosing graph (implicit inputs)."""
-    names: set[str] = set()
-
-    def visit(g: onnx.GraphProto, bound: set[str]) -> None:
-        local = set(bound)
-        local.update(i.name for i in g.input)
-        local.update(t.name for t in g.initializer)
-        for n in g.node:
-            for i in n.input:
-                if i and i not in local:
-                    names.add(i)
-            for a in n.attribute:
-                for sub in _subgraphs(a):
-                    visit(sub, local)
-            local.update(n.output)
-
-    for a in node.attribute:
-        for sub in _subgraphs(a):
-            visit(sub, set())
-    return names
-
-
-def _subgraphs(a: onnx.AttributeProto) -> Iterator[onnx.GraphProto]:
-    if a.type == onnx.AttributeProto.GRAPH:
-        yield a.g
-    elif a.type == onnx.AttributeProto.GRAPHS:
-        yield from a.graphs
 
 
 # --- graph wrapper ---------------------------------------------------------------------
