@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import onnx
 
-from .analysis import analyze
+from . import env
+from .analysis import analyze, bind_batch
 from .errors import InputError
-from .runtime import ort, random_inputs
+from .runtime import DYNAMIC_BATCH, ort, random_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -39,11 +40,14 @@ class BenchRow:
 def benchmark(models: Sequence[tuple[str, onnx.ModelProto]], provider: str = "cpu",
               iters: int = 20, warmup: int = 3, threads: int = 0, seed: int = 0
               ) -> list[BenchRow]:
-    rt = ort()
+    rt = ort("bench")
     ep = PROVIDERS[provider]
     if ep not in rt.get_available_providers():
-        raise InputError(f"{ep} is not available in this ONNX Runtime build (available: "
-                         f"{', '.join(rt.get_available_providers())})")
+        lim = env.runtime_limits()
+        hint = ("; install onnx-ssl[gpu] (onnxruntime-gpu) in an environment of its own on a "
+                "machine with CUDA" if provider == "cuda" else "")
+        raise InputError(f"{ep} is not available in {lim.name} {lim.version} (available: "
+                         f"{', '.join(rt.get_available_providers())}){hint}")
     sessions = []
     feeds = None
     for name, m in models:
@@ -70,7 +74,9 @@ def benchmark(models: Sequence[tuple[str, onnx.ModelProto]], provider: str = "cp
             t = time.perf_counter()
             s.run(None, feeds)
             times[n].append(time.perf_counter() - t)
-    macs = [analyze(m, kinds=()).macs for _, m in models]
+    # MACs of the timed run: a symbolic batch ran at DYNAMIC_BATCH (analyze alone gives
+    # MACs per sample), so that static and dynamic models compare.
+    macs = [analyze(bind_batch(m, DYNAMIC_BATCH), kinds=()).macs for _, m in models]
     base_lat = statistics.median(times[sessions[0][0]])
     rows = []
     for (name, _), mm in zip(models, macs, strict=True):
@@ -107,6 +113,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.iters < 1:
         raise InputError("--iters must be >= 1")
+    if args.threads < 0:
+        raise InputError(f"--threads must be >= 0 (0: ONNX Runtime's default), got {args.threads}")
     models = [(str(p), _load(p)) for p in args.models]
     rows = benchmark(models, args.provider, args.iters, threads=args.threads)
     print(format_rows(rows, args.provider))

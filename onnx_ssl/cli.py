@@ -12,6 +12,8 @@ from . import __version__
 from .errors import OnnxSslError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import onnx
 
 log = logging.getLogger("onnx_ssl")
@@ -19,9 +21,11 @@ log = logging.getLogger("onnx_ssl")
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze, format_table
-    from .io import write_text_atomic
+    from .io import check_writable, write_text_atomic
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if args.json:
+        check_writable(args.json, *model_inputs(args.model))
     model = _load(args.model)
     a = analyze(model, kinds=kinds, name=str(args.model))
     if args.json:
@@ -46,6 +50,42 @@ def _load(path: str) -> onnx.ModelProto:
         except KeyError as e:
             raise OnnxSslError(str(e).strip("'\"")) from e
     return load_model(path)
+
+
+def model_inputs(path: str) -> list[Path]:
+    """The files :func:`_load` reads for ``path`` (none for ``builtin:NAME``): outputs are
+    checked against them with :func:`onnx_ssl.io.check_writable`."""
+    from .io import model_files
+
+    return [] if path.startswith("builtin:") else model_files(path)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a model's default-domain opset (for a runtime that runs no newer one)."""
+    from . import env
+    from .io import check_writable, convert_opset, default_opset, save_model
+    from .runtime import verify
+
+    if args.verify < 0:
+        raise OnnxSslError("--verify must be >= 0 (0 skips the numeric check)")
+    check_writable(args.output, *model_inputs(args.model))
+    model = _load(args.model)
+    source = default_opset(model)
+    converted = convert_opset(model, args.opset)
+    checked = ""
+    if args.verify and env.has_ort():
+        top = env.runtime_limits().max_opset
+        if max(source, args.opset) <= top:
+            diffs = verify(model, converted, n=args.verify)
+            worst = max((d.relative for d in diffs), default=0.0)
+            checked = f"; numeric check passed, max difference {worst:.2g} x max |output|"
+        else:
+            checked = (f"; not checked numerically: the installed ONNX Runtime runs opset <= "
+                       f"{top}")
+    save_model(converted, args.output)
+    print(f"converted {args.model} from opset {source} to {args.opset}{checked}")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -90,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_cmd_analyze)
 
     _add_prune(sub)
+    c = sub.add_parser("convert", help="convert a model to another opset (onnx.version_converter)",
+                       description="Convert a model's default-domain opset with "
+                                   "onnx.version_converter, for a runtime that runs no newer "
+                                   "opset; the outputs are compared when ONNX Runtime runs both.")
+    c.add_argument("model", help="input .onnx")
+    c.add_argument("--opset", type=int, required=True, help="target opset")
+    c.add_argument("-o", "--output", required=True, help="output .onnx (never the input)")
+    c.add_argument("--verify", type=int, default=3, metavar="N",
+                   help="compare outputs on N seeded random inputs (0: skip; default 3)")
+    c.set_defaults(func=_cmd_convert)
     from .bench import add_parser as add_bench
 
     add_bench(sub)

@@ -1,10 +1,13 @@
 """``onnx-ssl prune``: the compiler pipeline that turns zero groups into a smaller model.
 
-Pipeline: prepare (fold constant shape arithmetic) -> [ZeroSmallGroupsPass, only with a
-threshold: changes the function, reported separately] -> CollapseResidualPass ->
-RemoveZeroChannelsPass -> ShrinkKernelsPass -> CleanupPass -> finish (sort, shape inference,
-checker, ORT load) -> numeric check against the model it read (or the thresholded one) ->
-write.
+Pipeline: prepare the working copy (unique node names, a symbolic batch bound, constant
+shape arithmetic folded) -> [ZeroSmallGroupsPass, only with a threshold: changes the
+function, reported separately] -> CollapseResidualPass -> RemoveZeroChannelsPass ->
+ShrinkKernelsPass -> CleanupPass -> the batch made symbolic again -> finish (sort, shape
+inference, checker, ORT load) -> numeric check against the model it read (or the
+thresholded one) -> write. Nodes keep the names of the working copy: the input's, and the
+generated name of a node that was unnamed or shared its name (see ``analysis.name_nodes``),
+which the report's layers use too. MACs are per sample when the batch is symbolic.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,10 +23,10 @@ from typing import Any
 
 import onnx
 
-from .analysis import analyze_graph, layers_of, prepare
+from .analysis import analyze_graph, model_layers, name_nodes, working_copy
 from .errors import InputError
 from .groups import Layer
-from .io import ModelMeta, check_writable, save_model, to_graph, write_text_atomic
+from .io import ModelMeta, check_writable, save_model, write_text_atomic
 from .passes.cleanup import CleanupPass
 from .passes.collapse_residual import CollapseResidualPass
 from .passes.remove_channels import RemoveZeroChannelsPass
@@ -149,14 +153,18 @@ class PruneReport:
             lines.append("no change: nothing could be removed" + (
                 " (zero channels were kept for the reasons below)" if self.kept else
                 " (the model has no zero groups, or it was already pruned)"))
-        if self.threshold is not None:
-            worst = max((d.relative for d in self.threshold_effect), default=0.0)
+        if self.threshold is not None and self.threshold_effect:
+            worst = max(d.relative for d in self.threshold_effect)
             lines.append(f"threshold {self.threshold:g} CHANGED the function: max output "
                          f"difference {worst:.3g} relative to max |output|")
+        elif self.threshold is not None:
+            lines.append(f"threshold {self.threshold:g} may have CHANGED the function (not "
+                         f"measured: the numeric check was skipped)")
         for k in self.kept:
             lines.append(f"kept: {k}")
-        if self.verification is None:
-            lines.append("numeric check: skipped (--no-verify)")
+        if not self.verification:
+            lines.append("numeric check: skipped, nothing was checked (--no-verify or "
+                         "--verify 0)")
         else:
             worst = max((d.relative for d in self.verification), default=0.0)
             lines.append(f"numeric check: passed, max difference {worst:.2g} x max |output| "
@@ -179,12 +187,19 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
     inputs are compared against the model read (0 skips the check).
     """
     verify_n = verify
+    if verify_n < 0:
+        raise InputError(f"--verify must be >= 0 (0 skips the numeric check), got {verify_n}")
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        raise InputError(f"--threshold must be a finite number >= 0, got {threshold}")
     meta = ModelMeta.of(model)
-    prepared = prepare(model)
-    graph = to_graph(prepared)
+    # Unique node names and a bound batch; `wc.unbind` makes the result batch-agnostic.
+    wc = working_copy(model)
+    graph = wc.graph
     # Groups are only needed to threshold them; the passes read spaces and branches.
     before = analyze_graph(graph, kinds=("channel", "depth") if threshold is not None else (),
                            name=name)
+    # ONNX Runtime refuses two nodes of one name: the check runs the input uniquely named.
+    model = name_nodes(model)
     reference = model
     passes: list[tuple[str, Report]] = []
     effect: tuple[Difference, ...] = ()
@@ -192,7 +207,7 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
         res = ZeroSmallGroupsPass(threshold, before)(graph)
         graph = res.graph
         passes.append((ZeroSmallGroupsPass.name, res.report))
-        reference = finish(graph, meta)
+        reference = finish(wc.unbind(graph.copy()) if wc.batch else graph, meta)
         if verify_n:
             effect = tuple(compare(model, reference, n=verify_n, seed=seed))
     # The channel pass reuses `before` only if the collapse pass left the graph untouched.
@@ -201,9 +216,9 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
                       CleanupPass()])
     out = pm(graph)
     passes += list(out.results)
-    final = finish(out.graph, meta)
+    final = finish(wc.unbind(out.graph), meta)
     diffs = tuple(verify_outputs(reference, final, n=verify_n, seed=seed)) if verify_n else None
-    after_layers = layers_of(to_graph(final))
+    after_layers = model_layers(final)
     kept: list[str] = []
     for _, r in passes:
         kept += list(getattr(r, "kept", ()))
@@ -218,16 +233,18 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
 
 
 def run_prune_cli(args: argparse.Namespace) -> int:
-    from .cli import _load
+    from .cli import _load, model_inputs
 
-    if not str(args.model).startswith("builtin:"):
-        check_writable(args.output, args.model)
-    else:
-        check_writable(args.output)
+    inputs = model_inputs(str(args.model))
+    check_writable(args.output, *inputs)
     if args.report:
-        check_writable(args.report, args.model, args.output)
-    if args.threshold is not None and args.threshold < 0:
-        raise InputError("--threshold must be >= 0")
+        check_writable(args.report, *inputs, outputs=[args.output])
+    if args.threshold is not None and not (math.isfinite(args.threshold)
+                                           and args.threshold >= 0):
+        raise InputError(f"--threshold must be a finite number >= 0, got {args.threshold}")
+    if args.verify < 0:
+        raise InputError(f"--verify must be >= 0 (--verify 0 or --no-verify skips the "
+                         f"numeric check), got {args.verify}")
     model = _load(args.model)
     n = 0 if args.no_verify else args.verify
     result = prune(model, threshold=args.threshold, verify=n, seed=args.seed,

@@ -196,6 +196,8 @@ class Analysis:
     branches: tuple[Branch, ...] = ()
     kinds: tuple[Kind, ...] = DEFAULT_KINDS
     notes: tuple[str, ...] = field(default=())
+    # The model's batch is symbolic: layer MACs are per sample (the analysis binds it to 1).
+    macs_per_sample: bool = False
 
     @property
     def params(self) -> int:

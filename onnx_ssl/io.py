@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import stat
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,13 +19,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
+from . import env
 from .errors import InputError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-# Limits of the bundled runtime, onnxruntime 1.19.2.
-MAX_IR_VERSION = 10
-MAX_OPSET = 21
 # Above this size a model is written with external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 # In-memory mark on a model loaded with external data, so that outputs keep it external.
@@ -75,6 +76,35 @@ def _has_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
+def _external_files(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """The external data files the initializers of the model file ``path`` point to."""
+    files: dict[str, None] = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            if loc:
+                files[loc] = None
+    return [path.parent / loc for loc in files]
+
+
+def model_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files a command reads for the model file ``path``: the file itself and its
+    external data files (a missing or unreadable model is left to :func:`load_model`)."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes() if p.is_file() else b""
+    except OSError:
+        return [p]
+    if b"location" not in raw:  # no external data entry: no need to parse it
+        return [p]
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(raw)
+    except (DecodeError, RuntimeWarning, ValueError):
+        return [p]
+    return [p, *_external_files(model, p)]
+
+
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Load and validate a model file, with one clear error for each way it can be unusable."""
     p = Path(path)
@@ -97,10 +127,15 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise InputError(f"{p}: not an ONNX model (no IR version or empty graph)")
     external = _has_external_data(model)
     if external:
+        for data_file in _external_files(model, p):
+            if not data_file.is_file():
+                what = "is missing" if not data_file.exists() else "is not a regular file"
+                raise InputError(f"{p}: its external data file {data_file} {what}")
         try:
             onnx.load_external_data_for_model(model, str(p.parent))
-        except (OSError, ValueError) as e:
-            raise InputError(f"{p}: external data cannot be read: {e}") from e
+        except (OSError, ValueError, onnx.checker.ValidationError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{p}: external data cannot be read: {first}") from e
     validate(model, name=str(p), path=p)
     if external:
         # Remember it so that the output is written with external data too.
@@ -108,19 +143,28 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     return model
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's opset of the default (``ai.onnx``) domain; 0 if it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def validate(model: onnx.ModelProto, name: str = "model", path: Path | None = None) -> None:
-    """Check runtime limits and the ONNX checker; raise a one-line error naming the problem."""
-    if model.ir_version > MAX_IR_VERSION:
+    """Check what the installed onnx reads and the ONNX checker; raise a one-line error.
+
+    The limit is the installed ``onnx``, not a constant: a model newer than it reads is
+    refused with both versions and the upgrade. (What the installed ONNX Runtime runs is
+    checked where a session is made, :func:`onnx_ssl.runtime.check_runs`.)
+    """
+    lim = env.onnx_limits()
+    if model.ir_version > lim.max_ir:
         raise UnsupportedModelError(
-            f"{name}: IR version {model.ir_version} is newer than the bundled ONNX Runtime "
-            f"1.19.2 accepts (<= {MAX_IR_VERSION})"
-        )
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx") and o.version > MAX_OPSET:
-            raise UnsupportedModelError(
-                f"{name}: opset {o.version} is newer than the bundled ONNX Runtime 1.19.2 "
-                f"accepts (<= {MAX_OPSET})"
-            )
+            f"{name}: IR version {model.ir_version} is newer than the installed onnx "
+            f"{lim.version} reads (IR <= {lim.max_ir}); upgrade it: pip install -U onnx")
+    opset = default_opset(model)
+    if opset > lim.max_opset:
+        raise UnsupportedModelError(
+            f"{name}: opset {opset} is newer than the installed onnx {lim.version} reads "
+            f"(opset <= {lim.max_opset}); upgrade it: pip install -U onnx")
     try:
         if path is not None and model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(str(path))
@@ -131,11 +175,76 @@ def validate(model: onnx.ModelProto, name: str = "model", path: Path | None = No
         raise InputError(f"{name}: invalid ONNX model: {first}") from e
 
 
+def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """``model`` converted to default-domain ``opset`` with onnx.version_converter.
+
+    A conversion that fails raises UnsupportedModelError naming the op (and node) that has no
+    adapter between the two opsets, found by converting one-node models of each op type.
+    """
+    from onnx import version_converter
+
+    source = default_opset(model)
+    if source == opset:
+        return model
+    try:
+        converted = version_converter.convert_version(model, opset)
+        onnx.checker.check_model(converted)
+    except Exception as e:  # onnx raises RuntimeError/ValidationError/IndexError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        culprit = _unconvertible_node(model, opset, first)
+        where = (f" at node '{culprit.name}' ({culprit.op_type})" if culprit is not None
+                 else "")
+        raise UnsupportedModelError(
+            f"cannot convert the model from opset {source} to {opset}{where}: {first}") from e
+    converted.ir_version = min(converted.ir_version, model.ir_version or converted.ir_version)
+    return converted
+
+
+def _unconvertible_node(model: onnx.ModelProto, opset: int, error: str
+                        ) -> onnx.NodeProto | None:
+    """The node the converter failed on: the first whose op type the error names, else the
+    first whose op alone cannot be converted (None if each can)."""
+    from onnx import version_converter
+
+    nodes = [n for n in model.graph.node if n.domain in ("", "ai.onnx")]
+    named = [n for n in nodes if re.search(rf"\b{re.escape(n.op_type)}\b", error)]
+    if named:
+        return named[0]
+    source = default_opset(model)
+
+    def converts(node: onnx.NodeProto) -> bool:
+        inputs = [onnx.helper.make_tensor_value_info(i, onnx.TensorProto.FLOAT, None)
+                  for i in node.input if i]
+        single = onnx.helper.make_model(
+            onnx.helper.make_graph([node], "probe", inputs, []),
+            opset_imports=[onnx.helper.make_opsetid("", source)])
+        try:
+            version_converter.convert_version(single, opset)
+        except Exception:  # the converter's own error for a missing adapter
+            return False
+        return True
+
+    if not converts(onnx.helper.make_node("Identity", ["x"], ["y"])):
+        return None  # the conversion fails as a whole (opsets it does not know), no node
+    seen: set[str] = set()
+    for node in nodes:
+        if node.op_type not in seen:
+            seen.add(node.op_type)
+            if not converts(node):
+                return node
+    return None
+
+
 # --- graph wrapper ---------------------------------------------------------------------
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    """The graph wrapper, stamped with an IR version the installed runtime loads (the
+    subgraphs onnx-graphsurgeon's constant folding hands to ONNX Runtime carry it)."""
+    graph = gs.import_onnx(model)
+    if graph.ir_version is None or graph.ir_version > max_ir_version():
+        graph.ir_version = max_ir_version()
+    return graph
 
 
 def from_graph(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:
@@ -147,7 +256,7 @@ def from_graph(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:
     del model.opset_import[:]
     for d, v in sorted(opsets.items()):
         model.opset_import.add(domain=d, version=v)
-    model.ir_version = min(meta.ir_version or MAX_IR_VERSION, MAX_IR_VERSION)
+    model.ir_version = min(meta.ir_version or max_ir_version(), max_ir_version())
     model.producer_name = meta.producer_name or "onnx-ssl"
     model.producer_version = meta.producer_version
     model.domain = meta.domain
@@ -161,10 +270,17 @@ def from_graph(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:
     return model
 
 
+def max_ir_version() -> int:
+    """The newest IR version written models get: what the installed ONNX Runtime loads (what
+    the installed onnx writes when there is no runtime)."""
+    return (env.runtime_limits() if env.has_ort() else env.onnx_limits()).max_ir
+
+
 def clamp_ir(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Stamp an IR version the bundled runtime loads (onnx >= 1.17 stamps newer ones)."""
-    if model.ir_version > MAX_IR_VERSION:
-        model.ir_version = MAX_IR_VERSION
+    """Stamp an IR version the installed runtime loads (onnx >= 1.17 stamps newer ones)."""
+    top = max_ir_version()
+    if model.ir_version > top:
+        model.ir_version = top
     return model
 
 
@@ -259,26 +375,98 @@ def fold_trivial_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name the same file through any spelling (relative, ``..``,
+    symlinks, hard links); a path that does not exist yet is compared resolved."""
     pa, pb = Path(a), Path(b)
-    if pa.exists() and pb.exists():
-        return os.path.samefile(pa, pb)
-    return pa.resolve() == pb.resolve()
+    try:
+        if pa.exists() and pb.exists():
+            return os.path.samefile(pa, pb)
+    except OSError:
+        pass
+    try:
+        return pa.resolve() == pb.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return os.path.abspath(pa) == os.path.abspath(pb)
 
 
-def check_writable(out: str | os.PathLike[str], *inputs: str | os.PathLike[str]) -> Path:
-    """Refuse to write over an input or into a folder that does not exist or is read-only."""
+def _sidecar(path: Path) -> Path:
+    """Where :func:`save_model` puts the external data of a model written to ``path``."""
+    return path.with_name(path.name + ".data")
+
+
+def check_writable(out: str | os.PathLike[str], *inputs: str | os.PathLike[str],
+                   outputs: Sequence[str | os.PathLike[str]] = (),
+                   create_folders: bool = False) -> Path:
+    """Refuse, in one line and before anything is computed or written, an output path that
+    would destroy something.
+
+    ``inputs`` are the files the command reads (a model with its external data files, see
+    :func:`model_files`; data files; the artifacts it trains), ``outputs`` its other
+    outputs. Neither the output nor the ``<out>.data`` file a model written there may get is
+    one of them, through any spelling (relative path, ``..``, symlink, hard link). The output
+    must not be a directory or another non-regular file (a device such as /dev/null, a FIFO):
+    outputs are written to a temporary file that is renamed into place, which would replace
+    it. Its folder must exist and be writable; with ``create_folders`` the caller creates the
+    missing folders, and the nearest existing one must be writable.
+    """
     o = Path(out)
+    side = _sidecar(o)
     for i in inputs:
         if same_file(o, i):
-            raise InputError(f"{o}: refusing to write over the input model; choose another -o")
-    parent = o.parent if str(o.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{o}: output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{o}: output folder {parent} is not writable")
+            raise InputError(f"{o}: is the input {i}; refusing to write over it (choose "
+                             f"another output path)")
+        if same_file(side, i):
+            raise InputError(f"{o}: a model written there keeps its external data in {side}, "
+                             f"which is the input {i}; refusing (choose another output path)")
+    for q in map(Path, outputs):
+        if same_file(o, q):
+            raise InputError(f"{o}: is also the path of the other output {q}; choose "
+                             f"different output paths")
+        if same_file(o, _sidecar(q)) or same_file(side, q):
+            raise InputError(f"{o}: collides with the other output {q} (a model keeps its "
+                             f"external data in <model path>.data); choose other paths")
     if o.is_dir():
         raise InputError(f"{o}: is a directory")
+    if o.exists() and not o.is_file():
+        raise InputError(f"{o}: not a regular file (a device, FIFO or socket); refusing to "
+                         f"write there, since onnx-ssl writes to a temporary file and renames "
+                         f"it into place, which would replace it: write to a regular file")
+    parent = o.parent
+    while create_folders and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.exists():
+        raise InputError(f"{o}: output folder {parent} does not exist")
+    if not parent.is_dir():
+        raise InputError(f"{o}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{o}: output folder {parent} is not writable")
     return o
+
+
+def current_umask() -> int:
+    """The process umask (new files get 0o666 and new folders 0o777 less it)."""
+    try:  # Linux: read it without changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode(path: Path) -> int:
+    """The mode a plain ``open(path, "w")`` leaves: an existing file keeps its mode, a new
+    one gets 0o666 less the umask (tempfile's files are 0o600, so they are chmod-ed to it)."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    return 0o666 & ~current_umask()
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
@@ -286,7 +474,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
     """Write a model atomically (temp file + rename in the same folder).
 
     External data is used when asked, when the model came with it, or when it is too large
-    for one protobuf; the data file sits beside the model as ``<name>.data``.
+    for one protobuf; the data file sits beside the model as ``<name>.data``. The files get
+    the mode a plain ``open()`` would give them (see :func:`_file_mode`).
     """
     out = check_writable(path)
     model = clamp_ir(model)
@@ -302,24 +491,28 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
         model = clean
     if external_data is None:
         external_data = keep_ext or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    data_out = _sidecar(out)
+    if external_data:
+        check_writable(data_out)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tmp_model = tmpdir / out.name
         if external_data:
-            data_name = out.name + ".data"
             m = onnx.ModelProto()
             m.CopyFrom(model)
             onnx.save_model(m, str(tmp_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name,
+                            all_tensors_to_one_file=True, location=data_out.name,
                             size_threshold=1024)
-            with open(tmpdir / data_name, "rb+") as f:
+            with open(tmpdir / data_out.name, "rb+") as f:
                 os.fsync(f.fileno())
-            os.replace(tmpdir / data_name, out.parent / data_name)
+            os.chmod(tmpdir / data_out.name, _file_mode(data_out))
+            os.replace(tmpdir / data_out.name, data_out)
         else:
             with open(tmp_model, "wb") as f:
                 f.write(model.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
+        os.chmod(tmp_model, _file_mode(out))
         os.replace(tmp_model, out)
     except OSError as e:
         raise InputError(f"{out}: cannot write: {e.strerror or e}") from e
@@ -333,10 +526,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write a report or JSON file atomically."""
+    """Write a report or JSON file atomically, with the mode a plain ``open()`` gives."""
     out = check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
+        os.fchmod(fd, _file_mode(out))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

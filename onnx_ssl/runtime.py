@@ -1,22 +1,30 @@
 """The ONNX Runtime boundary: sessions, seeded random inputs and the numeric check.
 
-Every import of ``onnxruntime`` in onnx-ssl goes through :func:`ort`, which first installs the
-shim that keeps torch from being imported (see :mod:`onnx_ssl.training._ort`).
+Every import of ``onnxruntime`` in onnx-ssl goes through :func:`ort`
+(:func:`onnx_ssl.env.import_ort`): it works with whichever single runtime distribution is
+installed, keeps torch from being imported by the training build, and says in one line which
+extra to install when there is none. A model is loaded with the newest IR version the
+installed runtime accepts; a model whose opset the runtime cannot run is refused with both
+versions and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 
-from .errors import InputError, VerificationError
-from .io import EXTERNAL_DATA_THRESHOLD, clamp_ir
+from . import env
+from .errors import InputError, UnsupportedModelError, VerificationError
+from .io import EXTERNAL_DATA_THRESHOLD, clamp_ir, default_opset
 
 # The tolerance the numeric check holds: max |pruned - reference| over each output must be
 # at most ATOL + RTOL * max |reference| (a norm-wise relative error; element-wise relative
@@ -25,19 +33,64 @@ RTOL = 1e-5
 ATOL = 1e-6
 
 
-def ort() -> Any:
-    from .training._ort import install_shim
+def ort(purpose: str = "this command") -> Any:
+    """The ``onnxruntime`` module; EnvironmentProblem (one line, with the fix) if unusable."""
+    return env.import_ort(purpose)
 
-    install_shim()
-    import onnxruntime
 
-    return onnxruntime
+class _ReferenceSession:
+    """The part of ``onnxruntime.InferenceSession`` that onnx-graphsurgeon's constant folding
+    uses, computed by onnx's reference evaluator (exact, slow; shape arithmetic is tiny)."""
+
+    def __init__(self, model: bytes, *args: Any, **kwargs: Any) -> None:
+        from onnx.reference import ReferenceEvaluator
+
+        self._ref = ReferenceEvaluator(onnx.load_from_string(model))
+
+    def run(self, names: Sequence[str] | None, feeds: Mapping[str, Any]) -> list[Any]:
+        return list(self._ref.run(list(names) if names is not None else None, dict(feeds)))
+
+
+@contextlib.contextmanager
+def folding_runtime() -> Iterator[None]:
+    """What onnx-graphsurgeon's ``fold_constants`` imports as ``onnxruntime``.
+
+    With a runtime installed, the real one (torch-free through the shim). Without one
+    (``analyze`` needs none), a stand-in module whose ``InferenceSession`` is onnx's
+    reference evaluator, registered for the duration of the fold only.
+    """
+    if env.has_ort():
+        env.install_shim()
+        yield
+        return
+    stand_in = types.ModuleType("onnxruntime", "onnx-ssl's stand-in: onnx.reference")
+    stand_in.InferenceSession = _ReferenceSession  # type: ignore[attr-defined]
+    stand_in.__onnx_ssl_stand_in__ = True  # type: ignore[attr-defined]
+    sys.modules["onnxruntime"] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get("onnxruntime") is stand_in:
+            del sys.modules["onnxruntime"]
+
+
+def check_runs(model: onnx.ModelProto) -> None:
+    """Raise UnsupportedModelError when the installed runtime cannot run ``model``'s opset."""
+    opset = default_opset(model)
+    lim = env.runtime_limits()
+    if opset > lim.max_opset:
+        raise UnsupportedModelError(
+            f"the model's opset {opset} is newer than {lim.name} {lim.version} runs (opset <= "
+            f"{lim.max_opset}); upgrade it (pip install -U {lim.name}) or convert the model "
+            f"down: onnx-ssl convert MODEL.onnx --opset {lim.max_opset} -o "
+            f"MODEL-opset{lim.max_opset}.onnx")
 
 
 def session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0,
             providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
     """An inference session; graph optimisations are off unless asked (for exact checks)."""
     rt = ort()
+    check_runs(model)
     so = rt.SessionOptions()
     so.graph_optimization_level = (rt.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else rt.GraphOptimizationLevel.ORT_DISABLE_ALL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -61,11 +62,12 @@ def _garbage(tmp: Path) -> dict[str, Path]:
     files["not onnx"].write_text("this is not a model\n")
     files["truncated"].write_bytes(good[: len(good) // 3])
     files["empty"].write_bytes(b"")
+    # Newer than the installed onnx reads (the limit is the installed onnx, not a constant).
     m = models.build("lenet")
-    m.ir_version = 14
+    m.ir_version = onnx.IR_VERSION + 1
     files["IR version"].write_bytes(m.SerializeToString())
     m = models.build("lenet")
-    m.opset_import[0].version = 25
+    m.opset_import[0].version = onnx.defs.onnx_opset_version() + 1
     files["opset"].write_bytes(m.SerializeToString())
     return files
 
@@ -125,6 +127,104 @@ def test_prune_unwritable_folder(lenet_path: Path, tmp_path: Path):
     ro.chmod(0o500)
     r = cli("prune", str(lenet_path), "-o", str(ro / "x.onnx"))
     assert r.returncode == 2 and "not writable" in r.stderr
+
+
+def _one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnx-ssl: error:"), r.stderr
+    for w in words:
+        assert w in lines[0], r.stderr
+
+
+def _external(tmp: Path, name: str = "ext.onnx", location: str = "ext.data") -> Path:
+    src = tmp / name
+    onnx.save_model(models.build("lenet"), src, save_as_external_data=True, location=location)
+    return src
+
+
+def test_outputs_never_overwrite_inputs_through_any_spelling(lenet_path: Path, tmp_path: Path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.onnx").symlink_to(lenet_path)
+    os.link(lenet_path, tmp_path / "hard.onnx")
+    ext = _external(tmp_path)
+    watched = [lenet_path, ext, tmp_path / "ext.data"]
+    before = {p: p.read_bytes() for p in watched}
+    names = sorted(p.name for p in tmp_path.iterdir())
+    cases = [
+        ("analyze", "lenet.onnx", "--json", "lenet.onnx"),
+        ("analyze", "lenet.onnx", "--json", "sub/../lenet.onnx"),
+        ("analyze", str(lenet_path), "--json", "link.onnx"),
+        ("analyze", "link.onnx", "--json", str(lenet_path)),
+        ("analyze", "hard.onnx", "--json", "lenet.onnx"),
+        ("prune", "lenet.onnx", "-o", "x.onnx", "--report", "./lenet.onnx"),
+        ("prune", "lenet.onnx", "-o", "x.onnx", "--report", "x.onnx"),
+        ("prune", "lenet.onnx", "-o", "x.onnx", "--report", "x.onnx.data"),
+        ("prune", "ext.onnx", "-o", "ext.data"),  # the input's external data file
+        ("analyze", "ext.onnx", "--json", "sub/../ext.data"),
+        ("prune", "lenet.onnx", "-o", "ext.data.onnx"),  # would write ext.data.onnx.data: fine
+    ]
+    for args in cases[:-1]:
+        _one_line_error(cli(*args, cwd=tmp_path))
+        assert {p: p.read_bytes() for p in watched} == before, args
+        assert sorted(p.name for p in tmp_path.iterdir()) == names, args
+    r = cli(*cases[-1], "--no-verify", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_output_onto_a_device_or_fifo_is_refused(lenet_path: Path, tmp_path: Path):
+    # Symlinks to the devices and a FIFO in tmp_path: a regression replaces these, never the
+    # machine's /dev/null.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "null").symlink_to("/dev/null")
+    (tmp_path / "full").symlink_to("/dev/full")
+    for out in ("null", "full", "fifo"):
+        for args in (("prune", str(lenet_path), "-o", out),
+                     ("analyze", str(lenet_path), "--json", out),
+                     ("prune", str(lenet_path), "-o", "x.onnx", "--report", out)):
+            _one_line_error(cli(*args, cwd=tmp_path), "not a regular file", "rename")
+    assert (tmp_path / "null").is_symlink() and (tmp_path / "full").is_symlink()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "full", "lenet.onnx", "null"]
+
+
+def test_missing_external_data_names_the_file(tmp_path: Path):
+    ext = _external(tmp_path)
+    (tmp_path / "ext.data").unlink()
+    for args in (("analyze", str(ext)), ("prune", str(ext), "-o", str(tmp_path / "o.onnx"))):
+        _one_line_error(cli(*args), "external data file", "ext.data", "missing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx"]
+
+
+def test_prune_refuses_negative_verify_and_non_finite_threshold(lenet_path: Path,
+                                                                tmp_path: Path):
+    out = tmp_path / "o.onnx"
+    for bad in (["--verify", "-3"], ["--threshold", "nan"], ["--threshold", "inf"],
+                ["--threshold", "-1"]):
+        _one_line_error(cli("prune", str(lenet_path), "-o", str(out), *bad), bad[0])
+        assert not out.exists()
+    # Nothing checked: the report says so, never "passed".
+    for skip in (["--verify", "0"], ["--no-verify"]):
+        r = cli("prune", str(lenet_path), "-o", str(out), "--threshold", "0.01", *skip)
+        assert r.returncode == 0, r.stderr
+        assert "numeric check: skipped" in r.stdout and "passed" not in r.stdout
+        assert "not measured" in r.stdout
+
+
+def test_written_files_follow_the_umask(tmp_path: Path):
+    ext = _external(tmp_path)
+    for mask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        out, rep, js = (tmp_path / f"o{mask:o}.onnx", tmp_path / f"r{mask:o}.json",
+                        tmp_path / f"a{mask:o}.json")
+        old = os.umask(mask)
+        try:
+            assert main(["prune", str(ext), "-o", str(out), "--report", str(rep)]) == 0
+            assert main(["analyze", str(ext), "--json", str(js)]) == 0
+        finally:
+            os.umask(old)
+        for p in (out, tmp_path / f"{out.name}.data", rep, js):
+            assert stat.S_IMODE(p.stat().st_mode) == mode, (p, oct(p.stat().st_mode))
 
 
 def test_failed_verification_writes_nothing(lenet_path: Path, tmp_path: Path, monkeypatch,
@@ -191,10 +291,14 @@ def test_external_data_model_stays_external(tmp_path: Path):
 def test_two_runtime_distributions_are_detected(monkeypatch):
     monkeypatch.setattr(env, "installed_ort_distributions",
                         lambda: [("onnxruntime", "1.23.0"), ("onnxruntime-training-cpu", "1.19.2")])
-    with pytest.raises(EnvironmentProblem, match="pip uninstall -y onnxruntime "):
+    # The advice keeps the user's inference runtime and moves training to its own environment.
+    with pytest.raises(EnvironmentProblem,
+                       match=r"keep onnxruntime 1\.23\.0: pip uninstall -y "
+                             r"onnxruntime-training-cpu onnxruntime && pip install "
+                             r"onnxruntime==1\.23\.0; train in an environment of its own"):
         env.check_runtime_environment()
 
 
 def test_this_environment_has_exactly_one_runtime():
-    assert [n for n, _ in env.installed_ort_distributions()] == ["onnxruntime-training-cpu"]
+    assert len(env.installed_ort_distributions()) == 1, env.installed_ort_distributions()
     env.check_runtime_environment()

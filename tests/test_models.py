@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ssl.models as models
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
+
+from onnx_ssl import runtime
 
 NAMES = models.names()
 HEAVY = {"alexnet", "caffenet"}  # ~61M parameters: batch 1, at most two builds each
@@ -199,9 +200,7 @@ def test_parameter_names_and_init(built: Built) -> None:
 
 
 def test_runs_in_onnxruntime(built: Built) -> None:
-    session = ort.InferenceSession(
-        built.model.SerializeToString(), providers=["CPUExecutionProvider"]
-    )
+    session = runtime.session(built.model, optimize=True)
     (inp,) = session.get_inputs()
     assert inp.name == "input" and inp.shape[0] == built.batch
     x = np.random.default_rng(1234).standard_normal(inp.shape).astype(np.float32)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 from test_training_helpers import digits, pretrained_tiny, tiny_cnn
 
 from onnx_ssl.cli import main
+from onnx_ssl.training.artifacts import build_artifacts
 from onnx_ssl.training.chain import SslOptions, evaluate_model, run_ssl, table1
 from onnx_ssl.training.penalty import Lambdas
 
@@ -122,6 +125,120 @@ def test_cli_train_ssl_and_refusals(tmp_path, capsys):
 
     assert main(["train", str(tmp_path / "nowhere")]) == 2
     assert "no such artifacts folder" in capsys.readouterr().err
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _refused(capsys: pytest.CaptureFixture[str], args: list[str], *words: str) -> None:
+    assert main(args) == 2, args
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("onnx-ssl: error:") and len(err.splitlines()) == 1, (args, err)
+    for w in words:
+        assert w in err, (args, err)
+
+
+@pytest.fixture
+def art_folder(tmp_path: Path) -> Path:
+    build_artifacts(tiny_cnn(), tmp_path / "art")
+    return tmp_path / "art"
+
+
+def test_training_commands_never_write_over_their_inputs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    art = tmp_path / "art"
+    art.mkdir()
+    onnx.save(pretrained_tiny(), str(art / "inference_model.onnx"))
+    onnx.save(pretrained_tiny(), str(tmp_path / "m.onnx"))
+    d = digits(100)
+    np.savez(tmp_path / "d.npz", x=d.x["x"], y=d.y)
+    (tmp_path / "w" / "ssl").mkdir(parents=True)
+    onnx.save(pretrained_tiny(), str(tmp_path / "w" / "ssl" / "inference_model.onnx"))
+    before = _snapshot(tmp_path)
+    cases = [
+        (["artifacts", "art/inference_model.onnx", "-o", "art"], "input"),
+        (["ssl", "m.onnx", "--data", "d.npz", "-o", "m.onnx"], "input"),
+        (["ssl", "m.onnx", "--data", "d.npz", "-o", "o.onnx", "--report", "./d.npz"], "input"),
+        (["ssl", "m.onnx", "--data", "d.npz", "-o", "o.onnx", "--report", "o.onnx"], "output"),
+        (["ssl", "w/ssl/inference_model.onnx", "--data", "d.npz", "-o", "o.onnx",
+          "--work-dir", "w"], "input"),
+        (["ssl", "m.onnx", "--data", "d.npz", "-o", "w/finetune/checkpoint", "--work-dir", "w"],
+         "output"),
+        (["demo", "--data", "d.npz", "-o", "x.onnx", "--report", "x.onnx.data"], "output"),
+        (["demo", "--data", "d.npz", "-o", "w/../d.npz"], "input"),
+    ]
+    for args, word in cases:
+        _refused(capsys, args, word)
+        assert _snapshot(tmp_path) == before, args
+
+
+def test_train_refuses_outputs_inside_its_artifacts(art_folder, tmp_path, capsys):
+    d = digits(100)
+    np.savez(tmp_path / "d.npz", x=d.x["x"], y=d.y)
+    before = _snapshot(tmp_path)
+    a = str(art_folder)
+    for out in ("-o", "--log"):
+        for f in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint",
+                  "ssl.json", "inference_model.onnx", "train_state.ckpt"):
+            _refused(capsys, ["train", a, "--data", str(tmp_path / "d.npz"), out,
+                              str(art_folder / ".." / "art" / f)], f)
+            assert _snapshot(tmp_path) == before, (out, f)
+    _refused(capsys, ["train", a, "--data", str(tmp_path / "d.npz"), "-o", "t.csv", "--log",
+                      "t.csv"], "other output")
+    _refused(capsys, ["train", a, "--data", str(tmp_path / "d.npz"), "-o",
+                      str(tmp_path / "d.npz")], "input")
+    assert _snapshot(tmp_path) == before
+
+
+def test_nonsense_numbers_are_refused(art_folder, tmp_path, capsys):
+    onnx.save(pretrained_tiny(), str(tmp_path / "m.onnx"))
+    m, a, o = str(tmp_path / "m.onnx"), str(art_folder), str(tmp_path / "o.onnx")
+    before = _snapshot(tmp_path)
+    bad = {
+        "train": [["--lr", "nan"], ["--lr", "-1"], ["--val-fraction", "nan"],
+                  ["--zero-tol", "-1"], ["--zero-tol", "inf"], ["--epochs", "-1"],
+                  ["--batch-size", "0"]],
+        "ssl": [["--lr", "nan"], ["--finetune-lr", "-1"], ["--threshold", "nan"],
+                ["--threshold", "inf"], ["--lambda-filter", "nan"], ["--lambda-channel", "-1"],
+                ["--weight-decay", "nan"], ["--batch-size", "0"], ["--epochs", "-1"],
+                ["--val-fraction", "1"], ["--verify", "-1"]],
+        "artifacts": [["--weight-decay", "inf"], ["--lambda-depth", "nan"],
+                      ["--batch-size", "0"]],
+        "demo": [["--baseline-epochs", "-1"], ["--threshold", "nan"], ["--lr", "inf"]],
+    }
+    lead = {"train": ["train", a], "ssl": ["ssl", m, "-o", o],
+            "artifacts": ["artifacts", m, "-o", str(tmp_path / "a2")], "demo": ["demo"]}
+    for cmd, options in bad.items():
+        for opt in options:
+            _refused(capsys, lead[cmd] + opt)
+            assert _snapshot(tmp_path) == before, (cmd, opt)
+
+
+def test_training_data_of_wrong_rank_or_type_is_refused(art_folder, tmp_path, capsys):
+    # The tiny CNN reads [N, 1, 8, 8] floats and has 10 classes.
+    x = digits(40).x["x"]
+    y = np.arange(40) % 10
+    bad = {
+        "flat": (x.reshape(40, 64), y, "wrong rank"),
+        "rank5": (x.reshape(40, 1, 2, 4, 8), y, "wrong rank"),
+        "layout": (x.reshape(40, 8, 8, 1).repeat(2, axis=3)[:, :, :4], y, "other dimensions"),
+        "uint8": ((x * 255).astype(np.uint8), y, "integers"),
+        "int64": (x.astype(np.int64), y, "integers"),
+        "nan": (np.where(x > 0.5, np.nan, x).astype(np.float32), y, "NaN"),
+        "labels": (x, y + 5, "labels out of range"),
+        "float labels": (x, y + 0.5, "integer class indices"),
+    }
+    state_before = _snapshot(art_folder)
+    for name, (xs, ys, words) in bad.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.npz"
+        np.savez(path, x=xs, y=ys)
+        _refused(capsys, ["train", str(art_folder), "--data", str(path), "--epochs", "1"], words)
+        assert _snapshot(art_folder) == state_before, name
+    # Unit axes may differ ([N, 8, 8] for [N, 1, 8, 8]): that trains.
+    np.savez(tmp_path / "ok.npz", x=x, y=y)
+    assert main(["train", str(art_folder), "--data", str(tmp_path / "ok.npz"), "--epochs",
+                 "1"]) == 0
 
 
 def test_demo_runs_quickly_on_few_images():

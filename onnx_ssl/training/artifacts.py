@@ -49,8 +49,9 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_ssl import analysis as _analysis
+from onnx_ssl import env
 from onnx_ssl.errors import InputError, OnnxSslError, UnsupportedModelError
-from onnx_ssl.io import MAX_IR_VERSION, write_text_atomic
+from onnx_ssl.io import convert_opset, current_umask, default_opset, write_text_atomic
 
 from . import _ort
 from .penalty import GraphWriter, Lambdas, Penalty, add_penalty_nodes, build_penalty
@@ -178,6 +179,9 @@ class ArtifactInfo:
     fingerprint: str
     classes: int | None
     layers: tuple[dict[str, Any], ...] = ()
+    # The model's own opset when the artifacts were built from a conversion down to the
+    # newest opset the training runtime runs (None: no conversion).
+    converted_from_opset: int | None = None
     format: int = FORMAT
 
     def to_json(self) -> dict[str, Any]:
@@ -199,6 +203,7 @@ class ArtifactInfo:
             "fingerprint": self.fingerprint,
             "classes": self.classes,
             "layers": list(self.layers),
+            "converted_from_opset": self.converted_from_opset,
         }
 
     @staticmethod
@@ -220,6 +225,8 @@ class ArtifactInfo:
             fingerprint=str(d["fingerprint"]),
             classes=None if d.get("classes") is None else int(d["classes"]),
             layers=tuple(d.get("layers", ())),
+            converted_from_opset=(None if d.get("converted_from_opset") is None
+                                  else int(d["converted_from_opset"])),
             format=int(d.get("format", FORMAT)),
         )
 
@@ -533,9 +540,26 @@ def _fix_eval_model(m: onnx.ModelProto, stat_outputs: set[str]) -> None:
 
 
 def _fix_ir(m: onnx.ModelProto) -> onnx.ModelProto:
-    if m.ir_version > MAX_IR_VERSION or m.ir_version == 0:
-        m.ir_version = MAX_IR_VERSION
+    """Stamp the newest IR version the training runtime loads (onnx >= 1.17 stamps newer
+    ones, also on the optimizer model that ``generate_artifacts`` builds)."""
+    top = env.runtime_limits().max_ir
+    if m.ir_version > top or m.ir_version == 0:
+        m.ir_version = top
     return m
+
+
+def to_training_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int | None]:
+    """The model at an opset the training runtime runs: converted down with
+    onnx.version_converter when it is newer (returns the opset it was converted from), or
+    refused in one line naming the op that cannot be converted."""
+    top = env.runtime_limits()
+    source = default_opset(model)
+    if source <= top.max_opset:
+        return model, None
+    converted = convert_opset(model, top.max_opset)
+    log.warning("converted the model from opset %d to %d, the newest %s %s trains",
+                source, top.max_opset, top.name, top.version)
+    return _fix_ir(converted), source
 
 
 def _fingerprint(
@@ -703,6 +727,7 @@ def build_artifacts(
     """
     opts = options or ArtifactOptions()
     ob = _ort.load().onnxblock
+    model, converted_from = to_training_opset(model)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
@@ -850,6 +875,7 @@ def build_artifacts(
         fingerprint=fingerprint,
         classes=classes,
         layers=layers,
+        converted_from_opset=converted_from,
     )
 
     created = not out.exists()
@@ -868,6 +894,7 @@ def build_artifacts(
         write_text_atomic(tmp / INFO, json.dumps(info.to_json(), indent=1) + "\n")
         _check_loadable(tmp)
         if created:
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0o700
             os.rename(tmp, out)
         else:
             # ssl.json goes last: a folder with a new ssl.json has all the new files.

@@ -40,6 +40,7 @@ from onnx_ssl.errors import InputError
 from onnx_ssl.io import save_model, write_text_atomic
 
 from .artifacts import (
+    ARTIFACT_FILES,
     ArtifactOptions,
     TensorSpec,
     _graph_inputs,
@@ -50,7 +51,16 @@ from .artifacts import (
 )
 from .data import Dataset, fit_inputs, fit_targets
 from .penalty import Lambdas
-from .trainer import EpochStats, ProgressEvent, TrainConfig, Trainer, data_loss_and_error
+from .trainer import (
+    LOG,
+    STATE,
+    TRAINED,
+    EpochStats,
+    ProgressEvent,
+    TrainConfig,
+    Trainer,
+    data_loss_and_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +78,8 @@ DEFAULT_THRESHOLD = 1e-3
 # The demo's digits give 23 steps per epoch: the proximal step needs a larger lambda to
 # reach zero in 20 epochs (0.1 keeps the baseline error with about 9-33 filters).
 DEMO_LAMBDA = 0.1
+# The subfolders of --work-dir: the SSL phase and the fine-tuning phase.
+PHASES = ("ssl", "finetune")
 
 Notify = Callable[[str], None]
 
@@ -99,9 +111,24 @@ class SslOptions:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold) and self.threshold >= 0):
-            raise InputError(f"--threshold must be >= 0, got {self.threshold}")
+            raise InputError(f"--threshold must be a finite number >= 0, got {self.threshold}")
         if self.epochs < 0 or self.finetune_epochs < 0:
             raise InputError("epochs must be >= 0")
+        for flag, v in (("--lr", self.lr), ("--finetune-lr", self.finetune_lr)):
+            if not (math.isfinite(v) and v > 0):
+                raise InputError(f"{flag} must be a finite number > 0, got {v}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InputError(
+                f"--weight-decay must be a finite number >= 0, got {self.weight_decay}"
+            )
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.val_fraction < 1:  # also refuses nan
+            raise InputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.verify < 0:
+            raise InputError(
+                f"--verify must be >= 0 (0 skips the numeric check), got {self.verify}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -291,6 +318,15 @@ def _restore_io(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.Model
     return m if _runs_with_batch(m, 2) else model
 
 
+def work_files(work_dir: str | Path | None) -> list[Path]:
+    """The files :func:`run_ssl` writes into ``work_dir`` (its artifacts, checkpoints, logs
+    and trained models of both phases): outputs and inputs are checked against them."""
+    if work_dir is None:
+        return []
+    per_phase = (*ARTIFACT_FILES, STATE, LOG, TRAINED)
+    return [Path(work_dir) / phase / f for phase in PHASES for f in per_phase]
+
+
 def run_ssl(
     model: onnx.ModelProto,
     data: Dataset,
@@ -316,7 +352,7 @@ def run_ssl(
         say(f"building the SSL training artifacts ({opts.lambdas.describe()})")
         art = build_artifacts(
             model,
-            work / "ssl",
+            work / PHASES[0],
             ArtifactOptions(
                 loss=opts.loss,
                 lambdas=opts.lambdas,
@@ -374,7 +410,7 @@ def run_ssl(
             say(f"fine-tuning the pruned model for {opts.finetune_epochs} epochs")
             ft_art = build_artifacts(
                 pruned,
-                work / "finetune",
+                work / PHASES[1],
                 ArtifactOptions(
                     loss=opts.loss,
                     optimizer=opts.finetune_optimizer,

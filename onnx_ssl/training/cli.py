@@ -11,8 +11,11 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
+
+from onnx_ssl import env
 
 # The defaults shown by --help come from the modules that use them.
 _LAMBDA_FLAGS = ("filter", "channel", "shape", "filter2d", "neuron", "depth", "coupled")
@@ -26,6 +29,20 @@ _LAMBDA_HELP = {
     "coupled": "one group per channel of each prunable channel space, holding every "
     "out and in slice tied to it (filter, bias, BatchNorm, next layers' inputs)",
 }
+
+
+def _needs_training(cmd: Callable[[argparse.Namespace], int]
+                    ) -> Callable[[argparse.Namespace], int]:
+    """``cmd`` after checking, before any work, that onnxruntime-training is importable (a
+    one-line error that says why and how to get it otherwise)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from . import _ort
+
+        _ort.load()
+        return cmd(args)
+
+    return run
 
 
 class ProgressBar:
@@ -123,6 +140,14 @@ def _cmd_artifacts(args: argparse.Namespace) -> int:
         output=args.output_name,
         fallback_batch=args.batch_size,
     )
+    from onnx_ssl.cli import model_inputs
+    from onnx_ssl.io import check_writable
+
+    from .artifacts import ARTIFACT_FILES
+
+    inputs = model_inputs(args.model)
+    for f in ARTIFACT_FILES:
+        check_writable(Path(args.output) / f, *inputs, create_folders=True)
     model = _load(args.model)
     art = build_artifacts(model, args.output, opts, name=Path(args.model).stem)
     info = art.info
@@ -144,6 +169,10 @@ def _cmd_artifacts(args: argparse.Namespace) -> int:
     )
     if info.fixed_batch:
         print(f"  batch size fixed at {info.fixed_batch} (the model's shapes depend on it)")
+    if info.converted_from_opset is not None:
+        lim = env.runtime_limits()
+        print(f"  converted from opset {info.converted_from_opset} to {lim.max_opset} with "
+              f"onnx.version_converter: {lim.name} {lim.version} trains no newer opset")
     return 0
 
 
@@ -192,14 +221,15 @@ def _add_artifacts(sub: Any) -> None:
         metavar="B",
         help="batch size to fix when the model's shapes depend on it (default 64)",
     )
-    p.set_defaults(func=_cmd_artifacts)
+    p.set_defaults(func=_needs_training(_cmd_artifacts))
 
 
 # --- train ----------------------------------------------------------------------------------
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .data import load_data
+    from .artifacts import load_artifacts
+    from .data import data_files, load_data
     from .trainer import LOG, TRAINED, TrainConfig, Trainer
 
     cfg = TrainConfig(
@@ -216,7 +246,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         log_path=Path(args.log) if args.log else None,
         export_path=Path(args.output) if args.output else None,
     )
-    trainer = Trainer(args.dir, cfg)
+    trainer = Trainer(load_artifacts(args.dir), cfg, reads=data_files(args.data))
     data = load_data(args.data)
     if trainer.start_epoch >= cfg.epochs:
         _say(f"already trained for {trainer.start_epoch} epochs (--epochs {cfg.epochs}); exporting")
@@ -313,7 +343,7 @@ def _add_train(sub: Any) -> None:
         metavar="OUT.onnx",
         help="trained model (default DIR/trained_model.onnx)",
     )
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_needs_training(_cmd_train))
 
 
 # --- ssl ------------------------------------------------------------------------------------
@@ -420,19 +450,31 @@ def _add_chain_options(p: argparse.ArgumentParser, d: Any) -> dict[str, float]:
     return defaults
 
 
-def _cmd_ssl(args: argparse.Namespace, defaults: dict[str, float]) -> int:
+def _check_outputs(args: argparse.Namespace, opts: Any, inputs: list[Path]) -> None:
+    """Refuse -o, --report and the --work-dir files when one would overwrite an input (the
+    model and the data files) or another output."""
     from onnx_ssl.io import check_writable
+
+    from .chain import work_files
+    from .data import data_files
+
+    inputs = [*inputs, *data_files(args.data)]
+    work = work_files(opts.work_dir)
+    outs = [Path(p) for p in (args.output, args.report) if p]
+    for k, out in enumerate(outs):
+        check_writable(out, *inputs, outputs=[*outs[:k], *outs[k + 1 :], *work])
+    for w in work:
+        check_writable(w, *inputs, create_folders=True)
+
+
+def _cmd_ssl(args: argparse.Namespace, defaults: dict[str, float]) -> int:
+    from onnx_ssl.cli import model_inputs
 
     from .chain import run_ssl
     from .data import load_data
 
-    if not str(args.model).startswith("builtin:"):
-        check_writable(args.output, args.model)
-    else:
-        check_writable(args.output)
-    if args.report:
-        check_writable(args.report)
     opts = _ssl_options(args, defaults)
+    _check_outputs(args, opts, model_inputs(args.model))
     model = _load(args.model)
     data = load_data(args.data)
     res = run_ssl(
@@ -473,23 +515,22 @@ def _add_ssl(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="final model")
     p.add_argument("--report", default=None, metavar="JSON", help="write the report as JSON")
     defaults = _add_chain_options(p, SslOptions())
-    p.set_defaults(func=lambda a: _cmd_ssl(a, defaults))
+    p.set_defaults(func=_needs_training(lambda a: _cmd_ssl(a, defaults)))
 
 
 # --- demo -----------------------------------------------------------------------------------
 
 
 def _cmd_demo(args: argparse.Namespace, defaults: dict[str, float]) -> int:
-    from onnx_ssl.io import check_writable
+    from onnx_ssl.errors import InputError
 
     from .chain import run_demo
     from .data import load_data
 
-    if args.output:
-        check_writable(args.output)
-    if args.report:
-        check_writable(args.report)
+    if args.baseline_epochs < 0:
+        raise InputError(f"--baseline-epochs must be >= 0, got {args.baseline_epochs}")
     opts = _ssl_options(args, defaults)
+    _check_outputs(args, opts, [])
     data = load_data(args.data)
     res = run_demo(
         data=data,
@@ -557,7 +598,7 @@ def _add_demo(sub: Any) -> None:
     )
     p.add_argument("--report", default=None, metavar="JSON", help="write the report as JSON")
     defaults = _add_chain_options(p, demo_options())
-    p.set_defaults(func=lambda a: _cmd_demo(a, defaults))
+    p.set_defaults(func=_needs_training(lambda a: _cmd_demo(a, defaults)))
 
 
 def register(subparsers: Any) -> None:

@@ -103,6 +103,19 @@ def load_data(spec: str | os.PathLike[str] | None) -> Dataset:
     )
 
 
+def data_files(spec: str | os.PathLike[str] | None) -> list[Path]:
+    """The files :func:`load_data` reads for ``spec`` (none for the built-in digits):
+    outputs are checked against them with :func:`onnx_ssl.io.check_writable`."""
+    if spec is None or str(spec) == BUILTIN:
+        return []
+    p = Path(spec)
+    if p.is_dir():
+        return sorted(
+            f for f in p.iterdir() if "images-idx3-ubyte" in f.name or "labels-idx1-ubyte" in f.name
+        )
+    return [p]
+
+
 def load_digits() -> Dataset:
     """scikit-learn's bundled 8x8 digits, scaled to [0, 1], as ``[N, 8, 8]`` float32."""
     try:
@@ -225,8 +238,10 @@ def fit_inputs(data: Dataset, inputs: Sequence[tuple[str, tuple[int | None, ...]
     """Match the data's input arrays to the model inputs ``(name, shape, dtype)``.
 
     A single data array ``x`` feeds a single-input model; otherwise arrays are matched by
-    name. Samples are reshaped when only the layout differs (``[28, 28]`` for a
-    ``[1, 28, 28]`` input) and, for the built-in digits, resized to the input's image size.
+    name. Samples are reshaped when only unit axes differ (``[28, 28]`` for a
+    ``[1, 28, 28]`` input) or to flatten them into a vector input and, for the built-in
+    digits, resized to the input's image size; any other rank or layout is refused, and so
+    are integer samples for a float input (unscaled pixels, most likely).
     """
     if len(data.x) == 1 and len(inputs) == 1:
         arrays = {inputs[0][0]: next(iter(data.x.values()))}
@@ -253,10 +268,23 @@ def fit_inputs(data: Dataset, inputs: Sequence[tuple[str, tuple[int | None, ...]
                     f"input '{name}' of shape {_fmt(shape)}"
                 )
         elif tuple(got) != tuple(want):
-            if int(np.prod(got, dtype=np.int64)) == _numel(want):
+            same_size = int(np.prod(got, dtype=np.int64)) == _numel(want)
+            if same_size and (_squeezed(got) == _squeezed(want) or len(want) == 1):
+                # Only unit axes differ, or images are flattened into a vector input.
                 a = a.reshape((a.shape[0], *want))  # type: ignore[arg-type]
             elif data.resizable and a.ndim == 3:
                 a = _resize_to(a, want, name, data.name)
+            elif same_size:
+                why = (
+                    f"wrong rank: {len(got)} per sample where the input has {len(want)}"
+                    if len(got) != len(want)
+                    else "same size, other dimensions"
+                )
+                raise InputError(
+                    f"{data.name}: samples of shape {tuple(got)} do not fit model "
+                    f"input '{name}' of shape {_fmt(shape)} ({why}; reshape or "
+                    f"transpose the data to match)"
+                )
             else:
                 raise InputError(
                     f"{data.name}: samples of shape {tuple(got)} do not fit model "
@@ -266,6 +294,12 @@ def fit_inputs(data: Dataset, inputs: Sequence[tuple[str, tuple[int | None, ...]
         if np.issubdtype(dtype, np.floating):
             if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
                 raise InputError(f"{data.name}: input '{name}' has non-numeric dtype {a.dtype}")
+            if not np.issubdtype(a.dtype, np.floating):
+                raise InputError(
+                    f"{data.name}: input '{name}' holds integers ({a.dtype}) but the model "
+                    f"input is {dtype_name}; convert it to floats scaled as the model expects "
+                    f"(for example x / 255 for 8-bit pixels)"
+                )
             a = a.astype(dtype, copy=False)
             if not np.all(np.isfinite(a)):
                 raise InputError(f"{data.name}: input '{name}' contains NaN or infinite values")
@@ -321,7 +355,7 @@ def fit_targets(
         elif not np.issubdtype(y.dtype, np.integer):
             raise InputError(f"{data.name}: labels must be integer class indices, got {y.dtype}")
         yi = y.astype(np.int64)
-        lo, hi = int(yi.min()), int(yi.max())
+        lo, hi = int(np.min(yi)), int(np.max(yi))
         if lo < 0 or (classes is not None and hi >= classes):
             raise InputError(
                 f"{data.name}: labels out of range: found {lo}..{hi} but the model "
@@ -340,11 +374,14 @@ def fit_targets(
             )
     if not np.all(np.isfinite(yf)):
         raise InputError(f"{data.name}: targets contain NaN or infinite values")
-    if loss == "bce" and (yf.min() < 0 or yf.max() > 1):
-        raise InputError(
-            f"{data.name}: bce targets must lie in [0, 1], found {yf.min():g}..{yf.max():g}"
-        )
+    ylo, yhi = float(np.min(yf)), float(np.max(yf))
+    if loss == "bce" and (ylo < 0 or yhi > 1):
+        raise InputError(f"{data.name}: bce targets must lie in [0, 1], found {ylo:g}..{yhi:g}")
     return Dataset(data.x, yf, data.name, data.resizable)
+
+
+def _squeezed(shape: Sequence[int | None]) -> tuple[int | None, ...]:
+    return tuple(d for d in shape if d != 1)
 
 
 def _numel(shape: Sequence[int | None]) -> int:

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,11 @@ import numpy as np
 import onnx
 
 from onnx_ssl.errors import InputError, OnnxSslError
-from onnx_ssl.io import save_model, write_text_atomic
+from onnx_ssl.io import check_writable, save_model, write_text_atomic
 
 from . import _ort
 from .artifacts import (
+    ARTIFACT_FILES,
     FINGERPRINT_PROPERTY,
     OUT_DATA,
     OUT_LOSS,
@@ -90,6 +91,10 @@ class TrainConfig:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.val_fraction < 1:  # also refuses nan
+            raise InputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not (math.isfinite(self.zero_tol) and self.zero_tol >= 0):
+            raise InputError(f"--zero-tol must be a finite number >= 0, got {self.zero_tol}")
         if self.schedule not in SCHEDULES:
             raise InputError(
                 f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}"
@@ -207,12 +212,17 @@ class Trainer:
     """Runs training on an artifacts folder (see the module docstring)."""
 
     def __init__(
-        self, artifacts: Artifacts | str | os.PathLike[str], config: TrainConfig | None = None
+        self,
+        artifacts: Artifacts | str | os.PathLike[str],
+        config: TrainConfig | None = None,
+        *,
+        reads: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         self.art = artifacts if isinstance(artifacts, Artifacts) else load_artifacts(artifacts)
         self.config = config or TrainConfig()
         self.info = self.art.info
         self.start_epoch = 0
+        self._check_outputs(reads)
         self.api = _ort.load().api
         self._open()
 
@@ -220,6 +230,19 @@ class Trainer:
     @property
     def state_path(self) -> Path:
         return self.art.path / STATE
+
+    def _check_outputs(self, reads: Sequence[str | os.PathLike[str]]) -> None:
+        """Refuse, before anything is written, a checkpoint, log or exported model path that
+        is one of the artifacts, a file in ``reads`` (the data) or another of these outputs."""
+        cfg = self.config
+        outs: list[Path] = []
+        if cfg.save_state:
+            outs += [self.state_path, cfg.log_path or self.art.path / LOG]
+        if cfg.export and (cfg.save_state or cfg.export_path is not None):
+            outs.append(cfg.export_path or self.art.path / TRAINED)
+        inputs = [*(self.art.path / f for f in ARTIFACT_FILES), *reads]
+        for k, out in enumerate(outs):
+            check_writable(out, *inputs, outputs=outs[:k] + outs[k + 1 :])
 
     def _load_state(self, path: Path) -> Any:
         try:
