@@ -107,6 +107,21 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--no-verify", action="store_true", help="skip the numeric check")
     p.add_argument("--report", metavar="JSON", help="write the report as JSON")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lower", default="off",
+                   choices=["off", "auto", "kernel-classes", "compact-gemm", "blocks"],
+                   help="lower convs with zero fibers or 2D filters into exact cheaper "
+                        "graphs: auto picks per layer by timing it with ONNX Runtime on "
+                        "--provider/--batch/--threads; a strategy name applies it wherever it "
+                        "saves MACs (default off)")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
+                   help="execution provider --lower auto times on (default cpu)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="batch size --lower auto times at (default 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads --lower auto times with (default 0: ORT's default)")
+    p.add_argument("--lower-cache", default=None, metavar="DIR",
+                   help="folder of cached lowering timings (default ~/.cache/onnx-ssl-lowering;"
+                        " '' disables it)")
     p.set_defaults(func=_cmd_prune)
 
 

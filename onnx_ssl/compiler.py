@@ -3,36 +3,43 @@
 Pipeline: prepare the working copy (unique node names, a symbolic batch bound, constant
 shape arithmetic folded) -> [ZeroSmallGroupsPass, only with a threshold: changes the
 function, reported separately] -> CollapseResidualPass -> RemoveZeroChannelsPass ->
-ShrinkKernelsPass -> CleanupPass -> the batch made symbolic again -> finish (sort, shape
-inference, checker, ORT load) -> numeric check against the model it read (or the
-thresholded one) -> write. Nodes keep the names of the working copy: the input's, and the
-generated name of a node that was unnamed or shared its name (see ``analysis.name_nodes``),
-which the report's layers use too. MACs are per sample when the batch is symbolic.
+ShrinkKernelsPass -> [LowerSparseConvPass, with --lower] -> CleanupPass -> the batch made
+symbolic again -> finish (sort, shape inference, checker, ORT load) -> numeric check
+against the model it read (or the thresholded one) -> write. Nodes keep the names of the
+working copy: the input's, and the generated name of a node that was unnamed or shared its
+name (see ``analysis.name_nodes``), which the report's layers use too. MACs are per sample
+when the batch is symbolic.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx
 
 from .analysis import analyze_graph, model_layers, name_nodes, working_copy
 from .errors import InputError
+from .graphutil import SharedAnalysis, bias_maps
 from .groups import Layer
 from .io import ModelMeta, check_writable, save_model, write_text_atomic
 from .passes.cleanup import CleanupPass
 from .passes.collapse_residual import CollapseResidualPass
+from .passes.lower_sparse_conv import MARKER as LOWERED
+from .passes.lower_sparse_conv import STRATEGIES as LOWER_STRATEGIES
+from .passes.lower_sparse_conv import LowerSparseConvPass
 from .passes.remove_channels import RemoveZeroChannelsPass
 from .passes.shrink_kernels import ShrinkKernelsPass
 from .passes.zero_small_groups import ZeroSmallGroupsPass
-from .pipeline import PassManager, Report, finish
+from .pipeline import FixpointPass, PassManager, Report, finish
 from .runtime import ATOL, RTOL, Difference, compare
 from .runtime import verify as verify_outputs
 
@@ -147,8 +154,15 @@ class PruneReport:
         for name, r in self.passes:
             if r.modified:
                 shown = {k: v for k, v in r.to_json().items()
-                         if k not in ("modified", "kept", "spaces") and v not in ((), [], 0)}
-                lines.append(f"pass {name}: {shown}")
+                         if k not in ("modified", "kept", "spaces", "lowered", "dense")
+                         and v not in ((), [], 0)}
+                if shown:
+                    lines.append(f"pass {name}: {shown}")
+            for e in (*getattr(r, "lowered", ()), *getattr(r, "dense", ())):
+                times = ", ".join(f"{k} {t:.3g} ms" for k, t in e.times_ms)
+                lines.append(f"lowering {e.node}: {e.strategy}, MACs {e.macs_before} -> "
+                             f"{e.macs_after}" + (f" (measured{' (cached)' if e.cached else ''}"
+                                                 f": {times})" if times else ""))
         if not self.modified:
             lines.append("no change: nothing could be removed" + (
                 " (zero channels were kept for the reasons below)" if self.kept else
@@ -179,18 +193,25 @@ class PruneResult:
 
 
 def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int = 3,
-          seed: int = 0, name: str = "") -> PruneResult:
+          seed: int = 0, name: str = "", lower: str = "off", provider: str = "cpu",
+          batch: int = 1, threads: int = 0, lower_cache: str | None = None) -> PruneResult:
     """Remove zero groups from ``model``; the result computes the same outputs.
 
     ``threshold`` first zeroes every prunable group with L2 norm <= threshold (this changes
     the function; ``report.threshold_effect`` says by how much). ``verify_n`` seeded random
-    inputs are compared against the model read (0 skips the check).
+    inputs are compared against the model read (0 skips the check). ``lower`` (auto, off or a
+    strategy of ``LowerSparseConvPass``) lowers convs with zero fibers or 2D filters, chosen
+    by timing on ``provider`` at ``batch`` and ``threads``; ``lower_cache`` is the folder of
+    cached timings (default ~/.cache/onnx-ssl-lowering; "" disables the cache).
     """
     verify_n = verify
     if verify_n < 0:
         raise InputError(f"--verify must be >= 0 (0 skips the numeric check), got {verify_n}")
     if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
         raise InputError(f"--threshold must be a finite number >= 0, got {threshold}")
+    if lower not in LOWER_STRATEGIES or batch < 1 or threads < 0:
+        raise InputError(f"--lower must be one of {', '.join(LOWER_STRATEGIES)}, --batch >= 1 "
+                         f"and --threads >= 0; got {lower!r}, {batch}, {threads}")
     meta = ModelMeta.of(model)
     # Unique node names and a bound batch; `wc.unbind` makes the result batch-agnostic.
     wc = working_copy(model)
@@ -211,25 +232,65 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
         if verify_n:
             effect = tuple(compare(model, reference, n=verify_n, seed=seed))
     # The channel pass reuses `before` only if the collapse pass left the graph untouched.
-    pm = PassManager([CollapseResidualPass(before, seed),
-                      RemoveZeroChannelsPass(before, seed, analysed=graph), ShrinkKernelsPass(),
-                      CleanupPass()])
+    lowering = LowerSparseConvPass(
+        lower, provider=provider, batch=batch, threads=threads,
+        cache_dir=_cache_dir(lower_cache)) if lower != "off" else None
+    # Removing channels and branches enables more of both: they run to their fixpoint.
+    shared = SharedAnalysis(before, graph)
+    pm = PassManager([FixpointPass([CollapseResidualPass(seed=seed, shared=shared),
+                                    RemoveZeroChannelsPass(seed=seed, shared=shared)]),
+                      ShrinkKernelsPass(), *([lowering] if lowering else []), CleanupPass()])
+    maps_before = bias_maps(graph)  # per-position bias maps count as their layer's params
     out = pm(graph)
     passes += list(out.results)
+    maps_after = bias_maps(out.graph)
     final = finish(wc.unbind(out.graph), meta)
     diffs = tuple(verify_outputs(reference, final, n=verify_n, seed=seed)) if verify_n else None
     after_layers = model_layers(final)
+    stats = tuple(dataclasses.replace(
+        s, params_before=s.params_before + maps_before.get(s.node, 0),
+        params_after=s.params_after + maps_after.get(s.node, 0))
+        for s in layer_stats(before.layers, after_layers))
+    if lowering is not None:
+        stats, after_layers = _merge_lowered(stats, after_layers, out.report(lowering.name))
     kept: list[str] = []
     for _, r in passes:
         kept += list(getattr(r, "kept", ()))
     report = PruneReport(
-        model=name or model.graph.name, layers=layer_stats(before.layers, after_layers),
+        model=name or model.graph.name, layers=stats,
         layers_before=len(before.layers), layers_after=len(after_layers),
-        params_before=before.params, params_after=sum(la.params for la in after_layers),
+        params_before=before.params + sum(maps_before.values()),
+        params_after=sum(la.params for la in after_layers) + sum(maps_after.values()),
         macs_before=before.macs, macs_after=sum(la.macs for la in after_layers),
         passes=tuple(passes), threshold=threshold,
         threshold_effect=effect, verification=diffs, kept=tuple(kept))
     return PruneResult(final, report)
+
+
+def _cache_dir(spec: str | None) -> Path | None:
+    from .passes.lower_sparse_conv import default_cache_dir
+
+    if spec is None:
+        return default_cache_dir()
+    return Path(spec) if spec else None
+
+
+def _merge_lowered(stats: tuple[LayerStat, ...], after: tuple[Layer, ...], rep: Report
+                   ) -> tuple[tuple[LayerStat, ...], tuple[Layer, ...]]:
+    """Count a lowered conv as one layer with the params and MACs of its lowering (its
+    pieces are named ``<conv>.lowered...``; a MatMul on an im2col is no layer of the table)."""
+    low = {e.node: e for e in getattr(rep, "lowered", ())}
+    if not low:
+        return stats, after
+    out = []
+    for s in stats:
+        e = low.get(s.node)
+        out.append(s if e is None else dataclasses.replace(
+            s, filters_after=e.filters, channels_after=e.channels,
+            params_after=e.params_after, macs_after=e.macs_after))
+    return tuple(out), tuple(la for la in after if LOWERED not in la.node) + tuple(
+        Layer(e.node, "Conv", "", None, 0, 1, 1, (), e.params_after, e.macs_after, None, None)
+        for e in low.values())
 
 
 def run_prune_cli(args: argparse.Namespace) -> int:
@@ -248,7 +309,8 @@ def run_prune_cli(args: argparse.Namespace) -> int:
     model = _load(args.model)
     n = 0 if args.no_verify else args.verify
     result = prune(model, threshold=args.threshold, verify=n, seed=args.seed,
-                   name=str(args.model))
+                   name=str(args.model), lower=args.lower, provider=args.provider,
+                   batch=args.batch, threads=args.threads, lower_cache=args.lower_cache)
     save_model(result.model, args.output)
     if args.report:
         write_text_atomic(args.report, json.dumps(result.report.to_json(), indent=1) + "\n")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from . import runtime
-from .io import clamp_ir
+from .io import clamp_ir, infer_shapes
+
+if TYPE_CHECKING:
+    from .groups import Analysis
 
 
 def export(graph: gs.Graph) -> onnx.ModelProto:
@@ -106,6 +110,69 @@ def clear_inner_shapes(graph: gs.Graph) -> None:
     for t in graph.tensors().values():
         if isinstance(t, gs.Variable) and t.name not in io:
             t.shape = None
+
+
+def refresh_shapes(graph: gs.Graph) -> None:
+    """Infer again the inner shapes a rewrite changed (in place; graph I/O keep theirs).
+
+    The analysis needs every channel count: a pass that rewrote the graph leaves it with
+    its shapes inferred, so that the next pass (or the next round of a fixpoint) does not
+    block spaces for an "operand of unknown rank". A tensor that shape inference cannot
+    type (an op it does not know) stays without a shape.
+    """
+    clear_inner_shapes(graph)
+    graph.toposort()
+    inferred = infer_shapes(export(graph), strict=False)
+    dims = {vi.name: vi.type.tensor_type.shape.dim for vi in inferred.graph.value_info
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Variable) and t.shape is None and name in dims:
+            t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                       for d in dims[name]]
+
+
+class SharedAnalysis:
+    """The channel analysis of the graph a pipeline's passes last saw, computed once.
+
+    A pass never changes the graph it is given, so an analysis stays valid for that very
+    graph object (and for a copy of it, whose tensors have the same names). A pass that
+    changed the graph hands on a new object, which the next pass analyses afresh.
+    """
+
+    def __init__(self, analysis: Analysis | None = None, graph: gs.Graph | None = None
+                 ) -> None:
+        self._analysis = analysis if graph is not None else None
+        self._graph = graph
+
+    def of(self, graph: gs.Graph) -> Analysis:
+        if self._analysis is None or self._graph is not graph:
+            from .analysis import analyze_graph  # the analysis imports this module
+
+            self._analysis = analyze_graph(graph, kinds=())
+            self._graph = graph
+        return self._analysis
+
+
+def bias_maps(graph: gs.Graph) -> dict[str, int]:
+    """Layer node -> float elements of the constant maps added right after it.
+
+    ``Add(layer(x), k)`` with a constant ``k`` of rank >= 2 is a per-position bias map (the
+    channel pass adds one behind a padded convolution that read a removed constant channel):
+    params of the layer that its weight and bias do not show.
+    """
+    out: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or not node.outputs:
+            continue
+        y = node.outputs[0]
+        while len(y.outputs) == 1 and y.outputs[0].op == "Add" and y.outputs[0].outputs:
+            add = y.outputs[0]
+            k = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
+            if k is None or len(k.shape) < 2 or np.dtype(k.dtype).kind != "f":
+                break
+            out[node.name] = out.get(node.name, 0) + int(np.prod(k.shape))
+            y = add.outputs[0]
+    return out
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:

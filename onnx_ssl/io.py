@@ -503,10 +503,16 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
             onnx.save_model(m, str(tmp_model), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_out.name,
                             size_threshold=1024)
-            with open(tmpdir / data_out.name, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmpdir / data_out.name, _file_mode(data_out))
-            os.replace(tmpdir / data_out.name, data_out)
+            # onnx writes the data file only when a tensor reaches the threshold: a model
+            # whose tensors are all small is one self-contained file.
+            if (tmpdir / data_out.name).exists():
+                with open(tmpdir / data_out.name, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.chmod(tmpdir / data_out.name, _file_mode(data_out))
+                os.replace(tmpdir / data_out.name, data_out)
+            else:
+                with open(tmp_model, "rb+") as f:
+                    os.fsync(f.fileno())
         else:
             with open(tmp_model, "wb") as f:
                 f.write(model.SerializeToString())

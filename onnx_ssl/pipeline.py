@@ -5,6 +5,12 @@ where ``report`` is a frozen dataclass saying what changed; ``modified`` is deri
 report. A pass never mutates the graph it is given: it works on a copy. Errors raised inside
 a pass are re-raised as :class:`PassError` naming the passes that ran before it, with the
 original exception chained.
+
+A rewrite that enables more rewrites runs to its fixpoint: :class:`FixpointPass` runs its
+passes again and again until a round changes nothing (removing a channel can leave a filter
+that nobody reads, or an upstream channel that only that filter read), so that running the
+pipeline on its own output reports no change. Its per-pass reports are merged over the
+rounds (:meth:`Report.merge`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Generic, Protocol, TypeVar
 
 import onnx
@@ -49,6 +55,30 @@ class Report:
             out[f.name] = _jsonable(v)
         out["modified"] = self.modified
         return out
+
+    def merge(self, later: Report) -> Report:
+        """This report followed by ``later`` (the same pass, run again): counts add up,
+        tuples of what changed are concatenated, and ``info`` fields (what is still kept and
+        why) and other values are ``later``'s, the state after both."""
+        if type(later) is not type(self):
+            raise TypeError(f"cannot merge {type(later).__name__} into {type(self).__name__}")
+        values: dict[str, Any] = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(later, f.name)
+            if f.metadata.get("info"):
+                values[f.name] = b
+            elif isinstance(a, bool):
+                values[f.name] = a or b
+            elif isinstance(a, (int, tuple)):
+                values[f.name] = a + b
+            else:
+                values[f.name] = b
+        return type(self)(**values)
+
+    def flatten(self, name: str) -> tuple[tuple[str, Report], ...]:
+        """``(pass name, report)`` pairs for a pipeline's results (a nested pipeline gives
+        those of its passes)."""
+        return ((name, self),)
 
 
 def _jsonable(v: Any) -> Any:
@@ -119,8 +149,54 @@ class PassManager:
                       res.modified)
             graph = res.graph
             ran.append(p.name)
-            results.append((p.name, res.report))
+            results += res.report.flatten(p.name)
         return PipelineResult(graph, tuple(results))
+
+
+@dataclass(frozen=True)
+class FixpointReport(Report):
+    """The merged report of each pass of a :class:`FixpointPass`, and the rounds it took
+    (the last round changes nothing)."""
+
+    results: tuple[tuple[str, Report], ...] = ()
+    rounds: int = field(default=0, metadata={"info": True})
+
+    @property
+    def modified(self) -> bool:
+        return any(r.modified for _, r in self.results)
+
+    def flatten(self, name: str) -> tuple[tuple[str, Report], ...]:
+        return self.results
+
+
+class FixpointPass:
+    """Runs ``passes`` in order, round after round, until a round changes nothing.
+
+    A pass that still reports a change after ``max_rounds`` rounds is a bug (each round that
+    changes something makes the graph strictly smaller): it raises PassError rather than
+    loop. Errors name the round and the passes that ran before, like :class:`PassManager`.
+    """
+
+    def __init__(self, passes: Sequence[GraphPass[Any]], max_rounds: int = 64) -> None:
+        self.passes = tuple(passes)
+        self.max_rounds = max_rounds
+        self.name = "fixpoint(" + ", ".join(p.name for p in self.passes) + ")"
+
+    def __call__(self, graph: gs.Graph) -> PassResult[FixpointReport]:
+        merged: dict[str, Report] = {}
+        for k in range(1, self.max_rounds + 1):
+            try:
+                out = PassManager(self.passes)(graph)
+            except OnnxSslError as e:
+                raise type(e)(f"round {k}: {e}") from e
+            graph = out.graph
+            for name, r in out.results:
+                merged[name] = merged[name].merge(r) if name in merged else r
+            if not any(r.modified for _, r in out.results):
+                log.debug("%s: fixpoint after %d round(s)", self.name, k)
+                return PassResult(graph, FixpointReport(tuple(merged.items()), k))
+        raise PassError(f"{self.name}: still changing the graph after {self.max_rounds} "
+                        f"rounds")
 
 
 def _one_line(e: BaseException) -> str:

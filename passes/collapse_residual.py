@@ -7,7 +7,9 @@ this), ``F(x) = k`` is the same for every input: biases, BatchNorm shifts and
 activations of them. Then ``y = shortcut + k``: the branch is deleted and the Add keeps the
 constant ``k`` (reduced to ``[1, C, 1, 1]`` when it is the same at every position), or
 disappears entirely when ``k == 0``. ``k`` is evaluated with ONNX Runtime on two different
-inputs, which must agree exactly.
+inputs, which must agree exactly. A ``k`` that varies over positions (a padded convolution
+behind the zero layer) is stored only when it costs fewer params than the branch holds;
+otherwise the branch stays, listed under "kept:", so that the model never grows.
 """
 
 from __future__ import annotations
@@ -18,8 +20,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_ssl.analysis import LAYER_OPS, analyze_graph
-from onnx_ssl.graphutil import clear_inner_shapes, dynamic_input_reason, evaluate, unique_name
+from onnx_ssl.analysis import LAYER_OPS
+from onnx_ssl.graphutil import (
+    SharedAnalysis,
+    dynamic_input_reason,
+    evaluate,
+    refresh_shapes,
+    unique_name,
+)
 from onnx_ssl.groups import Analysis, Branch
 from onnx_ssl.pipeline import PassResult, Report
 
@@ -68,15 +76,39 @@ def _entry_layers_zero(by_name: dict[str, gs.Node], b: Branch) -> bool:
     return bool(stops) and b.branch_output not in data
 
 
+def _branch_params(by_name: dict[str, gs.Node], b: Branch) -> int:
+    """Float constant elements that only the branch's nodes read (deleted with it)."""
+    inside = set(b.nodes)
+    seen: set[str] = set()
+    total = 0
+    for n in b.nodes:
+        for t in by_name[n].inputs:
+            if (isinstance(t, gs.Constant) and t.name not in seen
+                    and np.dtype(t.dtype).kind == "f"
+                    and all(c.name in inside for c in t.outputs)):
+                seen.add(t.name)
+                total += int(np.prod(t.shape))
+    return total
+
+
 class CollapseResidualPass:
     name = "collapse-residual"
 
-    def __init__(self, analysis: Analysis | None = None, seed: int = 0) -> None:
-        self.analysis = analysis
+    def __init__(self, analysis: Analysis | None = None, seed: int = 0,
+                 analysed: gs.Graph | None = None, *, shared: SharedAnalysis | None = None
+                 ) -> None:
+        """``analysis`` is used only for ``analysed``, the very graph object the pass must
+        receive (without it, for the first graph the pass receives); any other graph is
+        analysed afresh. ``shared`` hands the analysis on between the passes of a pipeline
+        (and the rounds of a fixpoint) instead."""
+        self.shared = shared or SharedAnalysis(analysis, analysed)
+        self._pending = analysis if analysed is None and shared is None else None
         self.seed = seed
 
     def __call__(self, graph: gs.Graph) -> PassResult[CollapseResidualReport]:
-        analysis = self.analysis or analyze_graph(graph, kinds=())
+        if self._pending is not None:  # it describes the first graph this pass is handed
+            self.shared, self._pending = SharedAnalysis(self._pending, graph), None
+        analysis = self.shared.of(graph)
         nodes = {n.name: n for n in graph.nodes}
         todo = [b for b in analysis.branches if b.prunable and _entry_layers_zero(nodes, b)]
         if not todo:
@@ -84,15 +116,16 @@ class CollapseResidualPass:
         graph = graph.copy()
         no_fold = dynamic_input_reason(graph)
         if no_fold:
-            kept = tuple(f"{b.add}: keeps its zeroed residual branch: evaluating the branch's "
-                         f"constant needs static input shapes, but {no_fold}" for b in todo)
-            return PassResult(graph, CollapseResidualReport(kept=kept))
+            why = tuple(f"{b.add}: keeps its zeroed residual branch: evaluating the branch's "
+                        f"constant needs static input shapes, but {no_fold}" for b in todo)
+            return PassResult(graph, CollapseResidualReport(kept=why))
         names = [b.branch_output for b in todo]
         a = evaluate(graph, names, self.seed)
         b2 = evaluate(graph, names, self.seed + 1)
         by_name = {n.name: n for n in graph.nodes}
         outputs = {t.name for t in graph.outputs}
         removed: list[str] = []
+        kept: list[str] = []
         layers = consts = 0
         for br in todo:
             k, k2 = a[br.branch_output][:1], b2[br.branch_output][:1]
@@ -106,6 +139,12 @@ class CollapseResidualPass:
             red = k
             if k.ndim == 4 and np.all(k == k[:, :, :1, :1]):
                 red = k[:, :, :1, :1]
+            held = _branch_params(by_name, br)
+            if np.any(red) and red.size > held:
+                kept.append(f"{br.add}: keeps its constant residual branch: the constant "
+                            f"varies over positions, and storing it ({red.size} params) "
+                            f"costs more than the branch's {held}")
+                continue
             if not np.any(red):
                 y = add.outputs[0]
                 if y.name in outputs:
@@ -122,6 +161,9 @@ class CollapseResidualPass:
             del branch_t
             removed.append(br.add)
             layers += len(br.layers)
-        clear_inner_shapes(graph)
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(graph, CollapseResidualReport(tuple(removed), layers, consts))
+        if not removed:
+            return PassResult(graph, CollapseResidualReport(kept=tuple(kept)))
+        graph.cleanup(remove_unused_graph_inputs=False)
+        refresh_shapes(graph)  # the next pass analyses this graph: it needs its shapes
+        return PassResult(graph, CollapseResidualReport(tuple(removed), layers, consts,
+                                                        tuple(kept)))

@@ -21,13 +21,29 @@ Slice bounds, Reshape targets, Resize sizes and depthwise ``group`` are rewritte
 grouped convolutions valid by removing the same number of channels from each group. Channels
 of a graph input are never removed from the input: when no layer reads some input features,
 a Gather after the input keeps the ones still read (the input keeps its shape).
-A space keeps at least one channel; whole residual branches go through
-:mod:`onnx_ssl.passes.collapse_residual`.
+
+What stays, and why (each listed under "kept:"):
+
+* every tensor keeps at least one channel: a space, and each part of it that a Split or
+  Slice cuts out (ONNX Runtime never returns from a Conv with 0 input channels). The
+  channel kept is preferably one that nobody reads and that carries a constant;
+* grouped convolutions lose the same number of channels from each group;
+* a bias map is added only when it costs fewer params than the channels it replaces save
+  (``C_out' * H * W`` against the elements of every member removed), so that the model
+  never grows; otherwise the constant channels stay.
+
+One run removes what the graph it was given shows. Removing a channel can make others
+removable (a filter whose every reader left reads upstream channels that nobody else
+reads): the prune pipeline runs this pass and :mod:`onnx_ssl.passes.collapse_residual` to
+their fixpoint (:class:`onnx_ssl.pipeline.FixpointPass`). A rewritten graph leaves with its
+shapes inferred, for the next analysis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,11 +51,12 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_ssl.analysis import LAYER_OPS, analyze_graph
+from onnx_ssl.analysis import LAYER_OPS
 from onnx_ssl.graphutil import (
-    clear_inner_shapes,
+    SharedAnalysis,
     dynamic_input_reason,
     evaluate,
+    refresh_shapes,
     run_node,
     unique_name,
 )
@@ -68,6 +85,18 @@ class RemoveZeroChannelsReport(Report):
     bias_maps_added: int = 0
     input_features_gathered: int = 0
     kept: tuple[str, ...] = field(default=(), metadata={"info": True})
+
+    def merge(self, later: Report) -> RemoveZeroChannelsReport:
+        """Two rounds of the pass: one :class:`SpaceChange` per space, from its size before
+        the first round to its size after the last."""
+        merged = super().merge(later)
+        assert isinstance(merged, RemoveZeroChannelsReport)
+        by_space: dict[str, SpaceChange] = {}
+        for c in merged.spaces:
+            p = by_space.get(c.space)
+            by_space[c.space] = c if p is None else SpaceChange(
+                c.space, p.before, c.after, p.unread + c.unread, p.constant + c.constant)
+        return dataclasses.replace(merged, spaces=tuple(by_space.values()))
 
 
 def _source_layer_refs(space: Space, nodes: dict[str, gs.Node]) -> list[ChannelRef]:
@@ -146,28 +175,32 @@ class RemoveZeroChannelsPass:
     name = "remove-zero-channels"
 
     def __init__(self, analysis: Analysis | None = None, seed: int = 0,
-                 analysed: gs.Graph | None = None) -> None:
-        """``analysis`` is used only for the graph it describes: ``analysed``, when given, must
-        be the very graph object the pass receives (an unchanged graph from earlier passes);
-        otherwise the pass analyses its input itself."""
-        self.analysed = analysed
-        self.analysis = analysis
+                 analysed: gs.Graph | None = None, *, shared: SharedAnalysis | None = None
+                 ) -> None:
+        """``analysis`` is used only for the graph it describes: ``analysed``, the very graph
+        object the pass must receive (an unchanged graph from earlier passes; without it,
+        the first graph the pass receives); any other graph is analysed afresh. ``shared``
+        hands the analysis on between the passes of a pipeline (and the rounds of a
+        fixpoint) instead."""
+        self.shared = shared or SharedAnalysis(analysis, analysed)
+        self._pending = analysis if analysed is None and shared is None else None
         self.seed = seed
         # Constants added by folding that must be sliced like an existing tensor axis:
         # (new tensor, tensor it follows, axis there, axis here).
         self._followers: list[tuple[str, str, int, int]] = []
 
     def __call__(self, graph: gs.Graph) -> PassResult[RemoveZeroChannelsReport]:
+        if self._pending is not None:  # it describes the first graph this pass is handed
+            self.shared, self._pending = SharedAnalysis(self._pending, graph), None
+        analysis = self.shared.of(graph)
         graph = graph.copy()
         self._followers = []
-        usable = self.analysis is not None and (self.analysed is None or self.analysed is graph)
-        analysis = self.analysis if usable and self.analysis else analyze_graph(graph, kinds=())
         tensors = graph.tensors()
         nodes = {n.name: n for n in graph.nodes}
         kept: list[str] = []
-        plan: dict[str, tuple[set[int], set[int]]] = {}  # space -> (unread, constant)
         # Folding a constant channel evaluates it; that needs static inputs (but the batch).
         no_fold = dynamic_input_reason(graph)
+        found: dict[str, tuple[set[int], set[int]]] = {}  # space -> (unread, constant)
         for sp in analysis.spaces:
             input_only = (not sp.prunable and sp.origin == "input" and all(
                 r.startswith(INPUT_REASON_PREFIX) for r in sp.all_reasons))
@@ -186,25 +219,27 @@ class RemoveZeroChannelsPass:
                             f"read by other layers): folding them needs static input shapes, "
                             f"but {no_fold}")
                 const = set()
-            removable = unread | const
-            if not removable:
-                continue
-            if len(removable) >= sp.channels:
-                keep = min(removable)
-                removable.discard(keep)
-                kept.append(f"{sp.id}: every channel is zero; a layer keeps at least one "
-                            f"channel (channel {keep} kept)")
-            removable, why = _balance(sp, removable)
+            if unread | const:
+                found[sp.id] = (unread, const)
+        removable = {sid: u | c for sid, (u, c) in found.items()}
+        _keep_nonempty(analysis, removable, found, kept)
+        plan: dict[str, tuple[set[int], set[int]]] = {}
+        for sid, rem in removable.items():
+            rem, why = _balance(analysis.space(sid), rem)
             kept += why
-            if removable:
-                plan[sp.id] = (unread & removable, const & removable)
+            if rem:
+                unread, const = found[sid]
+                plan[sid] = (unread & rem, const & rem)
         if not plan:
             return PassResult(graph, RemoveZeroChannelsReport(kept=tuple(kept)))
 
-        folded, maps = self._fold_constants(graph, analysis, plan, kept)
+        contributions = self._plan_constants(graph, analysis, plan, kept)
+        if not plan:
+            return PassResult(graph, RemoveZeroChannelsReport(kept=tuple(kept)))
+        folded, maps = self._fold(graph, contributions)
         gathered = self._apply(graph, analysis, plan)
-        clear_inner_shapes(graph)
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        graph.cleanup(remove_unused_graph_inputs=False)
+        refresh_shapes(graph)
         changes = tuple(SpaceChange(s, analysis.space(s).channels,
                                     analysis.space(s).channels - len(u | c), len(u), len(c - u))
                         for s, (u, c) in plan.items())
@@ -215,19 +250,24 @@ class RemoveZeroChannelsPass:
         return PassResult(graph, report)
 
     # --- constants ------------------------------------------------------------------------
-    def _fold_constants(self, graph: gs.Graph, analysis: Analysis,
+    def _plan_constants(self, graph: gs.Graph, analysis: Analysis,
                         plan: dict[str, tuple[set[int], set[int]]], kept: list[str]
-                        ) -> tuple[int, int]:
-        """Add the contribution of removed constant channels to each consumer.
+                        ) -> list[tuple[str, np.ndarray, bool]]:
+        """What each consumer of removed constant channels gets added back:
+        ``(consumer, k, uniform)``, ``k`` per output channel when ``uniform``, else the map.
 
         A channel whose producing filters are all zero is constant unless something else
-        feeds it data (a data-dependent factor broadcast over the channels, say): such
-        channels are taken out of ``plan`` and kept, with the reason in ``kept``.
+        feeds it data (a data-dependent factor broadcast over the channels, say). A channel
+        whose contribution only a per-position bias map can carry is removed only when that
+        pays: the maps must cost fewer params than the removal saves, so that the model
+        never grows. Other channels are taken out of ``plan`` and kept, with the reason in
+        ``kept``; nothing in the graph changes here.
         """
         nodes = {n.name: n for n in graph.nodes}
+        tensors = graph.tensors()
         per_consumer = _constant_consumers(analysis, plan)
         if not per_consumer:
-            return 0, 0
+            return []
         inputs = sorted({nodes[n].inputs[0].name for n in per_consumer})
         a = evaluate(graph, inputs, self.seed)
         b = evaluate(graph, inputs, self.seed + 1)
@@ -244,27 +284,55 @@ class RemoveZeroChannelsPass:
             for r, c in items:
                 if not np.array_equal(a[x][:1][at(name, r, c)], b[x][:1][at(name, r, c)]):
                     varying[r.space].add(c)
-        if varying:
-            for sid, chans in varying.items():
-                _drop_from_plan(analysis.space(sid), plan, chans, kept)
-            per_consumer = _constant_consumers(analysis, plan)
+        for sid, chans in varying.items():
+            _drop_from_plan(analysis.space(sid), plan, chans, kept, (
+                "their filters are zero, but their values still depend on the input "
+                "(something other than the space's layers feeds them, such as a "
+                "data-dependent factor broadcast over the channels), so they are not "
+                "constants that can be folded"))
+        opset = int(graph.opset or 17)
+        cache: dict[tuple[str, tuple[tuple[ChannelRef, int], ...]], np.ndarray] = {}
+        while True:
+            out: list[tuple[str, np.ndarray, bool, list[tuple[ChannelRef, int]]]] = []
+            for name, items in _constant_consumers(analysis, plan).items():
+                key = (name, tuple(items))
+                if key not in cache:
+                    node = nodes[name]
+                    xa = a[node.inputs[0].name][:1]
+                    z = np.zeros_like(xa)
+                    for r, c in items:
+                        z[at(name, r, c)] = xa[at(name, r, c)]
+                    # The consumer without its bias is linear: L(x) = L(x_kept) + L(z).
+                    cache[key] = run_node(node, {0: z}, opset, drop_from=2)
+                contrib = cache[key]
+                node = nodes[name]
+                out_axis = (1 if node.op in ("Conv", "ConvTranspose", "Gemm")
+                            else contrib.ndim - 1)
+                per_channel = np.moveaxis(contrib, out_axis, 0).reshape(
+                    contrib.shape[out_axis], -1)
+                if np.all(per_channel == per_channel[:, :1]):
+                    out.append((name, per_channel[:, 0].copy(), True, items))
+                else:
+                    out.append((name, contrib.astype(np.float32), False, items))
+            drop = _costly_maps(analysis, plan, out, tensors, nodes)
+            if drop is None:
+                return [(name, k, uniform) for name, k, uniform, _ in out]
+            for sid, chans, why in drop:
+                _drop_from_plan(analysis.space(sid), plan, chans, kept, why)
+            if not plan:
+                return []
+
+    def _fold(self, graph: gs.Graph, contributions: list[tuple[str, np.ndarray, bool]]
+              ) -> tuple[int, int]:
+        """Add each contribution: into the consumer's bias, or as a bias map after it."""
+        nodes = {n.name: n for n in graph.nodes}
         folded = maps = 0
-        for name, items in per_consumer.items():
-            node = nodes[name]
-            x = node.inputs[0].name
-            xa = a[x][:1]
-            z = np.zeros_like(xa)
-            for r, c in items:
-                z[at(name, r, c)] = xa[at(name, r, c)]
-            # The consumer without its bias is linear: L(x) = L(x_kept) + L(z).
-            contrib = run_node(node, {0: z}, int(graph.opset or 17), drop_from=2)
-            out_axis = 1 if node.op in ("Conv", "ConvTranspose", "Gemm") else contrib.ndim - 1
-            per_channel = np.moveaxis(contrib, out_axis, 0).reshape(contrib.shape[out_axis], -1)
-            if np.all(per_channel == per_channel[:, :1]):
-                self._followers += _add_to_bias(graph, node, per_channel[:, 0].copy())
+        for name, k, uniform in contributions:
+            if uniform:
+                self._followers += _add_to_bias(graph, nodes[name], k)
                 folded += 1
             else:
-                self._followers += _add_bias_map(graph, node, contrib.astype(np.float32))
+                self._followers += _add_bias_map(graph, nodes[name], k)
                 maps += 1
         return folded, maps
 
@@ -273,24 +341,13 @@ class RemoveZeroChannelsPass:
                plan: dict[str, tuple[set[int], set[int]]]) -> int:
         tensors = graph.tensors()
         graph_inputs = {t.name for t in graph.inputs}
-        # (tensor, axis) -> positions to delete; grouped-conv inputs handled separately.
-        deletions: dict[tuple[str, int], set[int]] = defaultdict(set)
-        grouped: dict[str, set[int]] = defaultdict(set)  # weight -> deleted input positions
+        deletions, grouped_by, inputs = _deletions(analysis, plan, graph_inputs)
         gathered = 0
-        for sid, (unread, const) in plan.items():
-            sp = analysis.space(sid)
-            gone = unread | const
-            for r in sp.refs:
-                pos = {p for c in gone for p in r.positions(c)}
-                if not pos:
-                    continue
-                if r.tensor in graph_inputs:
-                    gathered += self._gather_input(graph, tensors[r.tensor], r.axis, pos)
-                    continue
-                if r.conv_groups > 1 and r.role == "in" and r.axis == 1:
-                    grouped[r.tensor] |= pos
-                    continue
-                deletions[(r.tensor, r.axis)] |= pos
+        for (name, axis), pos in inputs.items():
+            gathered += self._gather_input(graph, tensors[name], axis, pos)
+        grouped: dict[str, set[int]] = defaultdict(set)  # weight -> deleted input positions
+        for (name, _), pos in grouped_by.items():
+            grouped[name] |= pos
         for new, old, axis_old, axis_new in self._followers:
             if (old, axis_old) in deletions:
                 deletions[(new, axis_new)] |= deletions[(old, axis_old)]
@@ -345,20 +402,186 @@ def _constant_consumers(analysis: Analysis, plan: dict[str, tuple[set[int], set[
 
 
 def _drop_from_plan(space: Space, plan: dict[str, tuple[set[int], set[int]]],
-                    varying: set[int], kept: list[str]) -> None:
-    """Keep the ``varying`` channels of ``space`` (not constant after all), and rebalance."""
+                    chans: set[int], kept: list[str], why: str) -> None:
+    """Keep the ``chans`` of ``space`` (for reason ``why``), and rebalance."""
+    if space.id not in plan:
+        return
     unread, const = plan[space.id]
-    kept.append(f"{space.id}: keeps channel(s) {sorted(varying)}: their filters are zero, but "
-                f"their values still depend on the input (something other than the space's "
-                f"layers feeds them, such as a data-dependent factor broadcast over the "
-                f"channels), so they are not constants that can be folded")
-    const = const - varying
-    removable, why = _balance(space, unread | const)
-    kept += why
+    kept.append(f"{space.id}: keeps channel(s) {sorted(chans)}: {why}")
+    const = const - chans
+    unread = unread - chans
+    removable, balanced = _balance(space, unread | const)
+    kept += balanced
     if removable:
         plan[space.id] = (unread & removable, const & removable)
     else:
         del plan[space.id]
+
+
+Deletions = dict[tuple[str, int], set[int]]
+
+
+def _deletions(analysis: Analysis, plan: dict[str, tuple[set[int], set[int]]],
+               graph_inputs: set[str]) -> tuple[Deletions, Deletions, Deletions]:
+    """The positions ``plan`` deletes: ``(tensor, axis) -> positions`` of plain slices,
+    ``(grouped conv weight, groups) -> input positions`` (a grouped conv weight read on its
+    input side), and ``(graph input, axis) -> positions`` (gathered, never sliced)."""
+    plain: Deletions = defaultdict(set)
+    grouped: Deletions = defaultdict(set)
+    inputs: Deletions = defaultdict(set)
+    for sid, (unread, const) in plan.items():
+        gone = unread | const
+        for r in analysis.space(sid).refs:
+            pos = {p for c in gone for p in r.positions(c)}
+            if not pos:
+                continue
+            if r.tensor in graph_inputs:
+                inputs[(r.tensor, r.axis)] |= pos
+            elif r.conv_groups > 1 and r.role == "in" and r.axis == 1:
+                grouped[(r.tensor, r.conv_groups)] |= pos
+            else:
+                plain[(r.tensor, r.axis)] |= pos
+    return plain, grouped, inputs
+
+
+def _removed_elements(analysis: Analysis, plan: dict[str, tuple[set[int], set[int]]],
+                      tensors: dict[str, gs.Tensor]) -> int:
+    """Float constant elements (weights, biases, norm parameters) that ``plan`` removes."""
+    plain, grouped, _ = _deletions(analysis, plan, set())
+    cut: dict[str, dict[int, int]] = defaultdict(dict)
+    for (name, axis), pos in plain.items():
+        cut[name][axis] = len(pos)
+    for (name, groups), pos in grouped.items():
+        cut[name][1] = cut[name].get(1, 0) + len(pos) // groups  # as many from every group
+    total = 0
+    for name, axes in cut.items():
+        t = tensors.get(name)
+        if not isinstance(t, gs.Constant) or np.dtype(t.dtype).kind != "f":
+            continue
+        shape = [int(d) for d in t.shape]
+        total += math.prod(shape) - math.prod(max(0, d - axes.get(i, 0))
+                                              for i, d in enumerate(shape))
+    return total
+
+
+Contribution = tuple[str, np.ndarray, bool, list[tuple[ChannelRef, int]]]
+
+
+def _costly_maps(analysis: Analysis, plan: dict[str, tuple[set[int], set[int]]],
+                 contributions: list[Contribution], tensors: dict[str, gs.Tensor],
+                 nodes: dict[str, gs.Node]) -> list[tuple[str, set[int], str]] | None:
+    """Constant channels to keep because the bias maps they need cost more params than
+    removing them saves, as ``(space, channels, reason)``; None when the plan pays.
+
+    A map ``k[1, C_out, H, W]`` costs ``C_out' * H * W`` (``C_out'`` the consumer's output
+    channels after the plan); a new bias (a consumer without one) ``C_out'``. First the
+    space whose channels cost the most more than they save is kept (one at a time: keeping
+    it changes what the others cost); then, if the plan as a whole still grows the model,
+    every channel that needs a map is kept.
+    """
+    plain, grouped, _ = _deletions(analysis, plan, set())
+
+    def after(node: gs.Node) -> int:  # the consumer's output channels after the plan
+        w = node.inputs[1]
+        return int(w.shape[_out_weight_axis(node)]) - len(
+            plain.get((w.name, _out_weight_axis(node)), ()))
+
+    maps: list[tuple[str, int, set[tuple[str, int]]]] = []
+    new_bias = 0
+    for name, k, uniform, items in contributions:
+        node = nodes[name]
+        if not uniform:
+            axis = k.ndim - 1 if node.op == "MatMul" or k.ndim == 1 else 1
+            maps.append((name, k.size // k.shape[axis] * after(node),
+                         {(r.space, c) for r, c in items}))
+        elif _bias_index(node) is None or len(node.inputs) <= 2 or not node.inputs[2].name:
+            new_bias += after(node)
+    if not maps:
+        return None
+    removed = _removed_elements(analysis, plan, tensors)
+
+    def without(chans: set[tuple[str, int]]) -> dict[str, tuple[set[int], set[int]]]:
+        out = {}
+        for sid, (u, c) in plan.items():
+            gone = {ch for s, ch in chans if s == sid}
+            out[sid] = (u - gone, c - gone)
+        return out
+
+    needed = set().union(*(chans for _, _, chans in maps))
+    worst: tuple[int, str, set[int], int, int] | None = None
+    for sid in sorted({s for s, _ in needed}):
+        mine = {(s, c) for s, c in needed if s == sid}
+        avoided = sum(cost for _, cost, chans in maps if chans <= mine)
+        saved = removed - _removed_elements(analysis, without(mine), tensors)
+        if avoided > saved and (worst is None or avoided - saved > worst[0]):
+            worst = (avoided - saved, sid, {c for _, c in mine}, avoided, saved)
+    if worst is not None:
+        _, sid, chans, avoided, saved = worst
+        readers = sorted(n for n, _, c in maps if any(s == sid for s, _ in c))
+        return [(sid, chans, f"their constant reaches {', '.join(readers)} differently at "
+                             f"different positions (padding), and the per-position bias map "
+                             f"that would carry it costs {avoided} params, more than the "
+                             f"{saved} that removing them saves")]
+    cost = sum(c for _, c, _ in maps) + new_bias
+    if cost <= removed:
+        return None
+    return [(sid, {c for s, c in needed if s == sid},
+             f"the per-position bias maps their constants need cost {cost} params, more than "
+             f"the {removed} that this removal saves") for sid in sorted({s for s, _ in needed})]
+
+
+def _keep_nonempty(analysis: Analysis, removable: dict[str, set[int]],
+                   found: dict[str, tuple[set[int], set[int]]], kept: list[str]) -> None:
+    """Keep one channel of every activation that would lose all of its channels (in place).
+
+    ONNX Runtime cannot run a tensor with 0 channels: a Conv with 0 input channels never
+    returns, and a GlobalAveragePool on one fails. So a space keeps at least one channel,
+    and so does each part of it that a Split or Slice cuts out. The channel kept is, in
+    this order of preference, one that nobody reads and that carries a constant (it ties
+    nothing up or down stream), one with zero filters (its upstream channels can still go),
+    the first.
+    """
+    by_tensor: dict[tuple[str, int], list[ChannelRef]] = defaultdict(list)
+    for sp in analysis.spaces:
+        for r in sp.refs:
+            if r.role == "act" and r.space in removable:
+                by_tensor[(r.tensor, r.axis)].append(r)
+    sizes = {(r.tensor, r.axis): 0 for sp in analysis.spaces for r in sp.refs
+             if r.role == "act"}
+    for sp in analysis.spaces:
+        for r in sp.refs:
+            if r.role == "act":
+                sizes[(r.tensor, r.axis)] += r.length
+    for key in sorted(by_tensor, key=lambda k: (sizes[k], k)):
+        refs = by_tensor[key]
+        if sum(r.length for r in refs) < sizes[key]:
+            continue  # a space that is not removed at all holds some of its channels
+        cands = [(r.space, c) for r in refs
+                 for c in range(r.space_start, r.space_start + r.length)]
+        if not all(c in removable[s] for s, c in cands):
+            continue
+
+        def rank(sc: tuple[str, int]) -> tuple[bool, bool, int]:
+            unread, const = found[sc[0]]
+            return (not (sc[1] in unread and sc[1] in const), sc[1] not in const, sc[1])
+
+        sid, keep = min(cands, key=rank)
+        removable[sid].discard(keep)
+        space = analysis.space(sid)
+        if len(cands) >= space.channels and all(s == sid for s, _ in cands):
+            kept.append(f"{sid}: every channel is zero; a layer keeps at least one channel "
+                        f"(channel {keep} kept)")
+        else:
+            kept.append(f"{sid}: every channel of tensor '{key[0]}' is zero; a tensor keeps "
+                        f"at least one channel (ONNX Runtime cannot run an empty one), so "
+                        f"channel {keep} is kept")
+    for sid, rem in removable.items():  # a space without activations (never, in practice)
+        space = analysis.space(sid)
+        if len(rem) >= space.channels:
+            keep = min(rem)
+            rem.discard(keep)
+            kept.append(f"{sid}: every channel is zero; a layer keeps at least one channel "
+                        f"(channel {keep} kept)")
 
 
 def _activation_axis(node: gs.Node) -> int:
@@ -408,8 +631,19 @@ def _add_to_bias(graph: gs.Graph, node: gs.Node, vec: np.ndarray) -> list[Follow
 
 
 def _add_bias_map(graph: gs.Graph, node: gs.Node, k: np.ndarray) -> list[Follower]:
-    """y -> y + k after ``node`` (k broadcasts over the batch)."""
+    """y -> y + k after ``node`` (k broadcasts over the batch).
+
+    When ``y`` already goes only into an Add of a constant of ``k``'s shape (a bias map of
+    an earlier round, a MatMul's bias), ``k`` is added into that constant instead.
+    """
     y = node.outputs[0]
+    if len(y.outputs) == 1 and y.outputs[0].op == "Add":
+        prev = next((t for t in y.outputs[0].inputs if isinstance(t, gs.Constant)), None)
+        if (prev is not None and len(prev.outputs) == 1
+                and tuple(prev.shape) == tuple(k.shape)
+                and np.dtype(prev.dtype) == k.dtype):
+            prev.values = (np.asarray(prev.values) + k).astype(k.dtype)
+            return []  # sliced like any broadcast constant of the space: already a member
     pre = gs.Variable(unique_name(graph, f"{y.name}_before_const"), dtype=y.dtype)
     node.outputs[0] = pre
     const = gs.Constant(unique_name(graph, f"{node.name}.const_contribution"), k)

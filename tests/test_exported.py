@@ -296,6 +296,15 @@ def test_merged_constants_of_the_dynamo_export_are_unshared() -> None:
 # --- the property -------------------------------------------------------------------------
 
 
+def only_costly_maps_kept(kept: tuple[str, ...]) -> bool:
+    """Whether zeroed channels were kept, asserting that the only reason is a bias map that
+    would cost more params than the channels save (filters zeroed in front of a padded conv;
+    the model never grows), with the group balance that keeping them can entail."""
+    assert all("bias map" in k or "convolution groups" in k for k in kept), kept
+    assert not kept or any("bias map" in k for k in kept), kept
+    return bool(kept)
+
+
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("case", STATIC, ids=_id)
 def test_zeroed_groups_are_pruned_exactly(case: tuple[str, str], side: str) -> None:
@@ -308,12 +317,12 @@ def test_zeroed_groups_are_pruned_exactly(case: tuple[str, str], side: str) -> N
     result = prune(zeroed, verify=2)  # raises VerificationError beyond the tolerance
     assert_same_outputs(zeroed, result.model, seed=11)
     report = dict(result.report.passes)["remove-zero-channels"]
-    assert not result.report.kept, result.report.kept
-    assert report.channels_removed >= len(chosen)
-    after = analyze(result.model)
-    # Each zeroed group takes at least one output channel of a Conv/Gemm/MatMul with it.
-    assert out_channels(result.model, after) <= out_channels(m, a) - len(chosen)
-    assert result.report.macs_after < result.report.macs_before
+    if not only_costly_maps_kept(result.report.kept):
+        assert report.channels_removed >= len(chosen)
+        after = analyze(result.model)
+        # Each zeroed group takes at least one output channel of a Conv/Gemm/MatMul with it.
+        assert out_channels(result.model, after) <= out_channels(m, a) - len(chosen)
+        assert result.report.macs_after < result.report.macs_before
     # Pruning the pruned model again finds nothing to do.
     again = prune(result.model, verify=1)
     assert again.report.modified is False
@@ -387,12 +396,12 @@ def test_dynamic_batch_prunes_exactly(case: tuple[str, str], side: str) -> None:
         chosen = pick(a, K, seed=5)
         zeroed = zero_groups(m, chosen, side)
     result = prune(zeroed, verify=2)
-    assert not result.report.kept, result.report.kept
+    kept = only_costly_maps_kept(result.report.kept)
     dims = result.model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch"
     if side == "branch":
         assert len(dict(result.report.passes)["collapse-residual"].branches_removed) == 1
-    else:
+    elif not kept:
         after = analyze(result.model)
         assert out_channels(result.model, after) <= out_channels(m, a) - len(chosen)
     ref, new = runtime.session(zeroed), runtime.session(result.model)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -16,7 +16,7 @@ from onnx_ssl import models
 from onnx_ssl.analysis import analyze, prepare
 from onnx_ssl.errors import PassError
 from onnx_ssl.io import to_graph
-from onnx_ssl.pipeline import PassManager, PassResult, Report
+from onnx_ssl.pipeline import FixpointPass, PassManager, PassResult, Report
 
 
 @dataclass(frozen=True)
@@ -76,3 +76,60 @@ def test_passes_do_not_mutate_their_input_and_are_idempotent():
     assert not again.modified
     assert numpy_helper.to_array(next(t for t in out.graph.initializer
                                       if t.name == "fc.weight")).shape[0] == 10
+
+
+@dataclass(frozen=True)
+class RoundReport(Report):
+    removed: int = 0
+    names: tuple[str, ...] = ()
+    kept: tuple[str, ...] = field(default=(), metadata={"info": True})
+
+
+class Countdown:
+    """Removes one node per call until ``stop`` nodes are left; says what it kept."""
+
+    name = "countdown"
+
+    def __init__(self, stop: int) -> None:
+        self.stop = stop
+
+    def __call__(self, graph: gs.Graph) -> PassResult[RoundReport]:
+        if len(graph.nodes) <= self.stop:
+            return PassResult(graph, RoundReport(kept=(f"{len(graph.nodes)} left",)))
+        graph = graph.copy()
+        gone = graph.nodes.pop()
+        return PassResult(graph, RoundReport(1, (gone.name,), (f"{len(graph.nodes)} left",)))
+
+
+class Forever:
+    name = "forever"
+
+    def __call__(self, graph: gs.Graph) -> PassResult[CountReport]:
+        return PassResult(graph, CountReport(nodes_removed=1))
+
+
+def test_fixpoint_reruns_until_a_round_changes_nothing():
+    g = gs.Graph(nodes=[gs.Node("Relu", name=f"n{i}") for i in range(5)])
+    out = PassManager([FixpointPass([Countdown(2), Identity()]), Identity()])(g)
+    assert len(out.graph.nodes) == 2
+    # The fixpoint's passes report under their own names, merged over the rounds: counts
+    # add up, what changed is concatenated, what is kept is the last round's.
+    assert [n for n, _ in out.results] == ["countdown", "identity", "identity"]
+    rep = out.report("countdown")
+    assert rep == RoundReport(3, ("n4", "n3", "n2"), ("2 left",))
+    # Its own output: no change.
+    again = FixpointPass([Countdown(2)])(out.graph)
+    assert not again.modified and again.report.rounds == 1
+
+
+def test_fixpoint_that_never_settles_is_an_error():
+    g = gs.Graph(nodes=[gs.Node("Relu", name="n")])
+    with pytest.raises(PassError, match=r"still changing the graph after 5 rounds"):
+        PassManager([FixpointPass([Forever()], max_rounds=5)])(g)
+
+
+def test_report_merge_keeps_the_later_info():
+    a = RoundReport(1, ("a",), ("x",))
+    assert a.merge(RoundReport()) == RoundReport(1, ("a",), ())
+    with pytest.raises(TypeError):
+        a.merge(CountReport())

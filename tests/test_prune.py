@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from fuzz_graphs import float_params
 from helpers import assert_same_outputs, make_model, pick_groups, rand, vi, zero_groups
 from onnx import helper, numpy_helper
+from onnx_ssl.models._builder import GraphBuilder
 
 from onnx_ssl import models
 from onnx_ssl.analysis import analyze, prepare
@@ -49,7 +51,8 @@ def test_zeroed_groups_are_removed_exactly(name, side):
         assert filters(result.model) <= filters(model) - len(chosen)
     else:  # only these reasons may keep a zeroed channel
         assert all("convolution groups loses the same number" in k or "every channel is zero"
-                   in k for k in result.report.kept), result.report.kept
+                   in k or "keeps at least one channel" in k or "bias map" in k
+                   for k in result.report.kept), result.report.kept
     if removed:
         assert result.report.macs_after < result.report.macs_before
     # Pruning the result again changes nothing and says so.
@@ -146,9 +149,18 @@ def test_input_features_nobody_reads_are_gathered():
     assert w["fc1.weight"].shape == (32, 60)
 
 
+def _padded_const(size: int, width: int) -> onnx.ModelProto:
+    """conv1 (width) -> BN -> Relu -> padded 3x3 conv2 (4) on size x size images."""
+    g = GraphBuilder("padded_const", 0)
+    x = g.input("input", (2, 3, size, size))
+    x = g.relu(g.bn(g.conv(x, width, 3, pad=1, name="conv1"), name="bn1"), name="relu1")
+    return g.build({"output": g.conv(x, 4, 3, pad=1, name="conv2")})
+
+
 def test_padded_conv_behind_constant_channel_gets_bias_map():
-    model = prepare(models.build("syn_padded_const", batch=2))
-    a = analyze(model, prepared=True)
+    # 4x4 images: the map k[1, 4, 4, 4] holds 64 params, fewer than the two channels.
+    model = _padded_const(4, 16)
+    a = analyze(model)
     # Zero only conv1's filters 1 and 4: BN shift + ReLU make them non-zero constants that a
     # padded 3x3 conv sees differently at the borders.
     chosen = [g for g in a.groups if g.space == "conv1" and g.index in (1, 4)]
@@ -157,6 +169,26 @@ def test_padded_conv_behind_constant_channel_gets_bias_map():
     rep = report_of(result, "remove-zero-channels")
     assert rep.channels_removed == 2 and rep.bias_maps_added == 1
     assert_same_outputs(z, result.model)
+    assert float_params(result.model) == float_params(z) - 2 * (27 + 1 + 4 + 36) + 64
+    # The report counts the map as conv2's params.
+    conv2 = next(s for s in result.report.layers if s.node == "conv2")
+    assert conv2.params_after == 4 * 14 * 9 + 4 + 64
+    assert result.report.params_after == sum(s.params_after for s in result.report.layers)
+
+
+def test_bias_map_that_costs_more_than_it_saves_keeps_the_channels():
+    # 16x16 images: a map for conv2 would hold 8*16*16 = 2048 params, the two channels 208.
+    model = prepare(models.build("syn_padded_const", batch=2))
+    a = analyze(model, prepared=True)
+    chosen = [g for g in a.groups if g.space == "conv1" and g.index in (1, 4)]
+    z = zero_groups(model, chosen, side="filter")
+    result = prune(z, verify=2)
+    rep = report_of(result, "remove-zero-channels")
+    assert rep.channels_removed == 0 and rep.bias_maps_added == 0
+    assert any(k.startswith("conv1: keeps channel(s) [1, 4]") and "2048 params" in k
+               for k in result.report.kept), result.report.kept
+    assert float_params(result.model) == float_params(z)
+    assert not prune(result.model, verify=1).report.modified
 
 
 def test_threshold_is_reported_as_a_change_of_function():

@@ -26,7 +26,9 @@ by the trainer from those outputs, and the eval model must drop them; Dropout ne
 ``training_mode`` input and mask output; LayerNormalization needs its Mean and InvStdDev
 outputs for its gradient; ``Sum`` and ``ReduceSumSquare`` have no gradient (the penalty uses
 Add chains and Mul + ReduceSum); some ops have no gradient at all (GlobalMaxPool,
-InstanceNormalization, HardSwish, Elu, LRN, ...): the error names the op and the node.
+InstanceNormalization, HardSwish, Elu, LRN, ...): :mod:`.lowering` rewrites them into exact
+compositions for training, and any other op without a gradient is refused in one line naming
+the op and the node.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from onnx_ssl.errors import InputError, OnnxSslError, UnsupportedModelError
 from onnx_ssl.io import convert_opset, current_umask, default_opset, write_text_atomic
 
 from . import _ort
+from .lowering import lower_for_training
 from .penalty import GraphWriter, Lambdas, Penalty, add_penalty_nodes, build_penalty
 
 log = logging.getLogger(__name__)
@@ -341,6 +344,63 @@ def _static_batch(model: onnx.ModelProto) -> int:
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
             return int(dims[0].dim_value)
     return 1
+
+
+def _free_batch_literals(model: onnx.ModelProto, b0: int) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` (its inputs' batch dim symbolic, see :func:`_set_batch`) whose
+    Reshape targets no longer hard-code the batch size ``b0``; returns it and the rewritten
+    nodes.
+
+    A static-batch export folds ``x.view(x.size(0), -1)`` into the literal target
+    ``[b0, -1]``. Where shape inference says the data's leading dim is the symbolic batch and
+    the target's first entry is ``b0``, that entry becomes 0 (copy the input's dim; a
+    node with ``allowzero=1``, as the dynamo exporter writes, gets ``allowzero=0`` when its
+    target has no other 0): the same shape at batch ``b0``, the batch at any other. Runs to a
+    fixpoint, as each rewrite frees the batch of later nodes.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    used = {t.name for t in m.graph.initializer} | {o for n in m.graph.node for o in n.output}
+    done: list[str] = []
+    while True:
+        inferred = onnx.shape_inference.infer_shapes(m)
+        lead: dict[str, str] = {}
+        for vi in (*inferred.graph.input, *inferred.graph.value_info):
+            dims = vi.type.tensor_type.shape.dim
+            if dims and dims[0].dim_param == BATCH_PARAM:
+                lead[vi.name] = BATCH_PARAM
+        changed = False
+        for node in m.graph.node:
+            if node.op_type != "Reshape" or len(node.input) < 2 or node.input[0] not in lead:
+                continue
+            t = inits.get(node.input[1])
+            if t is None:
+                continue
+            target = numpy_helper.to_array(t).astype(np.int64).copy()
+            if target.ndim != 1 or not len(target) or target[0] != b0:
+                continue
+            allowzero = [a for a in node.attribute if a.name == "allowzero" and a.i]
+            if allowzero and 0 in target:
+                continue  # a literal zero-sized dim: 0 cannot mean "copy" here
+            for a in allowzero:  # (no 0 in the target: allowzero changes nothing else)
+                a.i = 0
+            target[0] = 0
+            name, k = f"{node.name or node.output[0]}.ssl_batch_free_shape", 1
+            while name in used:
+                k += 1
+                name = f"{node.name or node.output[0]}.ssl_batch_free_shape_{k}"
+            used.add(name)
+            new = numpy_helper.from_array(target, name)
+            m.graph.initializer.append(new)
+            inits[name] = new
+            node.input[1] = name
+            done.append(node.name or node.output[0])
+            changed = True
+        if not changed:
+            break
+    _drop_unused_initializers(m)
+    return m, done
 
 
 def _runs_with_batch(model: onnx.ModelProto, batch: int) -> bool:
@@ -754,9 +814,18 @@ def build_artifacts(
     prepared = _analysis.prepare(_set_batch(model, b0))
     dynamic = _set_batch(prepared, BATCH_PARAM)
     fixed_batch: int | None = None
+    freed: list[str] = []
+    if not (_runs_with_batch(dynamic, b0 + 1) and _runs_with_batch(dynamic, b0 + 2)):
+        # A static-batch export: free the batch literals its shape targets hard-code.
+        candidate, freed = _free_batch_literals(dynamic, b0)
+        if freed:
+            dynamic = candidate
     if _runs_with_batch(dynamic, b0 + 1) and _runs_with_batch(dynamic, b0 + 2):
         base = onnx.shape_inference.infer_shapes(dynamic)
         analysed = prepared
+        if freed:
+            log.info("the training graph takes any batch size (batch-free shape targets of "
+                     "%s); the inference model keeps the input's shapes", ", ".join(freed[:5]))
     else:
         # Shapes computed from the batch size fold to constants: prepare at the training
         # batch size; if the model holds literal batch-sized constants, only its own works.
@@ -788,7 +857,12 @@ def build_artifacts(
     for line in (f"{t.structure} {t.label}: {t.groups} groups" for t in penalty.active_terms):
         log.debug("penalty term %s", line)
     train_base, stats = to_training_form(base, frozen)
-    train_base = onnx.shape_inference.infer_shapes(train_base)
+    # Ops without a gradient in the training runtime train as exact compositions; the
+    # inference model (built from ``prepared``) keeps the original ops.
+    train_base, lowered = lower_for_training(train_base)
+    for node_name, op_type in lowered:
+        log.info("node %s (%s) is lowered for training", node_name, op_type)
+    train_base = _fix_ir(onnx.shape_inference.infer_shapes(train_base))
 
     in_specs = tuple(TensorSpec.of(i) for i in _graph_inputs(base))
     out_specs = tuple(TensorSpec.of(o) for o in base.graph.output)

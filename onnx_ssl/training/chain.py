@@ -14,6 +14,17 @@
 6. write the final model and a report: error before and after each phase, filters and
    channels per layer, MACs per layer (the paper's FLOP column), params, layers.
 
+With ``target_macs`` / ``target_params`` (fractions of the input model), the lambdas are
+the starting point of a controller that scales them every SSL epoch until the projected
+cost of pruning meets the budget, and the prune threshold is raised if it still does not
+(:mod:`onnx_ssl.training.budget`). Every SSL epoch logs the projected MACs, and a collapse
+(a layer that loses every group, or chance-level held-out error for several epochs) stops
+the run with a one-line error after the last good weights are written.
+
+With ``work_dir``, each training phase checkpoints every epoch there and the run is recorded
+in ``ssl_run.json``; ``resume`` continues an interrupted run from the last finished epoch of
+the phase it was in (pruning is recomputed: it is deterministic).
+
 :func:`run_demo` is the tool's main job on built-in data: LeNet from ``onnx_ssl.models``, a
 baseline trained on scikit-learn's digits (resized to 28x28), the chain with filter-wise and
 channel-wise sparsity, and a table in the form of the paper's Table 1 with measured ONNX
@@ -42,12 +53,20 @@ from onnx_ssl.io import save_model, write_text_atomic
 from .artifacts import (
     ARTIFACT_FILES,
     ArtifactOptions,
+    Artifacts,
     TensorSpec,
     _graph_inputs,
     _runs_with_batch,
     _set_batch,
     build_artifacts,
     export_inference_model,
+)
+from .budget import (
+    BudgetController,
+    CollapseError,
+    collapse_reason,
+    project,
+    threshold_for_budget,
 )
 from .data import Dataset, fit_inputs, fit_targets
 from .penalty import Lambdas
@@ -80,6 +99,10 @@ DEFAULT_THRESHOLD = 1e-3
 DEMO_LAMBDA = 0.1
 # The subfolders of --work-dir: the SSL phase and the fine-tuning phase.
 PHASES = ("ssl", "finetune")
+# In --work-dir: what the run is (model, data, options), checked by --resume.
+RUN_INFO = "ssl_run.json"
+# In --work-dir/ssl after a collapse: the last good epoch's weights as a model.
+LAST_GOOD = "last_good_model.onnx"
 
 Notify = Callable[[str], None]
 
@@ -108,8 +131,21 @@ class SslOptions:
     seed: int = 0
     verify: int = 2
     work_dir: Path | None = None
+    # Continue the interrupted run in work_dir (same model, data and options).
+    resume: bool = False
+    # A budget: fractions of the input model's MACs / params (see onnx_ssl.training.budget).
+    target_macs: float | None = None
+    target_params: float | None = None
+    # Stop with CollapseError when a layer is cut or the error stays at chance.
+    stop_on_collapse: bool = True
 
     def __post_init__(self) -> None:
+        from .budget import check_fraction
+
+        check_fraction("--target-macs", self.target_macs)
+        check_fraction("--target-params", self.target_params)
+        if self.resume and self.work_dir is None:
+            raise InputError("--resume needs the work folder of the interrupted run")
         if not (math.isfinite(self.threshold) and self.threshold >= 0):
             raise InputError(f"--threshold must be a finite number >= 0, got {self.threshold}")
         if self.epochs < 0 or self.finetune_epochs < 0:
@@ -164,6 +200,34 @@ class SslReport:
     speedup: float | None = None
     seconds: float = 0.0
     prune_text: str = ""
+    # The threshold pruning used (raised above options.threshold to meet a budget).
+    threshold_used: float | None = None
+    lambda_scale: float = 1.0
+
+    @property
+    def budget_met(self) -> bool | None:
+        o = self.options
+        if o.target_macs is None and o.target_params is None:
+            return None
+        mf = self.macs_after / self.macs_before if self.macs_before else 1.0
+        pf = self.params_after / self.params_before if self.params_before else 1.0
+        return (o.target_macs is None or mf <= o.target_macs + 1e-12) and (
+            o.target_params is None or pf <= o.target_params + 1e-12)
+
+    def budget_text(self) -> str:
+        o = self.options
+        if self.budget_met is None:
+            return ""
+        parts = []
+        if o.target_macs is not None:
+            mf = self.macs_after / self.macs_before if self.macs_before else 1.0
+            parts.append(f"MACs {mf:.1%} of the original (target {o.target_macs:.1%})")
+        if o.target_params is not None:
+            pf = self.params_after / self.params_before if self.params_before else 1.0
+            parts.append(f"params {pf:.1%} (target {o.target_params:.1%})")
+        return (f"budget {'met' if self.budget_met else 'NOT met'}: {', '.join(parts)}; "
+                f"lambdas x{self.lambda_scale:.3g} at the end of SSL, threshold "
+                f"{self.threshold_used if self.threshold_used is not None else 0:.3g}")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -191,6 +255,16 @@ class SslReport:
             "ssl_history": [h.row() for h in self.ssl_history],
             "finetune_history": [h.row() for h in self.finetune_history],
             "seconds": round(self.seconds, 2),
+            "budget": {
+                "target_macs": self.options.target_macs,
+                "target_params": self.options.target_params,
+                "mac_fraction": self.macs_after / self.macs_before if self.macs_before else None,
+                "param_fraction": (self.params_after / self.params_before
+                                   if self.params_before else None),
+                "met": self.budget_met,
+                "threshold_used": self.threshold_used,
+                "lambda_scale": self.lambda_scale,
+            },
         }
 
     def to_text(self) -> str:
@@ -228,6 +302,7 @@ class SslReport:
             f"layers {self.layers_before} -> {self.layers_after}; params "
             f"{self.params_before} -> {self.params_after} ({pfrac:.1%}); MACs "
             f"{self.macs_before} -> {self.macs_after} ({mfrac:.1%})",
+            *([self.budget_text()] if self.budget_met is not None else []),
             f"time {self.seconds:.1f}s",
         ]
         return "\n".join(lines)
@@ -238,6 +313,8 @@ class SslResult:
     model: onnx.ModelProto
     report: SslReport
     output: Path | None = None
+    # The SSL phase's model with its small groups zeroed, before pruning (for the figures).
+    thresholded: onnx.ModelProto | None = None
 
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -324,7 +401,49 @@ def work_files(work_dir: str | Path | None) -> list[Path]:
     if work_dir is None:
         return []
     per_phase = (*ARTIFACT_FILES, STATE, LOG, TRAINED)
-    return [Path(work_dir) / phase / f for phase in PHASES for f in per_phase]
+    return [Path(work_dir) / RUN_INFO, Path(work_dir) / PHASES[0] / LAST_GOOD,
+            *(Path(work_dir) / phase / f for phase in PHASES for f in per_phase)]
+
+
+def _run_identity(model: onnx.ModelProto, data: Dataset, opts: SslOptions) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one."""
+    import hashlib
+
+    d = opts.to_json()
+    del d["work_dir"], d["resume"]
+    h = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()[:16]
+    digest = hashlib.sha256(np.ascontiguousarray(data.y).tobytes())
+    for k in sorted(data.x):
+        digest.update(np.ascontiguousarray(data.x[k]).tobytes())
+    return {"model": h, "data": digest.hexdigest()[:16], "samples": len(data), "options": d}
+
+
+def _start_or_resume(work: Path, ident: dict[str, Any], resume: bool) -> None:
+    """Record the run in ``work`` or, with ``resume``, check that it is the recorded one.
+
+    Each phase checkpoints itself: the trainer writes ``train_state.ckpt`` after every epoch
+    (to a temporary file renamed over the old one, so a kill leaves the previous epoch's);
+    pruning is recomputed from the SSL phase's final checkpoint (it is deterministic)."""
+    import json
+
+    path = work / RUN_INFO
+    if not resume:
+        write_text_atomic(path, json.dumps(ident, indent=1, sort_keys=True) + "\n")
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{work}: no interrupted run to resume (no {RUN_INFO})") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: unreadable ({e})") from e
+    for key in ("model", "data", "samples"):
+        if saved.get(key) != ident[key]:
+            raise InputError(f"--resume {work}: the {key} differs from the interrupted run's")
+    diff = sorted(k for k in ident["options"]
+                  if saved.get("options", {}).get(k) != ident["options"][k])
+    if diff:
+        raise InputError(f"--resume {work}: options differ from the interrupted run's: "
+                         f"{', '.join(diff)}")
 
 
 def run_ssl(
@@ -348,6 +467,8 @@ def run_ssl(
     with tempfile.TemporaryDirectory(prefix="onnx-ssl-") as tmp:
         work = Path(opts.work_dir) if opts.work_dir is not None else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        if opts.work_dir is not None:
+            _start_or_resume(work, _run_identity(model, data, opts), opts.resume)
 
         say(f"building the SSL training artifacts ({opts.lambdas.describe()})")
         art = build_artifacts(
@@ -372,26 +493,47 @@ def run_ssl(
             val_fraction=0.0,
             seed=opts.seed,
             save_state=opts.work_dir is not None,
+            resume=opts.resume,
         )
         trainer = Trainer(art, cfg)
         train, val = trainer.prepare_data(data).split(opts.val_fraction, opts.seed)
         fitted_val = val if len(val) else None
-        _, err_before = trainer.evaluate(fitted_val) if fitted_val is not None else (0, None)
+        # (A resumed trainer holds the trained weights: measure the input's error apart.)
+        before = (Trainer(art, replace(cfg, resume=False, save_state=False, export=False))
+                  if trainer.start_epoch else trainer)
+        _, err_before = before.evaluate(fitted_val) if fitted_val is not None else (0, None)
         say(
             f"held-out error before SSL: {_pct(err_before)}; training with SSL for "
             f"{opts.epochs} epochs"
         )
-        ssl = trainer.fit(train, val if len(val) else None, progress)
+        ctl = (BudgetController(opts.target_macs, opts.target_params, trainer.lambda_scale)
+               if opts.target_macs is not None or opts.target_params is not None else None)
+        hook = _epoch_hook(art, opts, ctl)
+        try:
+            ssl = trainer.fit(train, val if len(val) else None, _in_phase(progress, "ssl"),
+                              on_epoch=hook)
+        except CollapseError as e:
+            where = _write_last_good(trainer, art, opts, output)
+            raise CollapseError(f"{e}; {where}") from None
         err_ssl = ssl.val_error
+        if not ssl.history and fitted_val is not None:  # resumed after the SSL phase
+            err_ssl = trainer.evaluate(fitted_val)[1]
 
         params = trainer.params()
-        zeroed = art.info.penalty.zero_groups(params, opts.threshold)
+        threshold = opts.threshold
+        if ctl is not None:
+            threshold, proj = threshold_for_budget(art, params, opts.threshold, ctl)
+            if threshold > opts.threshold:
+                say(f"budget not met by the SSL phase alone: prune threshold raised from "
+                    f"{opts.threshold:g} to {threshold:.3g} (projected MACs "
+                    f"{proj.mac_fraction:.1%}, params {proj.param_fraction:.1%})")
+        zeroed = art.info.penalty.zero_groups(params, threshold)
         trainer.set_params(params)
         _, err_thr = trainer.evaluate(fitted_val) if fitted_val is not None else (0, None)
         thresholded = export_inference_model(art, params)
         say(
             f"SSL done: held-out error {_pct(err_ssl)}; {zeroed} groups at RMS <= "
-            f"{opts.threshold:g} set to zero (error {_pct(err_thr)}); pruning"
+            f"{threshold:.3g} set to zero (error {_pct(err_thr)}); pruning"
         )
 
         pr = _prune(_static(thresholded), verify=opts.verify, seed=opts.seed, name=name)
@@ -422,7 +564,8 @@ def run_ssl(
             ft_cfg = replace(
                 cfg, epochs=opts.finetune_epochs, lr=opts.finetune_lr, prox=False, penalty=False
             )
-            ft = Trainer(ft_art, ft_cfg).fit(train, val if len(val) else None, progress)
+            ft = Trainer(ft_art, ft_cfg).fit(train, val if len(val) else None,
+                                             _in_phase(progress, "finetune"))
             assert ft.model is not None
             final = _restore_io(pruned, ft.model)
             ft_hist = ft.history
@@ -452,6 +595,8 @@ def run_ssl(
         finetune_history=ft_hist,
         seconds=time.perf_counter() - t0,
         prune_text=rep.to_text(),
+        threshold_used=threshold,
+        lambda_scale=trainer.lambda_scale,
     )
     out_path = None
     if output is not None:
@@ -460,7 +605,60 @@ def run_ssl(
         import json
 
         write_text_atomic(report_path, json.dumps(report.to_json(), indent=1) + "\n")
-    return SslResult(final, report, out_path)
+    return SslResult(final, report, out_path, thresholded)
+
+
+def _in_phase(
+    progress: Callable[[ProgressEvent], None] | None, phase: str
+) -> Callable[[ProgressEvent], None] | None:
+    """``progress`` with the phase's name on every event."""
+    if progress is None:
+        return None
+    cb = progress
+    return lambda ev: cb(replace(ev, phase=phase))
+
+
+def _epoch_hook(
+    art: Artifacts, opts: SslOptions, ctl: BudgetController | None
+) -> Callable[[Trainer, EpochStats], dict[str, float]]:
+    """After each SSL epoch: the projected cost of pruning now, the collapse check, and the
+    budget controller's next lambda multiplier."""
+    errors: list[float | None] = []
+
+    def hook(tr: Trainer, stats: EpochStats) -> dict[str, float]:
+        errors.append(stats.val_error)
+        reason = collapse_reason(stats.zero_groups, errors, art.info.classes)
+        if reason is not None and opts.stop_on_collapse:
+            raise CollapseError(
+                f"training collapsed in SSL epoch {stats.epoch}: {reason}; use a smaller "
+                f"{'budget cut (a larger --target-macs)' if ctl else 'lambda'}, or start from "
+                f"a trained model"
+            )
+        p = project(art, tr.params(), opts.threshold)
+        extra = {"projected_macs": round(p.mac_fraction, 5),
+                 "projected_params": round(p.param_fraction, 5),
+                 "lambda_scale": round(tr.lambda_scale, 6)}
+        if ctl is not None:
+            tr.lambda_scale = ctl.update(p)
+        return extra
+
+    return hook
+
+
+def _write_last_good(
+    trainer: Trainer, art: Artifacts, opts: SslOptions, output: str | Path | None
+) -> str:
+    """Write the last good weights (the trainer put them back) as a model; say where."""
+    if opts.work_dir is not None:
+        path = Path(opts.work_dir) / PHASES[0] / LAST_GOOD
+    elif output is not None:
+        out = Path(output)
+        path = out.with_name(out.stem + ".last_good.onnx")
+    else:
+        return "nothing written (no --work-dir or output)"
+    save_model(export_inference_model(art, trainer.params()), path)
+    ckpt = f" and checkpoint {trainer.state_path}" if opts.work_dir is not None else ""
+    return f"the last good weights are in {path}{ckpt}"
 
 
 def _pct(e: float | None) -> str:
@@ -594,6 +792,7 @@ class DemoResult:
     ssl: SslResult
     table: str
     seconds: float
+    baseline: onnx.ModelProto | None = None
 
 
 def table1(report: SslReport, baseline_error: float | None, conv_only: bool = True) -> str:
@@ -669,13 +868,13 @@ def run_demo(
             TrainConfig(
                 epochs=baseline_epochs, lr=1e-3, val_fraction=0.0, seed=opts.seed, save_state=False
             ),
-        ).fit(train, val, progress)
+        ).fit(train, val, _in_phase(progress, "baseline"))
         assert base.model is not None
         baseline = base.model
     say(f"baseline held-out error {_pct(base.val_error)}")
     res = run_ssl(baseline, ds, opts, output=output, name="lenet", progress=progress, notify=notify)
     say("measuring ONNX Runtime CPU speedups")
     report = add_speedups(res.report, baseline, res.model, batch=timing_batch)
-    res = SslResult(res.model, report, res.output)
+    res = replace(res, report=report)
     text = table1(report, base.val_error)
-    return DemoResult(base.val_error, res, text, time.perf_counter() - t0)
+    return DemoResult(base.val_error, res, text, time.perf_counter() - t0, baseline)

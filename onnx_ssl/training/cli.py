@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from onnx_ssl import env
 
@@ -45,47 +44,11 @@ def _needs_training(cmd: Callable[[argparse.Namespace], int]
     return run
 
 
-class ProgressBar:
-    """Draws ``epoch e/E [#####.....] b/B loss x`` on stderr (a line per epoch otherwise)."""
+def _progress(args: argparse.Namespace | None = None, prefix: str = "  ") -> Any:
+    """tqdm bars on a terminal, per-epoch lines elsewhere, JSON lines with --log."""
+    from .progress import Progress
 
-    def __init__(self, stream: TextIO | None = None, prefix: str = "") -> None:
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.prefix = prefix
-        self._last = 0.0
-
-    def __call__(self, ev: Any) -> None:
-        if ev.kind == "batch" and self.tty:
-            now = time.monotonic()
-            if now - self._last < 0.1 and ev.batch != ev.batches:
-                return
-            self._last = now
-            width = 24
-            done = int(width * ev.batch / max(ev.batches, 1))
-            self.stream.write(
-                f"\r{self.prefix}epoch {ev.epoch}/{ev.epochs} "
-                f"[{'#' * done}{'.' * (width - done)}] {ev.batch}/{ev.batches} "
-                f"loss {ev.loss:.4f}\x1b[K"
-            )
-            self.stream.flush()
-        elif ev.kind == "eval" and self.tty:
-            self.stream.write(f"\r{self.prefix}epoch {ev.epoch}/{ev.epochs} evaluating\x1b[K")
-            self.stream.flush()
-        elif ev.kind == "epoch_end" and ev.stats is not None:
-            s = ev.stats
-            zero = [f"{k}={v:.0%}" for k, v in s.zero_groups if v > 0]
-            err = "" if s.val_error is None else f" val error {100 * s.val_error:.2f}%"
-            line = (
-                f"{self.prefix}epoch {s.epoch}/{ev.epochs}: loss {s.loss:.4f} (data "
-                f"{s.data_loss:.4f}, penalty {s.penalty:.4f}){err} [{s.seconds:.1f}s]"
-            )
-            if zero:
-                shown = ", ".join(zero[:6]) + (", ..." if len(zero) > 6 else "")
-                line += f" zero groups: {shown}"
-            self.stream.write(
-                ("\r" if self.tty else "") + line + ("\x1b[K\n" if self.tty else "\n")
-            )
-            self.stream.flush()
+    return Progress(prefix=prefix, log_path=getattr(args, "log", None) if args else None)
 
 
 def _say(msg: str) -> None:
@@ -93,7 +56,13 @@ def _say(msg: str) -> None:
 
 
 def _add_lambdas(p: argparse.ArgumentParser, defaults: dict[str, float]) -> None:
-    g = p.add_argument_group("group-Lasso strengths (lambda_g of equation 1)")
+    g = p.add_argument_group(
+        "group-Lasso strengths (lambda_g of equation 1)",
+        "Scale, measured on LeNet with 8,000 MNIST images and ssl's defaults (20 epochs of "
+        "proximal SGD, lr 0.05, filter and channel lambda alike): 1e-3 prunes nothing; 3e-2 "
+        "keeps 22.8% of the MACs at +0.25 points of held-out error. The step is lr x "
+        "lambda, so fewer steps per epoch need a larger lambda (the demo's digits use 0.1).",
+    )
     for s in _LAMBDA_FLAGS:
         d = defaults.get(s, 0.0)
         g.add_argument(
@@ -250,7 +219,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data = load_data(args.data)
     if trainer.start_epoch >= cfg.epochs:
         _say(f"already trained for {trainer.start_epoch} epochs (--epochs {cfg.epochs}); exporting")
-    res = trainer.fit(data, progress=ProgressBar())
+    bar = _progress(prefix="")
+    res = trainer.fit(data, progress=bar)
+    bar.close()
     out = res.export_path or Path(args.dir) / TRAINED
     last = res.history[-1] if res.history else None
     print(
@@ -369,13 +340,52 @@ def _ssl_options(args: argparse.Namespace, defaults: dict[str, float]) -> Any:
         val_fraction=args.val_fraction,
         seed=args.seed,
         verify=args.verify,
-        work_dir=Path(args.work_dir) if args.work_dir else None,
+        work_dir=_work_dir(args),
+        resume=bool(getattr(args, "resume", None)),
+        target_macs=args.target_macs,
+        target_params=args.target_params,
     )
+
+
+def _work_dir(args: argparse.Namespace) -> Path | None:
+    """--work-dir, or the folder of --resume (they must agree when both are given)."""
+    from onnx_ssl.errors import InputError
+
+    resume = getattr(args, "resume", None)
+    if resume and args.work_dir and Path(resume).resolve() != Path(args.work_dir).resolve():
+        raise InputError("--resume DIR and --work-dir name different folders")
+    work = resume or args.work_dir
+    return Path(work) if work else None
 
 
 def _add_chain_options(p: argparse.ArgumentParser, d: Any) -> dict[str, float]:
     defaults = {s: d.lambdas.get(s) for s in _LAMBDA_FLAGS if d.lambdas.get(s) > 0}
     _add_lambdas(p, defaults)
+    b = p.add_argument_group(
+        "budget (instead of choosing lambdas: they become the controller's starting point)")
+    b.add_argument(
+        "--target-macs",
+        type=float,
+        default=None,
+        metavar="F",
+        help="prune to at most F times the input model's MACs, F in (0, 1]: the lambdas are "
+        "scaled by 1.3 after every SSL epoch whose projected MACs are above F (and relaxed "
+        "below 0.75 F), and the prune threshold is raised if needed",
+    )
+    b.add_argument(
+        "--target-params",
+        type=float,
+        default=None,
+        metavar="F",
+        help="the same for the parameter count",
+    )
+    o = p.add_argument_group("output")
+    o.add_argument("--plots", default=None, metavar="DIR",
+                   help="write figures (conv1 filters before/after, zero groups per layer over "
+                   "the epochs, error against MACs) as PNG into DIR (needs matplotlib: "
+                   "pip install 'onnx-ssl[plots]')")
+    o.add_argument("--log", default=None, metavar="F.jsonl",
+                   help="append every epoch of every phase to F as one JSON object per line")
     g = p.add_argument_group("training (SSL phase, then fine-tuning)")
     g.add_argument(
         "--loss",
@@ -445,7 +455,8 @@ def _add_chain_options(p: argparse.ArgumentParser, d: Any) -> dict[str, float]:
         "--work-dir",
         default=None,
         metavar="DIR",
-        help="keep the artifacts, checkpoints and logs of each phase here",
+        help="keep the artifacts, checkpoints and logs of each phase here (a run "
+        "checkpoints every epoch there; --resume DIR continues it)",
     )
     return defaults
 
@@ -460,7 +471,7 @@ def _check_outputs(args: argparse.Namespace, opts: Any, inputs: list[Path]) -> N
 
     inputs = [*inputs, *data_files(args.data)]
     work = work_files(opts.work_dir)
-    outs = [Path(p) for p in (args.output, args.report) if p]
+    outs = [Path(p) for p in (args.output, args.report, getattr(args, "log", None)) if p]
     for k, out in enumerate(outs):
         check_writable(out, *inputs, outputs=[*outs[:k], *outs[k + 1 :], *work])
     for w in work:
@@ -475,21 +486,39 @@ def _cmd_ssl(args: argparse.Namespace, defaults: dict[str, float]) -> int:
 
     opts = _ssl_options(args, defaults)
     _check_outputs(args, opts, model_inputs(args.model))
+    if args.plots:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
     model = _load(args.model)
     data = load_data(args.data)
-    res = run_ssl(
-        model,
-        data,
-        opts,
-        output=args.output,
-        report_path=args.report,
-        name=Path(args.model).stem,
-        progress=ProgressBar(prefix="  "),
-        notify=_say,
-    )
+    bar = _progress(args)
+    try:
+        res = run_ssl(
+            model,
+            data,
+            opts,
+            output=args.output,
+            report_path=args.report,
+            name=Path(args.model).stem,
+            progress=bar,
+            notify=_say,
+        )
+    finally:
+        bar.close()
     print(res.report.to_text())
     print(f"wrote {res.output}" + (f" and {args.report}" if args.report else ""))
+    _plots(args, model, res)
     return 0
+
+
+def _plots(args: argparse.Namespace, before: Any, res: Any) -> None:
+    if not args.plots:
+        return
+    from .plots import write_plots
+
+    paths = write_plots(args.plots, before, res)
+    print(f"wrote {', '.join(str(p) for p in paths)}")
 
 
 def _add_ssl(sub: Any) -> None:
@@ -514,6 +543,13 @@ def _add_ssl(sub: Any) -> None:
     )
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="final model")
     p.add_argument("--report", default=None, metavar="JSON", help="write the report as JSON")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run interrupted in work folder DIR (give the same model, data "
+        "and options): each phase restarts from its last finished epoch",
+    )
     defaults = _add_chain_options(p, SslOptions())
     p.set_defaults(func=_needs_training(lambda a: _cmd_ssl(a, defaults)))
 
@@ -531,15 +567,23 @@ def _cmd_demo(args: argparse.Namespace, defaults: dict[str, float]) -> int:
         raise InputError(f"--baseline-epochs must be >= 0, got {args.baseline_epochs}")
     opts = _ssl_options(args, defaults)
     _check_outputs(args, opts, [])
+    if args.plots:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
     data = load_data(args.data)
-    res = run_demo(
-        data=data,
-        baseline_epochs=args.baseline_epochs,
-        options=opts,
-        output=args.output,
-        progress=ProgressBar(prefix="  "),
-        notify=_say,
-    )
+    bar = _progress(args)
+    try:
+        res = run_demo(
+            data=data,
+            baseline_epochs=args.baseline_epochs,
+            options=opts,
+            output=args.output,
+            progress=bar,
+            notify=_say,
+        )
+    finally:
+        bar.close()
     rep = res.ssl.report
     print(
         "LeNet on scikit-learn's digits (8x8 resized to 28x28): baseline, then SSL with "
@@ -565,6 +609,7 @@ def _cmd_demo(args: argparse.Namespace, defaults: dict[str, float]) -> int:
             + "\n",
         )
         print(f"wrote {args.report}")
+    _plots(args, res.baseline, res.ssl)
     print(f"demo finished in {res.seconds:.0f}s")
     return 0
 

@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,8 @@ class EpochStats:
     val_error: float | None
     seconds: float
     zero_groups: tuple[tuple[str, float], ...] = ()
+    # What an ``on_epoch`` hook added (the budget's projected MACs, the lambda multiplier).
+    extra: tuple[tuple[str, float], ...] = ()
 
     def row(self) -> dict[str, Any]:
         r: dict[str, Any] = {
@@ -146,6 +148,8 @@ class EpochStats:
             "val_error": self.val_error,
             "seconds": round(self.seconds, 3),
         }
+        for k, v in self.extra:
+            r[k] = v
         for k, v in self.zero_groups:
             r[f"zero:{k}"] = v
         return r
@@ -163,9 +167,15 @@ class ProgressEvent:
     loss: float = float("nan")
     stats: EpochStats | None = None
     label: str = ""
+    phase: str = ""  # set by the SSL chain: "ssl", "finetune", "baseline"
 
 
 ProgressFn = Callable[[ProgressEvent], None]
+# Called after each epoch's evaluation, before its checkpoint: returns values to log with the
+# epoch, may change ``trainer.lambda_scale``, and may raise CollapseError (the trainer then
+# puts back the previous epoch's weights and checkpoints them before re-raising).
+EpochHook = Callable[["Trainer", EpochStats], Mapping[str, float]]
+SCALE_PROPERTY = "onnx_ssl.lambda_scale"
 
 
 @dataclass(frozen=True)
@@ -222,6 +232,8 @@ class Trainer:
         self.config = config or TrainConfig()
         self.info = self.art.info
         self.start_epoch = 0
+        # Multiplies every lambda (the budget controller's knob; 1 otherwise).
+        self.lambda_scale = 1.0
         self._check_outputs(reads)
         self.api = _ort.load().api
         self._open()
@@ -274,7 +286,9 @@ class Trainer:
                 )
         self.state = self._load_state(path)
         if path == self.state_path:
-            self.start_epoch = int(dict(self.state.properties).get(EPOCH_PROPERTY, 0))
+            props = dict(self.state.properties)
+            self.start_epoch = int(props.get(EPOCH_PROPERTY, 0))
+            self.lambda_scale = float(props.get(SCALE_PROPERTY, 1.0))
             log.info("resuming after epoch %d from %s", self.start_epoch, path)
         so = _ort.load().ort.SessionOptions()
         so.log_severity_level = 3
@@ -316,6 +330,7 @@ class Trainer:
     def save_state(self, epoch: int) -> None:
         """Write parameters and optimizer state atomically to ``train_state.ckpt``."""
         self.state.properties[EPOCH_PROPERTY] = int(epoch)
+        self.state.properties[SCALE_PROPERTY] = float(self.lambda_scale)
         tmp = self.state_path.with_name(f".{STATE}.tmp{os.getpid()}")
         try:
             with _native_stderr_captured():
@@ -323,6 +338,9 @@ class Trainer:
                     self.state, str(tmp), include_optimizer_state=True
                 )
             os.replace(tmp, self.state_path)
+        except KeyboardInterrupt:  # Ctrl-C mid-write: the previous checkpoint stays whole
+            tmp.unlink(missing_ok=True)
+            raise
         except Exception as e:
             if tmp.exists():
                 tmp.unlink()
@@ -395,7 +413,11 @@ class Trainer:
         return tuple((f"{r.structure}:{r.label}", round(r.fraction, 4)) for r in rows)
 
     def fit(
-        self, data: Dataset, val: Dataset | None = None, progress: ProgressFn | None = None
+        self,
+        data: Dataset,
+        val: Dataset | None = None,
+        progress: ProgressFn | None = None,
+        on_epoch: EpochHook | None = None,
     ) -> TrainResult:
         """Train for ``config.epochs`` epochs (from the resumed epoch on).
 
@@ -439,6 +461,7 @@ class Trainer:
 
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
+            good = self.params() if on_epoch is not None else None
             if progress:
                 progress(ProgressEvent("epoch_start", epoch + 1, cfg.epochs, 0, steps))
             sums = np.zeros(4)
@@ -451,12 +474,14 @@ class Trainer:
                 lr = cfg.lr_at(epoch * steps + i, total)
                 self.optimizer.set_learning_rate(lr)
                 self.module.lazy_reset_grad()
-                res = self.module(*self._feeds(self.train_inputs, xb, yb, scale))
+                res = self.module(
+                    *self._feeds(self.train_inputs, xb, yb, scale * self.lambda_scale)
+                )
                 self.optimizer.step()
                 for k, p in stat_idx:
                     self.state.parameters[p].data[...] = res[k]
                 if prox_tensors:
-                    pen.prox(self.live(prox_tensors), lr)
+                    pen.prox(self.live(prox_tensors), lr * self.lambda_scale)
                 n = len(yb)
                 vals = [
                     float(np.asarray(res[idx[key]]).reshape(-1)[0])
@@ -495,6 +520,18 @@ class Trainer:
                 seconds=time.perf_counter() - t0,
                 zero_groups=self.sparsity(),
             )
+            if on_epoch is not None:
+                from .budget import CollapseError
+
+                try:
+                    extra = on_epoch(self, stats)
+                except CollapseError:
+                    assert good is not None
+                    self.set_params(good)  # the last good epoch's weights
+                    if cfg.save_state:
+                        self.save_state(epoch)
+                    raise
+                stats = replace(stats, extra=tuple(extra.items()))
             history.append(stats)
             rows = [r for r in rows if int(r["epoch"]) < stats.epoch] + [stats.row()]
             if cfg.save_state:
