@@ -143,25 +143,20 @@ def main(argv: list[str] | None = None) -> int:
     from bench_lowering import time_models
     from common import table
     from onnx_ssl.passes.lower_sparse_conv import LowerSparseConvPass, layer_model
+    from ssl_budget_lenet_mnist import load_mnist
 
     from onnx_ssl import models
     from onnx_ssl.graphutil import export
     from onnx_ssl.io import load_model, save_model, to_graph
     from onnx_ssl.training.artifacts import ArtifactOptions, build_artifacts
     from onnx_ssl.training.chain import evaluate_model
-    from onnx_ssl.training.data import load_idx_folder
     from onnx_ssl.training.trainer import TrainConfig, Trainer
 
     t0 = time.perf_counter()
     tmp = tempfile.TemporaryDirectory() if args.out_dir is None else None
     out = Path(args.out_dir) if args.out_dir else Path(tmp.name)  # type: ignore[union-attr]
     out.mkdir(parents=True, exist_ok=True)
-    data = load_idx_folder(Path(args.data))
-    spec = args.data
-    if args.limit:
-        data = data.subset(np.arange(args.limit), f"{data.name}[:{args.limit}]")
-        spec = str(out / "data.npz")
-        np.savez(spec, x=next(iter(data.x.values())), y=data.y)
+    data, spec = load_mnist(args.data, args.limit, out)
 
     # 1. the baseline (the same split as ssl's: val_fraction 0.2, seed 0)
     baseline = out / "lenet_baseline.onnx"

@@ -24,6 +24,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +45,21 @@ def export_lenet(path: Path, seed: int = 0) -> None:
                       opset_version=17, input_names=["x"], output_names=["logits"])
 
 
+
+def load_mnist(folder: str, limit: int, out: Path) -> tuple[Any, str]:
+    """The MNIST IDX ``folder`` as a Dataset, and the ``--data`` spec that gives onnx-ssl the
+    same images: the folder itself, or with ``limit`` its first ``limit`` images written to
+    ``out/data.npz``."""
+    from onnx_ssl.training.data import load_idx_folder
+
+    data = load_idx_folder(Path(folder))
+    if not limit:
+        return data, folder
+    data = data.subset(np.arange(limit), f"{data.name}[:{limit}]")
+    spec = str(out / "data.npz")
+    np.savez(spec, x=next(iter(data.x.values())), y=data.y)
+    return data, spec
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mnist"))
@@ -56,22 +74,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="starting filter and channel lambda (default: ssl's)")
     args = ap.parse_args(argv)
 
-    import numpy as np
 
     from onnx_ssl.io import load_model, save_model
     from onnx_ssl.training.artifacts import ArtifactOptions, build_artifacts
-    from onnx_ssl.training.data import load_idx_folder
     from onnx_ssl.training.trainer import TrainConfig, Trainer
 
     t0 = time.perf_counter()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_idx_folder(Path(args.data))
-    spec = args.data
-    if args.limit:
-        data = data.subset(np.arange(args.limit), f"{data.name}[:{args.limit}]")
-        spec = str(out / "data.npz")
-        np.savez(spec, x=next(iter(data.x.values())), y=data.y)
+    data, spec = load_mnist(args.data, args.limit, out)
     exported = out / "lenet_torch_b1.onnx"
     export_lenet(exported)
     with tempfile.TemporaryDirectory() as tmp:
