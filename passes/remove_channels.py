@@ -479,7 +479,7 @@ def _costly_maps(analysis: Analysis, plan: dict[str, tuple[set[int], set[int]]],
     it changes what the others cost); then, if the plan as a whole still grows the model,
     every channel that needs a map is kept.
     """
-    plain, grouped, _ = _deletions(analysis, plan, set())
+    plain, _, _ = _deletions(analysis, plan, set())
 
     def after(node: gs.Node) -> int:  # the consumer's output channels after the plan
         w = node.inputs[1]
@@ -518,10 +518,10 @@ def _costly_maps(analysis: Analysis, plan: dict[str, tuple[set[int], set[int]]],
     if worst is not None:
         _, sid, chans, avoided, saved = worst
         readers = sorted(n for n, _, c in maps if any(s == sid for s, _ in c))
-        return [(sid, chans, f"their constant reaches {', '.join(readers)} differently at "
-                             f"different positions (padding), and the per-position bias map "
-                             f"that would carry it costs {avoided} params, more than the "
-                             f"{saved} that removing them saves")]
+        return [(sid, chans, f"what their constant adds to {', '.join(readers)} varies over "
+                             f"positions (a padded convolution's borders), and the "
+                             f"per-position bias map that would carry it costs {avoided} "
+                             f"params, more than the {saved} that removing them saves")]
     cost = sum(c for _, c, _ in maps) + new_bias
     if cost <= removed:
         return None
@@ -542,16 +542,14 @@ def _keep_nonempty(analysis: Analysis, removable: dict[str, set[int]],
     the first.
     """
     by_tensor: dict[tuple[str, int], list[ChannelRef]] = defaultdict(list)
+    sizes: dict[tuple[str, int], int] = defaultdict(int)  # channels of each activation axis
     for sp in analysis.spaces:
         for r in sp.refs:
-            if r.role == "act" and r.space in removable:
+            if r.role != "act":
+                continue
+            sizes[(r.tensor, r.axis)] += r.length
+            if r.space in removable:
                 by_tensor[(r.tensor, r.axis)].append(r)
-    sizes = {(r.tensor, r.axis): 0 for sp in analysis.spaces for r in sp.refs
-             if r.role == "act"}
-    for sp in analysis.spaces:
-        for r in sp.refs:
-            if r.role == "act":
-                sizes[(r.tensor, r.axis)] += r.length
     for key in sorted(by_tensor, key=lambda k: (sizes[k], k)):
         refs = by_tensor[key]
         if sum(r.length for r in refs) < sizes[key]:
