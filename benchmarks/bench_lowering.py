@@ -45,7 +45,7 @@ from onnx_ssl.passes.shrink_kernels import ShrinkKernelsPass  # noqa: E402
 from onnx_ssl import models  # noqa: E402
 from onnx_ssl.graphutil import export  # noqa: E402
 from onnx_ssl.io import to_graph  # noqa: E402
-from onnx_ssl.runtime import ort  # noqa: E402
+from onnx_ssl.runtime import session  # noqa: E402
 
 ROWS = {"conv1": 0.094, "conv2": 0.129, "conv3": 0.406, "conv4": 0.469, "conv5": 0.0}
 COLS = {"conv1": 0.0, "conv2": 0.632, "conv3": 0.769, "conv4": 0.847, "conv5": 0.807}
@@ -116,15 +116,8 @@ def remove_channels(spec: ConvSpec) -> ConvSpec:
 
 def time_models(models_: dict[str, onnx.ModelProto], iters: int, threads: int
                 ) -> dict[str, float]:
-    rt = ort("bench_lowering")
-    sessions = {}
-    for name, m in models_.items():
-        so = rt.SessionOptions()
-        so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        sessions[name] = rt.InferenceSession(m.SerializeToString(), so,
-                                             providers=["CPUExecutionProvider"])
+    sessions = {name: session(m, optimize=True, threads=threads)
+                for name, m in models_.items()}
     rng = np.random.default_rng(0)
     feeds = {}
     for name, s in sessions.items():

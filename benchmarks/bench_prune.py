@@ -32,7 +32,7 @@ from common import CACHE, chain, export_torch, hf_resnet50_module, resnet50, tab
 from onnx_ssl.analysis import analyze, prepare  # noqa: E402
 from onnx_ssl.compiler import prune  # noqa: E402
 from onnx_ssl.groups import Analysis  # noqa: E402
-from onnx_ssl.runtime import ort  # noqa: E402
+from onnx_ssl.runtime import session  # noqa: E402
 
 
 def zero_half(model: onnx.ModelProto, seed: int = 0) -> tuple[onnx.ModelProto, Analysis]:
@@ -61,15 +61,7 @@ def macs(model: onnx.ModelProto) -> int:
 
 def latency(models: dict[str, onnx.ModelProto], batch: int, iters: int, threads: int
             ) -> dict[str, float]:
-    rt = ort()
-    sessions = {}
-    for name, m in models.items():
-        so = rt.SessionOptions()
-        so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        sessions[name] = rt.InferenceSession(m.SerializeToString(), so,
-                                             providers=["CPUExecutionProvider"])
+    sessions = {name: session(m, optimize=True, threads=threads) for name, m in models.items()}
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     times: dict[str, list[float]] = {n: [] for n in sessions}
     for s in sessions.values():
