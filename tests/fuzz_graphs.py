@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from helpers import arrays, with_arrays
 from onnx_ssl.models._builder import GraphBuilder
 
 BLOCKS = ("conv", "res_identity", "res_proj", "res_block", "concat", "split", "slice",
@@ -239,18 +239,6 @@ def build(case: Case) -> onnx.ModelProto:
 
 
 # --- zeroing -------------------------------------------------------------------------------
-def _arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
-
-
-def _with(model: onnx.ModelProto, arrs: dict[str, np.ndarray]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for t in m.graph.initializer:
-        t.CopyFrom(numpy_helper.from_array(arrs[t.name], t.name))
-    return m
-
-
 def zeroed(model: onnx.ModelProto, case: Case) -> onnx.ModelProto:
     """``model`` with channels zeroed by ``case.scheme``: channel groups of the analysis
     picked per space (all of a space's channels, a contiguous run, or a random subset), or
@@ -289,18 +277,18 @@ def zeroed(model: onnx.ModelProto, case: Case) -> onnx.ModelProto:
             k = max(1, int(round(n * float(rng.choice((0.25, 0.5, 0.75))))))
             chosen += [groups[i] for i in sorted(rng.choice(n, size=k, replace=False))]
     if case.scheme == "out":
-        arrs = _arrays(model)
+        arrs = arrays(model)
         for grp in chosen:
             for mem in grp.members:
                 if mem.role == "out":
                     v = arrs[mem.tensor]
                     v[mem.index(v.shape)] = 0
-        return _with(model, arrs)
+        return with_arrays(model, arrs)
     return zero_groups(model, chosen, side=case.scheme)
 
 
 def _zero_direct(model: onnx.ModelProto, a: Any, rng: np.random.Generator) -> onnx.ModelProto:
-    arrs = _arrays(model)
+    arrs = arrays(model)
     layers = [la for la in a.layers if la.weight in arrs]
     for la in layers:
         w = arrs[la.weight]
@@ -323,7 +311,7 @@ def _zero_direct(model: onnx.ModelProto, a: Any, rng: np.random.Generator) -> on
             for n in br.layers:
                 if n in by_node:
                     arrs[by_node[n].weight][...] = 0
-    return _with(model, arrs)
+    return with_arrays(model, arrs)
 
 
 # --- independent measures ------------------------------------------------------------------
@@ -369,7 +357,7 @@ def _all_zero_groups(model: onnx.ModelProto) -> list[tuple[str, int]]:
     zero."""
     from onnx_ssl.analysis import analyze
 
-    arrs = _arrays(model)
+    arrs = arrays(model)
     out = []
     for grp in analyze(model, kinds=("channel",)).groups:
         if grp.kind != "channel" or not grp.prunable or grp.space is None:

@@ -45,15 +45,28 @@ def embedding_tables(m: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
+def arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Writable copies of the model's initializers, by name."""
+    return {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+
+
+def with_arrays(model: onnx.ModelProto, arrs: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers hold ``arrs``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(arrs[t.name], t.name))
+    return m
+
+
 def zero_groups(model: onnx.ModelProto, groups: Iterable[Group], side: str = "both"
                 ) -> onnx.ModelProto:
     """A copy of ``model`` with the members of ``groups`` zeroed: ``both`` (every out and in
     member), ``in`` (the in members), or ``filter`` (only the producing weights: the filters
     of Conv/Gemm/MatMul layers, depthwise ones included, and embedding columns; biases and
     norm parameters stay, so the channel becomes a non-zero constant)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    arrs = {t.name: numpy_helper.to_array(t).copy() for t in m.graph.initializer}
+    m = model
+    arrs = arrays(m)
     layer_weights = {n.input[1] for n in m.graph.node
                      if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")}
     layer_weights |= set(embedding_tables(m))
@@ -67,9 +80,7 @@ def zero_groups(model: onnx.ModelProto, groups: Iterable[Group], side: str = "bo
                 continue
             v = arrs[mem.tensor]
             v[mem.index(v.shape)] = 0
-    for t in m.graph.initializer:
-        t.CopyFrom(numpy_helper.from_array(arrs[t.name], t.name))
-    return m
+    return with_arrays(m, arrs)
 
 
 def pick_groups(a: Analysis, k: int, seed: int) -> list[Group]:

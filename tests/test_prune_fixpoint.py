@@ -8,29 +8,16 @@ not return on a Conv with 0 input channels).
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 from fuzz_graphs import Block, Case, Worker, float_params
-from helpers import assert_same_outputs, zero_groups
+from helpers import arrays, assert_same_outputs, with_arrays, zero_groups
 from onnx import numpy_helper
 from onnx_ssl.models._builder import GraphBuilder
 
 from onnx_ssl import models
 from onnx_ssl.analysis import analyze
 from onnx_ssl.compiler import prune
-
-
-def arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
-
-
-def with_arrays(model: onnx.ModelProto, arrs: dict[str, np.ndarray]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for t in m.graph.initializer:
-        t.CopyFrom(numpy_helper.from_array(arrs[t.name], t.name))
-    return m
 
 
 def removed(result) -> int:
