@@ -39,12 +39,12 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import table  # noqa: E402
-from onnx_ssl.passes.lower_sparse_conv import ConvSpec, LowerSparseConvPass, layer_model  # noqa: E402
-from onnx_ssl.passes.shrink_kernels import ShrinkKernelsPass  # noqa: E402
 
 from onnx_ssl import models  # noqa: E402
 from onnx_ssl.graphutil import export  # noqa: E402
 from onnx_ssl.io import to_graph  # noqa: E402
+from onnx_ssl.passes.lower_sparse_conv import ConvSpec, LowerSparseConvPass, layer_model  # noqa: E402
+from onnx_ssl.passes.shrink_kernels import ShrinkKernelsPass  # noqa: E402
 from onnx_ssl.runtime import session  # noqa: E402
 
 ROWS = {"conv1": 0.094, "conv2": 0.129, "conv3": 0.406, "conv4": 0.469, "conv5": 0.0}

@@ -38,7 +38,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _load(path: str) -> onnx.ModelProto:
-    """Load a model file, or build one from models/ for ``builtin:NAME``."""
+    """Load a model file, or build one from onnx_ssl/models/ for ``builtin:NAME``."""
     from .io import load_model
 
     if path.startswith("builtin:"):
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     a = sub.add_parser("analyze", help="list channel spaces and SSL groups of a model")
-    a.add_argument("model", help="input .onnx (or builtin:NAME for a model from models/)")
+    a.add_argument("model", help="input .onnx (or builtin:NAME for a model from onnx_ssl/models/)")
     a.add_argument("--json", metavar="OUT", help="write the analysis as JSON (see README)")
     a.add_argument("--kinds", default="channel,depth",
                    help="group kinds: channel,depth,shape,filter2d,neuron (default "

@@ -142,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_lowering import time_models
     from common import table
-    from onnx_ssl.passes.lower_sparse_conv import LowerSparseConvPass, layer_model
     from ssl_budget_lenet_mnist import load_mnist
 
     from onnx_ssl import models
     from onnx_ssl.graphutil import export
     from onnx_ssl.io import load_model, save_model, to_graph
+    from onnx_ssl.passes.lower_sparse_conv import LowerSparseConvPass, layer_model
     from onnx_ssl.training.artifacts import ArtifactOptions, build_artifacts
     from onnx_ssl.training.chain import evaluate_model
     from onnx_ssl.training.trainer import TrainConfig, Trainer

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import onnx
 from helpers import arrays, with_arrays
+
 from onnx_ssl.models._builder import GraphBuilder
 
 BLOCKS = ("conv", "res_identity", "res_proj", "res_block", "concat", "split", "slice",

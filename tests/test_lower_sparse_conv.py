@@ -10,6 +10,9 @@ import onnx
 import pytest
 from helpers import assert_same_outputs, make_model, rand, vi
 from onnx import helper
+
+from onnx_ssl.cli import main
+from onnx_ssl.compiler import prune
 from onnx_ssl.passes.lower_sparse_conv import (
     CANDIDATES,
     ConvSpec,
@@ -20,9 +23,6 @@ from onnx_ssl.passes.lower_sparse_conv import (
     kernel_classes,
     layer_model,
 )
-
-from onnx_ssl.cli import main
-from onnx_ssl.compiler import prune
 from onnx_ssl.runtime import run, session
 
 STRATEGIES = list(CANDIDATES)

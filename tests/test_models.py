@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnx_ssl.models as models
 import pytest
 from onnx import numpy_helper
 
+import onnx_ssl.models as models
 from onnx_ssl import runtime
 
 NAMES = models.names()

@@ -9,13 +9,13 @@ import onnx_graphsurgeon as gs
 import pytest
 from helpers import pick_groups, zero_groups
 from onnx import numpy_helper
-from onnx_ssl.passes.cleanup import CleanupPass
-from onnx_ssl.passes.remove_channels import RemoveZeroChannelsPass
 
 from onnx_ssl import models
 from onnx_ssl.analysis import analyze, prepare
 from onnx_ssl.errors import PassError
 from onnx_ssl.io import to_graph
+from onnx_ssl.passes.cleanup import CleanupPass
+from onnx_ssl.passes.remove_channels import RemoveZeroChannelsPass
 from onnx_ssl.pipeline import FixpointPass, PassManager, PassResult, Report
 
 

@@ -8,12 +8,12 @@ import pytest
 from fuzz_graphs import float_params
 from helpers import assert_same_outputs, make_model, pick_groups, rand, vi, zero_groups
 from onnx import helper, numpy_helper
-from onnx_ssl.models._builder import GraphBuilder
 
 from onnx_ssl import models
 from onnx_ssl.analysis import analyze, prepare
 from onnx_ssl.compiler import prune
 from onnx_ssl.errors import VerificationError
+from onnx_ssl.models._builder import GraphBuilder
 from onnx_ssl.runtime import verify
 
 PROPERTY_MODELS = [n for n in models.names()

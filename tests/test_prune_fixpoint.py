@@ -13,11 +13,11 @@ import pytest
 from fuzz_graphs import Block, Case, Worker, float_params
 from helpers import arrays, assert_same_outputs, with_arrays, zero_groups
 from onnx import numpy_helper
-from onnx_ssl.models._builder import GraphBuilder
 
 from onnx_ssl import models
 from onnx_ssl.analysis import analyze
 from onnx_ssl.compiler import prune
+from onnx_ssl.models._builder import GraphBuilder
 
 
 def removed(result) -> int:

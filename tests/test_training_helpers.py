@@ -7,8 +7,8 @@ import tempfile
 
 import numpy as np
 import onnx
-from onnx_ssl.models._builder import GraphBuilder
 
+from onnx_ssl.models._builder import GraphBuilder
 from onnx_ssl.training.data import Dataset, load_digits
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-# models/ is a protobuf boundary module: it may build protos with onnx.helper.
+# onnx_ssl/models/ is a protobuf boundary module: it may build protos with onnx.helper.
 from onnx import (
     helper,  # noqa: TID251
     numpy_helper,
