@@ -1,10 +1,21 @@
-"""Prune speed, and the pruned ResNet-50's ONNX Runtime CPU latency against its MACs and
-against the same network pruned by Torch-Pruning.
+"""Prune speed and peak memory, and the pruned ResNet-50's ONNX Runtime CPU latency against
+its MACs and against the same network pruned by Torch-Pruning.
 
     python benchmarks/bench_prune.py              # needs torch, transformers, torch-pruning
+    git worktree add /tmp/before 62a807c          # the code before (read-only use of git)
+    python benchmarks/bench_prune.py --skip-latency --before /tmp/before
 
-1. Speed: analyse + prune (``verify=0``: the numeric check is excluded) of HF ResNet-50 with
-   half the channels of every prunable space zeroed, and of residual chains to 10k nodes.
+1. Speed and memory: analyse + prune of HF ResNet-50 with half the channels of every
+   prunable space zeroed, of residual chains of about 1k to 10k nodes (half zeroed; and with
+   only the filters zeroed, what SSL training leaves: BatchNorm shifts stay, so every removed
+   channel carries a constant through a padded conv and is folded into per-position bias
+   maps), and of a wide chain with about 200 MB of weights (with the default numeric check).
+   Each prune runs in a child process of its own, once per code tree (``--before DIR``: the
+   checkout of an earlier commit, put first on PYTHONPATH; and this one), alternating on the
+   same machine in one run. The child imports onnx-ssl and ONNX Runtime, warms up on a tiny
+   chain, reads its idle RSS, loads the model, resets its peak RSS (``/proc/self/clear_refs``)
+   and prunes ``--repeat`` times: median wall time and CPU time, peak RSS (VmHWM, the loaded
+   input model included) and (peak - idle) / weights.
 2. Latency: the same ResNet-50 (random weights, HF ``ResNetConfig()``), half the channels of
    every prunable space zeroed (``out`` and ``in`` members), pruned by onnx-ssl; ONNX
    Runtime CPU, all graph optimisations, 1 and 2 intra-op threads, batch 1 and 8; the
@@ -17,9 +28,13 @@ against the same network pruned by Torch-Pruning.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,21 +50,28 @@ from onnx_ssl.groups import Analysis  # noqa: E402
 from onnx_ssl.runtime import session  # noqa: E402
 
 
-def zero_half(model: onnx.ModelProto, seed: int = 0) -> tuple[onnx.ModelProto, Analysis]:
-    """Zero a random half of the channels of every prunable space (out and in members)."""
+def zero_half(model: onnx.ModelProto, seed: int = 0, side: str = "both"
+              ) -> tuple[onnx.ModelProto, Analysis]:
+    """Zero a random half of the channels of every prunable space: ``both`` zeroes the out and
+    in members; ``filter`` only the layers' filters (what SSL training leaves: BatchNorm
+    shifts and biases stay, so every zeroed channel carries a non-zero constant)."""
     m = prepare(model)
     a = analyze(m, prepared=True)
     rng = np.random.default_rng(seed)
     arrs = {t.name: onnx.numpy_helper.to_array(t).copy() for t in m.graph.initializer}
+    weights = {n.input[1] for n in m.graph.node
+               if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1}
     for sp in a.spaces:
         if not sp.prunable:
             continue
         groups = [g for g in a.groups if g.kind == "channel" and g.space == sp.id]
         for i in rng.choice(len(groups), size=len(groups) // 2, replace=False):
             for mem in groups[i].members:
-                if mem.role != "stat":
-                    v = arrs[mem.tensor]
-                    v[mem.index(v.shape)] = 0
+                if mem.role == "stat" or (side == "filter" and not (
+                        mem.role == "out" and mem.tensor in weights)):
+                    continue
+                v = arrs[mem.tensor]
+                v[mem.index(v.shape)] = 0
     for t in m.graph.initializer:
         t.CopyFrom(onnx.numpy_helper.from_array(arrs[t.name], t.name))
     return m, a
@@ -94,42 +116,173 @@ def torch_pruning_model(batch: int) -> onnx.ModelProto | None:
     return export_torch(module, x, path)
 
 
-def speed(args: argparse.Namespace) -> list[tuple[str, ...]]:
-    rows = [("graph", "nodes", "channels removed", "analyse+prune (s), no verify")]
-    cases: list[tuple[str, onnx.ModelProto]] = [("HF ResNet-50, half zeroed", zero_half(
-        resnet50())[0])]
-    for blocks in (143, 357, 715, 1430):
-        m, _ = zero_half(chain(blocks))
-        cases.append((f"residual chain {blocks} blocks, half zeroed", m))
-    for name, m in cases:
-        prune(m, verify=0)  # warm-up
-        t = []
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            r = prune(m, verify=0)
-            t.append(time.perf_counter() - t0)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def _weight_mb(model: onnx.ModelProto) -> float:
+    """Initializer bytes from their dims (``ByteSize()`` would serialise the model)."""
+    total = 0
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total / 2**20
+
+
+def child(path: str, verify: int, repeat: int) -> dict[str, object]:
+    """One prune measurement in this process (see the module docstring, item 1)."""
+    import onnx_ssl
+    from onnx_ssl.runtime import ort
+
+    ort()
+    warm, _ = zero_half(chain(2))
+    prune(warm, verify=1)
+    idle = _status_mb("VmRSS")
+    model = onnx.load(path)
+    with open("/proc/self/clear_refs", "w") as f:  # the peak from here on
+        f.write("5")
+    wall, cpu = [], []
+    removed = 0
+    for _ in range(repeat):
+        t0, c0 = time.perf_counter(), time.process_time()
+        r = prune(model, verify=verify)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         removed = dict(r.report.passes)["remove-zero-channels"].to_json()["channels_removed"]
-        rows.append((name, str(len(m.graph.node)), str(removed), f"{statistics.median(t):.3f}"))
-        print(f"{name}: {statistics.median(t):.3f} s", file=sys.stderr)
+        del r
+    return {"code": str(Path(onnx_ssl.__file__).parent.parent), "wall": statistics.median(wall),
+            "cpu": statistics.median(cpu), "idle_mb": idle, "peak_mb": _status_mb("VmHWM"),
+            "weights_mb": _weight_mb(model), "nodes": len(model.graph.node),
+            "removed": removed}
+
+
+def _run_child(root: Path, path: Path, verify: int, repeat: int, timeout: float | None = None
+               ) -> dict[str, object] | None:
+    """The child's measurement, or None when it ran past ``timeout`` seconds."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--verify",
+           str(verify), "--repeat", str(repeat)]
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    if p.returncode != 0:
+        raise RuntimeError(f"{root}: prune of {path.name} failed:\n{p.stderr[-2000:]}")
+    out: dict[str, object] = json.loads(p.stdout.strip().splitlines()[-1])
+    if Path(str(out["code"])).resolve() != root.resolve():
+        raise RuntimeError(f"the child ran the code in {out['code']}, not {root}")
+    return out
+
+
+def speed_cases(args: argparse.Namespace) -> list[tuple[str, Path, int]]:
+    """(name, model file, verify) of every case, written once to the cache."""
+    folder = CACHE / "bench_prune"
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[tuple[str, Path, int]] = []
+
+    def case(name: str, key: str, verify: int, make: Callable[[], onnx.ModelProto]) -> None:
+        path = folder / f"{key}.onnx"
+        if not path.exists():
+            onnx.save_model(make(), str(path))
+        out.append((name, path, verify))
+
+    if not args.skip_resnet:
+        case("HF ResNet-50, half zeroed", "resnet50_half", 0, lambda: zero_half(resnet50())[0])
+    def zeroed_chain(blocks: int, side: str) -> Callable[[], onnx.ModelProto]:
+        return lambda: zero_half(chain(blocks), side=side)[0]
+
+    for side, what in (("both", "half zeroed"), ("filter", "filters zeroed, BN kept")):
+        for blocks in args.blocks:
+            case(f"residual chain {blocks} blocks, {what}", f"chain{blocks}_{side}", 0,
+                 zeroed_chain(blocks, side))
+    if not args.skip_wide:
+        case("wide chain (200 MB weights), half zeroed, numeric check", "wide42x256_both", 3,
+             lambda: zero_half(chain(42, channels=256))[0])
+    return out
+
+
+def speed(args: argparse.Namespace) -> list[tuple[str, ...]]:
+    roots = [("before", Path(args.before))] if args.before else []
+    roots.append(("after", ROOT))
+    rows: list[tuple[str, ...]] = [("graph", "nodes", "weights MiB", "verify",
+                                    "channels removed",
+             *(f"{n} s (cpu s)" for n, _ in roots), *(f"{n} s / 1k nodes" for n, _ in roots),
+             *(["speed-up"] if args.before else []),
+             *(f"{n} peak RSS MiB (x weights)" for n, _ in roots))]
+    limit = args.before_timeout
+    for name, path, verify in speed_cases(args):
+        res = {n: _run_child(root, path, verify, args.repeat, limit if n == "before" else None)
+               for n, root in roots}
+        for n, r in res.items():
+            print(f"{name} [{n}]: " + (f"over {limit:.0f} s, stopped" if r is None else
+                  f"{r['wall']:.2f} s, cpu {r['cpu']:.2f} s, peak {r['peak_mb']:.0f} MiB "
+                  f"(idle {r['idle_mb']:.0f})"), file=sys.stderr)
+        r0 = res["after"]
+        assert r0 is not None
+        nodes = int(str(r0["nodes"]))
+        w = float(str(r0["weights_mb"]))
+
+        def f(r: dict[str, object], k: str) -> float:
+            return float(str(r[k]))
+
+        def cells(r: dict[str, object] | None, nodes: int = nodes, w: float = w
+                  ) -> tuple[str, str, str]:
+            if r is None:  # stopped: its time is a lower bound, its memory unknown
+                return f"> {limit:.0f} (stopped)", f"> {limit / nodes * 1000:.2f}", "-"
+            rss = f"{f(r, 'peak_mb'):.0f}" + (
+                f" ({(f(r, 'peak_mb') - f(r, 'idle_mb')) / w:.1f}x)" if w >= 10 else "")
+            return (f"{f(r, 'wall'):.2f} ({f(r, 'cpu'):.2f})",
+                    f"{f(r, 'wall') / nodes * 1000:.2f}", rss)
+
+        c = [cells(r) for r in res.values()]
+        before = res.get("before")
+        speedup = ([] if not args.before else
+                   [f"> {limit / f(r0, 'wall'):.1f}x"] if before is None else
+                   [f"{f(before, 'wall') / f(r0, 'wall'):.2f}x"])
+        rows.append((name, str(nodes), f"{w:.1f}", str(verify), str(r0["removed"]),
+                     *(x[0] for x in c), *(x[1] for x in c), *speedup, *(x[2] for x in c)))
     return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1, help="timed prunes per case and code")
+    ap.add_argument("--before", help="checkout of the code to compare with (git worktree add "
+                                     "DIR COMMIT); its prune runs with DIR first on PYTHONPATH")
+    ap.add_argument("--before-timeout", type=float, default=300.0,
+                    help="seconds after which a prune of the code before is stopped (its "
+                         "time is then reported as a lower bound)")
+    ap.add_argument("--blocks", type=int, nargs="+", default=[143, 357, 715, 1430],
+                    help="residual chain sizes (about 7 nodes a block)")
+    ap.add_argument("--skip-resnet", action="store_true")
+    ap.add_argument("--skip-wide", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--verify", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--iters", type=int, default=20, help="timed runs per model at batch 1")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="intra-op thread counts to time (default 1 2)")
     args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.verify, args.repeat)))
+        return 0
     if not args.skip_speed:
         print(table(speed(args)))
         print()
     if args.skip_latency:
         return 0
-    rows = [("batch", "threads", "model", "MACs", "MAC reduction", "latency (ms)", "speed-up",
-             "speed-up / MAC reduction")]
+    rows: list[tuple[str, ...]] = [
+        ("batch", "threads", "model", "MACs", "MAC reduction", "latency (ms)", "speed-up",
+         "speed-up / MAC reduction")]
     for batch, iters in ((1, args.iters), (8, max(3, args.iters // 4))):
         original = resnet50(batch)
         zeroed, _ = zero_half(original)

@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 
 from .channels import Engine, Layout, RawRef, Seg, const_value, static_shape
 from .errors import InputError, OnnxSslError, UnsupportedModelError
-from .graphutil import clear_inner_shapes, unique_name
+from .graphutil import clear_inner_shapes, graph_key, unique_name
 from .groups import (
     DEFAULT_KINDS,
     KINDS,
@@ -51,14 +51,17 @@ from .io import (
     fold_trivial_constants,
     from_graph,
     infer_shapes,
+    shaped_graph,
     to_graph,
 )
-from .rules import apply_rule
+from .rules import RULES, apply_rule
 from .runtime import folding_runtime
+from .text import format_table as text_table
 
 log = logging.getLogger(__name__)
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# The parameterised layers: the ops whose entry in the op table has weight and bias slots.
+LAYER_OPS = tuple(op for op, rule in RULES.items() if rule.layer is not None)
 FLOAT_TYPES = (np.float32, np.float64, np.float16)
 
 
@@ -86,14 +89,16 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     wc = _prepare(model)
     if not wc.batch:
+        assert wc.model is not None  # kept by _prepare
         return wc.model
     return infer_shapes(from_graph(wc.unbind(wc.graph.copy()), wc.meta), strict=False)
 
 
 def working_copy(model: onnx.ModelProto) -> WorkingCopy:
     """The working copy of ``model`` that the prune passes rewrite (see :class:`WorkingCopy`);
-    its ``unbind`` makes a rewrite batch-agnostic like the input."""
-    return _prepare(model)
+    its ``unbind`` makes a rewrite batch-agnostic like the input. Its ``model`` is None: the
+    passes need only the graph, and the proto would hold every weight once more."""
+    return _prepare(model, keep=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,8 +106,9 @@ class WorkingCopy:
     """The model the analysis and the prune passes work on, and how it maps back to the input.
 
     ``model``/``graph``: the prepared model (see :func:`prepare`) with a symbolic batch bound
-    to ``BOUND_BATCH``. ``renamed``: generated node name -> the input's name ("" for an
-    unnamed node; see :func:`name_nodes`). A rewrite keeps the generated names: every node
+    to ``BOUND_BATCH`` (``model`` is None in the copy :func:`working_copy` makes).
+    ``renamed``: generated node name -> the input's name ("" for an unnamed node; see
+    :func:`name_nodes`). A rewrite keeps the generated names: every node
     the input named uniquely keeps its name, an unnamed one keeps ``<OpType>_<index>`` (so
     that the prune report's layer names find their nodes), and of nodes sharing a name the
     first keeps it and the others keep ``<name>_<index>`` (ONNX Runtime refuses a model with
@@ -114,7 +120,7 @@ class WorkingCopy:
     depend on the batch.
     """
 
-    model: onnx.ModelProto
+    model: onnx.ModelProto | None
     graph: gs.Graph
     meta: ModelMeta
     renamed: Mapping[str, str]
@@ -264,7 +270,8 @@ class WorkingCopy:
             for la in a.layers)
         return dataclasses.replace(a, spaces=spaces, groups=tuple(groups), layers=layers,
                                    notes=(*a.notes, *self.notes),
-                                   macs_per_sample=bool(self.batch))
+                                   macs_per_sample=bool(self.batch),
+                                   key=None)  # it describes the input, no graph of ours
 
     def _member_in_input(self, m: Member, traces: Mapping[str, Any]
                          ) -> tuple[list[Member], str | None]:
@@ -397,8 +404,15 @@ def _foldable(model: onnx.ModelProto) -> bool:
     return False
 
 
-def _fold(m: onnx.ModelProto, meta: ModelMeta) -> tuple[onnx.ModelProto, gs.Graph]:
-    """Fold constant shape arithmetic (to a fixpoint, inferring shapes anew); infer shapes."""
+def _fold(m: onnx.ModelProto, meta: ModelMeta, keep: bool = True
+          ) -> tuple[onnx.ModelProto | None, gs.Graph]:
+    """Fold constant shape arithmetic (to a fixpoint, inferring shapes anew); infer shapes.
+
+    Without ``keep``, only the graph is made (the model is None): when there is nothing to
+    fold, the graph reads ``m``'s weights instead of a copy of ``m`` with shapes.
+    """
+    if not keep and not _foldable(m):
+        return None, shaped_graph(m)
     m = infer_shapes(m, strict=False)
     graph = to_graph(m)
     if not _foldable(m):
@@ -420,7 +434,7 @@ def _fold(m: onnx.ModelProto, meta: ModelMeta) -> tuple[onnx.ModelProto, gs.Grap
         # Shapes inferred anew may make more arithmetic constant; stop when nothing is left.
         if len(graph.nodes) == before or not _foldable(m):
             break
-    return m, graph
+    return (m if keep else None), graph
 
 
 def _shape_ranges_as_slices(graph: gs.Graph) -> None:
@@ -554,23 +568,26 @@ def _batch_slots(a: gs.Graph, b: gs.Graph) -> tuple[dict[tuple[str, int], tuple[
 
 @dataclass(frozen=True)
 class _Stage:
-    model: onnx.ModelProto
+    model: onnx.ModelProto | None
     graph: gs.Graph
     copies: dict[str, str]
     prefold: onnx.ModelProto
 
 
-def _prepare_at(m: onnx.ModelProto, meta: ModelMeta, batch: int | None) -> _Stage:
+def _prepare_at(m: onnx.ModelProto, meta: ModelMeta, batch: int | None, keep: bool = True
+                ) -> _Stage:
     pre = fold_trivial_constants(bind_batch(m, batch) if batch is not None else m)
-    folded, graph = _fold(pre, meta)
+    folded, graph = _fold(pre, meta, keep)
     copies = unshare_constants(graph)
     if copies:
         folded = infer_shapes(from_graph(graph, meta), strict=False)
         graph = to_graph(folded)
+        if not keep:
+            folded = None
     return _Stage(folded, graph, copies, pre)
 
 
-def _prepare(model: onnx.ModelProto) -> WorkingCopy:
+def _prepare(model: onnx.ModelProto, keep: bool = True) -> WorkingCopy:
     meta = ModelMeta.of(model)
     allowed = frozenset({t.name for t in model.graph.initializer}
                         | {o for n in model.graph.node if n.op_type == "Constant"
@@ -578,18 +595,18 @@ def _prepare(model: onnx.ModelProto) -> WorkingCopy:
     named, renamed = _name_nodes(model)
     batch = symbolic_batch(named)
     if not batch:
-        st = _prepare_at(named, meta, None)
+        st = _prepare_at(named, meta, None, keep)
         return WorkingCopy(st.model, st.graph, meta, renamed, st.copies, allowed, st.prefold)
     shown = ", ".join(f"'{n}'" for n in batch)
     slots: dict[tuple[str, int], tuple[tuple[int, int], ...]] = {}
     try:
-        st = _prepare_at(named, meta, BOUND_BATCH)
-        probe = _prepare_at(named, meta, PROBE_BATCH)
+        st = _prepare_at(named, meta, BOUND_BATCH, keep)
+        probe = _prepare_at(named, meta, PROBE_BATCH, keep=False)
         slots, why = _batch_slots(st.graph, probe.graph)
     except OnnxSslError as e:
         why = str(e)
     if why is not None:
-        st = _prepare_at(named, meta, None)
+        st = _prepare_at(named, meta, None, keep)
         note = (f"the batch dim of input(s) {shown} stays symbolic ({why}); shapes that "
                 f"depend on it are not static, and neither are the MACs")
         return WorkingCopy(st.model, st.graph, meta, renamed, st.copies, allowed, st.prefold,
@@ -650,7 +667,7 @@ def _space_ids(e: Engine) -> dict[int, str]:
     for i in range(len(e.spaces)):
         if e.find(i) != i:
             continue
-        base = e.spaces[i].name
+        base = e.spaces[i].label
         sid, k = base, 1
         while sid in used:
             k += 1
@@ -834,30 +851,22 @@ def layers_of(graph: gs.Graph) -> tuple[Layer, ...]:
 def _layers(graph: gs.Graph, e: Engine | None, ids: dict[int, str]) -> tuple[Layer, ...]:
     layers = []
     for node in graph.nodes:
-        if node.op not in LAYER_OPS or len(node.inputs) < 2:
+        rule = RULES.get(node.op)
+        slots = rule.layer if rule is not None else None
+        if slots is None or len(node.inputs) <= slots.weight:
             continue
-        w = node.inputs[1]
+        w = node.inputs[slots.weight]
         wv = const_value(w)
-        if wv is None or (node.op == "MatMul" and wv.ndim != 2):
+        if wv is None or (slots.weight_ndim is not None and wv.ndim != slots.weight_ndim):
             continue
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        b = slots.bias
+        bias = (node.inputs[b] if b is not None and len(node.inputs) > b and node.inputs[b].name
+                else None)
         bv = const_value(bias) if bias is not None else None
-        out_shape = static_shape(node.outputs[0])
-        in_shape = static_shape(node.inputs[0])
         group = int(node.attrs.get("group", 1))
-        if node.op == "Conv":
-            out_axis, in_axis = 0, 1
-            macs = int(np.prod(out_shape)) * int(np.prod(wv.shape[1:])) if out_shape else 0
-        elif node.op == "ConvTranspose":
-            out_axis, in_axis = 1, 0
-            macs = int(np.prod(in_shape)) * int(np.prod(wv.shape[1:])) if in_shape else 0
-        elif node.op == "Gemm":
-            out_axis, in_axis = (0, 1) if int(node.attrs.get("transB", 0)) else (1, 0)
-            k = int(wv.shape[in_axis])
-            macs = int(np.prod(out_shape)) * k if out_shape else 0
-        else:
-            out_axis, in_axis = 1, 0
-            macs = int(np.prod(out_shape)) * int(wv.shape[0]) if out_shape else 0
+        out_axis, in_axis = slots.axes(node)
+        macs = slots.macs(node, tuple(int(d) for d in wv.shape), static_shape(node.inputs[0]),
+                          static_shape(node.outputs[0]))
 
         def sid(t: gs.Tensor) -> str | None:
             if e is None:
@@ -877,9 +886,11 @@ def _layers(graph: gs.Graph, e: Engine | None, ids: dict[int, str]) -> tuple[Lay
     return tuple(layers)
 
 
-def _branches(graph: gs.Graph, e: Engine) -> tuple[Branch, ...]:
+def _branches(graph: gs.Graph, e: Engine, weight_layers: set[str]) -> tuple[Branch, ...]:
     """Residual branches: for each Add of two activations, the nodes between its immediate
-    dominator (the fork) and the Add on the side that holds more layers."""
+    dominator (the fork) and the Add on the side that holds more layers. A branch's
+    ``layers`` are its weight layers (``weight_layers``: an attention's activation MatMuls
+    are not among them)."""
     g = nx.DiGraph()
     src = "\0source"
     g.add_node(src)
@@ -951,7 +962,7 @@ def _branches(graph: gs.Graph, e: Engine) -> tuple[Branch, ...]:
         ordered = sorted(members, key=order.__getitem__)
         result.append(Branch(
             add=node.name, fork=fork, branch_output=t.name, nodes=tuple(ordered),
-            layers=tuple(n for n in ordered if by_name[n].op in LAYER_OPS),
+            layers=tuple(n for n in ordered if n in weight_layers),
             prunable=reason is None, reason=reason))
     return tuple(result)
 
@@ -986,7 +997,10 @@ def _weight_groups(layers: Sequence[Layer], kinds: Iterable[str],
         reason = shared.get(la.weight)
         ok = reason is None
         shape = la.weight_shape
-        if la.op_type == "Conv" and len(shape) == 4:
+        slots = RULES[la.op_type].layer
+        kind = slots.kind if slots is not None else None
+        # Shape and 2D-filter groups index a 2-D conv weight [filters, channels, kh, kw].
+        if kind == "conv" and (la.out_axis, la.in_axis) == (0, 1) and len(shape) == 4:
             n, c, kh, kw = shape
             if "shape" in kinds:
                 for ci in range(c):
@@ -1001,7 +1015,7 @@ def _weight_groups(layers: Sequence[Layer], kinds: Iterable[str],
                         groups.append(Group(
                             f"{la.node}/filter2d/{ni},{ci}", "filter2d", None, None, ok, reason,
                             (Member(la.weight, "out", ((ni,), (ci,), None, None)),)))
-        if la.op_type in ("Gemm", "MatMul") and "neuron" in kinds:
+        if kind == "fc" and "neuron" in kinds:
             for role, axis in (("out", la.out_axis), ("in", la.in_axis)):
                 for j in range(shape[axis]):
                     sl: list[tuple[int, ...] | None] = [None, None]
@@ -1037,16 +1051,17 @@ def model_layers(model: onnx.ModelProto) -> tuple[Layer, ...]:
     return layers_of(to_graph(model))
 
 
-def analyze_graph(graph: gs.Graph, kinds: Sequence[str] = DEFAULT_KINDS, name: str = ""
-                  ) -> Analysis:
-    """Analyse a prepared graph (static shapes inferred, constants folded)."""
+def analyze_graph(graph: gs.Graph, kinds: Sequence[str] = DEFAULT_KINDS, name: str = "", *,
+                  key: int | None = None) -> Analysis:
+    """Analyse a prepared graph (static shapes inferred, constants folded). ``key``: its
+    ``graphutil.graph_key`` where the caller has it (else computed)."""
     e, notes = _propagate(graph)
     ids = _space_ids(e)
     spaces = _build_spaces(e, ids)
     shapes = {n: tuple(int(d) for d in t.shape) for n, t in graph.tensors().items()
               if isinstance(t, gs.Constant)}
     layers = _layers(graph, e, ids)
-    branches = _branches(graph, e)
+    branches = _branches(graph, e, {la.node for la in layers})
     groups: list[Group] = []
     if "channel" in kinds:
         groups += _channel_groups(spaces, shapes)
@@ -1061,7 +1076,8 @@ def analyze_graph(graph: gs.Graph, kinds: Sequence[str] = DEFAULT_KINDS, name: s
             shared[la.weight] = f"weight {la.weight} is shared by {names}"
     groups += _weight_groups(layers, kinds, shared)
     return Analysis(model=name or graph.name, spaces=spaces, groups=tuple(groups), layers=layers,
-                    branches=branches, kinds=tuple(kinds), notes=tuple(notes))  # type: ignore
+                    branches=branches, kinds=tuple(kinds), notes=tuple(notes),  # type: ignore
+                    key=graph_key(graph) if key is None else key)
 
 
 # --- text report ---------------------------------------------------------------------------
@@ -1088,10 +1104,7 @@ def format_table(a: Analysis) -> str:
         rows.append((la.node, la.op_type, "x".join(map(str, la.weight_shape)),
                      desc(la.out_space), desc(la.in_space), _fmt_int(la.params),
                      _fmt_int(la.macs)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(rows)
     n_prunable = sum(s.prunable for s in a.spaces)
     ch_total = sum(s.channels for s in a.spaces)
     ch_prunable = sum(s.channels for s in a.spaces if s.prunable)
@@ -1108,6 +1121,11 @@ def format_table(a: Analysis) -> str:
         lines.append("blocked spaces:")
         for s in blocked:
             lines.append(f"  {s.id} ({s.channels} ch): {s.reason}")
+    constrained = [s for s in a.spaces if s.prunable and s.constraint]
+    if constrained:
+        lines.append("prunable with a constraint:")
+        for s in constrained:
+            lines.append(f"  {s.id} ({s.channels} ch): {s.constraint}")
     if a.branches:
         ok = sum(b.prunable for b in a.branches)
         lines.append(f"residual branches: {len(a.branches)} ({ok} prunable as depth groups)")

@@ -4,22 +4,27 @@ Models are timed in alternation in one process (so machine noise hits all alike)
 graph optimisations on; the report gives each model's median latency, its speed-up over the
 first model, its MAC reduction (the "FLOP bound": the speed-up a perfectly efficient kernel
 would get) and the ratio of the two.
+
+:func:`time_pair` times two (session, feeds) pairs in alternating rounds of calibrated
+length; the SSL chain's measured speedups (:mod:`onnx_ssl.training.speedup`) use it.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import onnx
 
 from . import env
 from .analysis import analyze, bind_batch
 from .errors import InputError
 from .runtime import DYNAMIC_BATCH, ort, random_inputs
+from .text import format_table
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -91,31 +96,32 @@ def format_rows(rows: Sequence[BenchRow], provider: str) -> str:
             "speed-up / bound")
     body = [(r.name, f"{r.macs / 1e6:.1f} M", f"{r.latency_ms:.2f}", f"{r.speedup:.2f}x",
              f"{r.mac_reduction:.2f}x", f"{r.efficiency:.2f}") for r in rows]
-    allr = [head, *body]
-    w = [max(len(r[i]) for r in allr) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(x) for c, x in zip(r, w, strict=True)) for r in allr]
-    lines.insert(1, "  ".join("-" * x for x in w))
+    lines = format_table([head, *body])
     lines.append(f"(ONNX Runtime {PROVIDERS[provider]}, median of timed runs in alternation)")
     return "\n".join(lines)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("bench", help="time models on ONNX Runtime against their MAC bound")
-    p.add_argument("models", nargs="+", help="models to compare; the first is the baseline")
-    p.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
-    p.add_argument("--iters", type=int, default=20, help="timed runs per model (default 20)")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ORT default)")
-    p.set_defaults(func=_cmd_bench)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .cli import _load
-
-    if args.iters < 1:
-        raise InputError("--iters must be >= 1")
-    if args.threads < 0:
-        raise InputError(f"--threads must be >= 0 (0: ONNX Runtime's default), got {args.threads}")
-    models = [(str(p), _load(p)) for p in args.models]
-    rows = benchmark(models, args.provider, args.iters, threads=args.threads)
-    print(format_rows(rows, args.provider))
-    return 0
+def time_pair(
+    a: tuple[Any, Mapping[str, np.ndarray]],
+    b: tuple[Any, Mapping[str, np.ndarray]],
+    min_time: float = 0.4,
+    rounds: int = 7,
+) -> tuple[float, float]:
+    """Median seconds per run of two (session, feeds) pairs, measured in alternating rounds
+    so that load from other processes affects both alike."""
+    inner = []
+    for sess, feeds in (a, b):
+        for _ in range(3):
+            sess.run(None, dict(feeds))
+        t = time.perf_counter()
+        sess.run(None, dict(feeds))
+        one = max(time.perf_counter() - t, 1e-6)
+        inner.append(max(1, int(min_time / 2 / rounds / one)))
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for k, (sess, feeds) in enumerate((a, b)):
+            t = time.perf_counter()
+            for _ in range(inner[k]):
+                sess.run(None, dict(feeds))
+            times[k].append((time.perf_counter() - t) / inner[k])
+    return float(np.median(times[0])), float(np.median(times[1]))

@@ -12,7 +12,8 @@ drive this state; the analysis in :mod:`onnx_ssl.analysis` turns it into immutab
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from bisect import bisect_right
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -60,6 +61,20 @@ class Layout:
             pos += s.length
         return Layout(self.axis, self.block, tuple(out))
 
+    def select(self, positions: list[int] | tuple[int, ...]) -> Layout | None:
+        """The channels at ``positions`` of the axis, in that order (a Gather of constant
+        indices, a channel shuffle), or None when a channel spans several positions."""
+        if self.block != 1 or any(not 0 <= p < self.channels for p in positions):
+            return None
+        out: list[Seg] = []
+        for p in positions:
+            s = self.sub(p, p + 1).segs[0]  # type: ignore[union-attr]
+            if out and out[-1].space == s.space and out[-1].start + out[-1].length == s.start:
+                out[-1] = Seg(s.space, out[-1].start, out[-1].length + 1)
+            else:
+                out.append(s)
+        return Layout(self.axis, 1, tuple(out))
+
 
 @dataclass
 class RawSpace:
@@ -69,6 +84,15 @@ class RawSpace:
     reasons: list[str] = field(default_factory=list)
     partitions: list[int] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)
+    # A piece of a space that a partial residual split (see Engine.split): its channels are
+    # ``offset .. offset+length-1`` of the producer's, and its name says so.
+    offset: int = 0
+    piece: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}[{self.offset}:{self.offset + self.length}]" if self.piece \
+            else self.name
 
 
 @dataclass(frozen=True)
@@ -98,6 +122,8 @@ class Engine:
         self.weight_users: dict[str, set[str]] = {}
         self.graph_output_names: set[str] = {t.name for t in graph.outputs}
         self.opset: int = int(graph.opset or 17)
+        # Space -> [(cut, tail space)]: where Engine.split cut it, in its own channel numbers.
+        self.cuts: dict[int, list[tuple[int, int]]] = {}
 
     # --- spaces -----------------------------------------------------------------------
     def new_space(self, length: int, name: str, origin: str = "producer") -> int:
@@ -130,7 +156,7 @@ class Engine:
     def block(self, layout: Layout | None, reason: str) -> None:
         if layout is None:
             return
-        for s in layout.segs:
+        for s in self.resolve(layout).segs:
             r = self.spaces[self.find(s.space)].reasons
             if reason not in r:
                 r.append(reason)
@@ -143,24 +169,113 @@ class Engine:
     def touch(self, layout: Layout | None, node: gs.Node) -> None:
         if layout is None:
             return
-        for s in layout.segs:
+        for s in self.resolve(layout).segs:
             self.spaces[self.find(s.space)].nodes.append(node.name)
 
+    # --- pieces of spaces -------------------------------------------------------------
+    def _pieces(self, seg: Seg) -> list[Seg]:
+        cuts = self.cuts.get(seg.space)
+        if not cuts:
+            return [seg]
+        bounds = [(0, seg.space)] + cuts + [(seg.start + seg.length, -1)]
+        out: list[Seg] = []
+        lo, hi = seg.start, seg.start + seg.length
+        for (a, sp), (b, _) in zip(bounds, bounds[1:], strict=False):
+            x, y = max(lo, a), min(hi, b)
+            if x < y and sp == seg.space:  # the head: its own cuts are these
+                out.append(Seg(sp, x - a, y - x))
+            elif x < y:
+                out.extend(self._pieces(Seg(sp, x - a, y - x)))
+        return out
+
+    def resolve(self, layout: Layout) -> Layout:
+        """``layout`` in terms of the current pieces of its spaces (see :meth:`split`)."""
+        if not self.cuts or not any(s.space in self.cuts for s in layout.segs):
+            return layout
+        segs = [p for s in layout.segs for p in self._pieces(s)]
+        return Layout(layout.axis, layout.block, tuple(segs))
+
+    def split(self, space: int, at: int) -> None:
+        """Cut every space united with ``space`` (a current piece) into channels ``0..at-1``
+        and ``at..``: two spaces from now on, each removable on its own. A residual Add of a
+        slice of a space (a partial residual) ties only that slice to the other operand."""
+        root = self.find(space)
+        members = [i for i in range(len(self.spaces)) if self.find(i) == root]
+        tails: list[int] = []
+        for m in members:
+            sm = self.spaces[m]
+            t = self.new_space(sm.length - at, sm.name, sm.origin)
+            st = self.spaces[t]
+            st.reasons, st.partitions, st.nodes = list(sm.reasons), list(sm.partitions), \
+                list(sm.nodes)
+            st.offset, st.piece = sm.offset + at, True
+            sm.length, sm.piece = at, True
+            self.cuts.setdefault(m, []).insert(0, (at, t))
+            tails.append(t)
+        for t in tails[1:]:
+            self.union(tails[0], t)
+        refs: list[RawRef] = []
+        for r in self.refs:
+            if r.space not in self.cuts or self.cuts[r.space][0][1] not in tails or (
+                    r.space_start + r.length <= at):
+                refs.append(r)
+                continue
+            tail = self.cuts[r.space][0][1]
+            head = max(0, at - r.space_start)
+            if head:
+                refs.append(replace(r, length=head))
+            refs.append(replace(r, space=tail, space_start=r.space_start + head - at,
+                                tensor_start=r.tensor_start + head, length=r.length - head))
+        self.refs = refs
+
+    def _cut(self, a: Layout, b: Layout) -> tuple[int, int] | None:
+        """A cut that lines ``a`` and ``b`` up: where a segment of one ends inside a segment
+        of the other, or where a segment paired with different channels is part of a space."""
+        ends: set[int] = set()
+        for lay in (a, b):
+            pos = 0
+            for s in lay.segs:
+                pos += s.length
+                ends.add(pos)
+        bounds = sorted(ends)
+        for lay in (a, b):
+            pos = 0
+            for s in lay.segs:
+                q = bounds[bisect_right(bounds, pos)]  # the first end after pos (one exists)
+                if q < pos + s.length:
+                    return s.space, s.start + q - pos
+                pos += s.length
+        for sa, sb in zip(a.segs, b.segs, strict=True):
+            if self.find(sa.space) == self.find(sb.space) and sa.start == sb.start:
+                continue
+            for s in (sa, sb):
+                if s.start:
+                    return s.space, s.start
+                if s.length < self.spaces[s.space].length:
+                    return s.space, s.length
+        return None
+
     def unite(self, a: Layout, b: Layout, node: gs.Node) -> bool:
-        """Tie two layouts channel by channel (a residual Add, an element-wise product)."""
-        ok = a.block == b.block and len(a.segs) == len(b.segs)
-        if ok:
-            for sa, sb in zip(a.segs, b.segs, strict=True):
-                ra, rb = self.find(sa.space), self.find(sb.space)
-                if ra == rb and sa.start == sb.start and sa.length == sb.length:
-                    continue
-                full_a = sa.start == 0 and sa.length == self.spaces[ra].length
-                full_b = sb.start == 0 and sb.length == self.spaces[rb].length
-                if not (full_a and full_b and sa.length == sb.length):
-                    ok = False
-                    break
+        """Tie two layouts channel by channel (a residual Add, an element-wise product).
+
+        Where a segment of one meets only part of a space in the other (a residual Add on a
+        slice, a concatenation added to one tensor), the space is split first (:meth:`split`),
+        unless a grouped convolution reads or writes it (its groups must stay equal)."""
+        ok = a.block == b.block and a.channels == b.channels
+        why = f"{node.name} ({node.op}): joins channel layouts that do not line up"
+        while ok:
+            a, b = self.resolve(a), self.resolve(b)
+            cut = self._cut(a, b)
+            if cut is None:
+                break
+            space, at = cut
+            if self.spaces[self.find(space)].partitions:
+                why = (f"{node.name} ({node.op}): ties part of the channels of a grouped "
+                       f"convolution's space to other channels")
+                ok = False
+            else:
+                self.split(space, at)
         if not ok:
-            why = f"{node.name} ({node.op}): joins channel layouts that do not line up"
             self.block(a, why)
             self.block(b, why)
             return False
@@ -179,6 +294,7 @@ class Engine:
                  *, is_weight: bool, block: int | None = None, conv_groups: int = 1) -> None:
         pos = 0
         blk = layout.block if block is None else block
+        layout = self.resolve(layout)
         for s in layout.segs:
             self.refs.append(RawRef(tensor.name, axis, role, s.space, s.start, pos, s.length,
                                     blk, node.name, is_weight, conv_groups))
@@ -199,7 +315,8 @@ class Engine:
         self.add_refs(tensor, layout.axis, "act", layout, node, is_weight=False)
 
     def layout(self, tensor: gs.Tensor) -> Layout | None:
-        return self.layouts.get(tensor.name)
+        lay = self.layouts.get(tensor.name)
+        return None if lay is None else self.resolve(lay)
 
 
 # --- tensor helpers --------------------------------------------------------------------

@@ -13,12 +13,9 @@ when the batch is symbolic.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +27,8 @@ from .analysis import analyze_graph, model_layers, name_nodes, working_copy
 from .errors import InputError
 from .graphutil import SharedAnalysis, bias_maps
 from .groups import Layer
-from .io import ModelMeta, check_writable, save_model, write_text_atomic
+from .io import ModelMeta, weight_bytes
+from .ops import LayerSlots
 from .passes.cleanup import CleanupPass
 from .passes.collapse_residual import CollapseResidualPass
 from .passes.lower_sparse_conv import MARKER as LOWERED
@@ -39,11 +37,17 @@ from .passes.lower_sparse_conv import LowerSparseConvPass
 from .passes.remove_channels import RemoveZeroChannelsPass
 from .passes.shrink_kernels import ShrinkKernelsPass
 from .passes.zero_small_groups import ZeroSmallGroupsPass
-from .pipeline import FixpointPass, PassManager, Report, finish
+from .pipeline import FixpointPass, PassManager, Report, finish, gc_paused, release_memory
+from .rules import RULES
 from .runtime import ATOL, RTOL, Difference, compare
 from .runtime import verify as verify_outputs
+from .text import format_table
 
 log = logging.getLogger(__name__)
+
+# Above this many bytes of weights, prune hands the working copy's memory back before the
+# export and the numeric check (see pipeline.release_memory).
+RELEASE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -68,13 +72,18 @@ class LayerStat:
         return self.macs_after / self.macs_before if self.macs_before else 0.0
 
 
+def _slots(la: Layer) -> LayerSlots:
+    slots = RULES[la.op_type].layer
+    assert slots is not None, la.op_type  # a Layer is made only for an op with layer slots
+    return slots
+
+
 def _filters(la: Layer) -> int:
-    return la.weight_shape[la.out_axis] * (la.conv_groups if la.op_type == "ConvTranspose"
-                                           else 1)
+    return _slots(la).filters(la.weight_shape, la.out_axis, la.conv_groups)
 
 
 def _channels(la: Layer) -> int:
-    return la.weight_shape[la.in_axis] * (la.conv_groups if la.op_type == "Conv" else 1)
+    return _slots(la).channels(la.weight_shape, la.in_axis, la.conv_groups)
 
 
 def layer_stats(before: Sequence[Layer], after: Sequence[Layer]) -> tuple[LayerStat, ...]:
@@ -109,6 +118,29 @@ class PruneReport:
     def modified(self) -> bool:
         return any(r.modified for _, r in self.passes)
 
+    @property
+    def removed(self) -> bool:
+        """Whether the exact passes (all but the threshold step) changed the graph."""
+        return any(r.modified for n, r in self.passes if n != ZeroSmallGroupsPass.name)
+
+    def _threshold_line(self) -> str:
+        zero = next((r for n, r in self.passes if n == ZeroSmallGroupsPass.name), None)
+        n = getattr(zero, "groups_zeroed", 0)
+        kinds = ", ".join(f"{k} {v}" for k, v in getattr(zero, "by_kind", ()))
+        step = (f"threshold {self.threshold:g} zeroed {n} group(s) with L2 norm <= "
+                f"{self.threshold:g} ({kinds})" if n else
+                f"threshold {self.threshold:g} zeroed no group (no nonzero prunable group has "
+                f"L2 norm <= {self.threshold:g})")
+        if not self.threshold_effect:
+            return step + ("; may have CHANGED the function" if n else
+                           "; the function is unchanged") + (
+                " (output difference not measured: the numeric check was skipped)")
+        worst = max(d.relative for d in self.threshold_effect)
+        if not any(d.max_abs for d in self.threshold_effect):
+            return step + "; the outputs did not change (max output difference 0)"
+        return (step + f"; this CHANGED the function: max output difference {worst:.3g} "
+                       f"relative to max |output|")
+
     def to_json(self) -> dict[str, Any]:
         def diff(d: Difference) -> dict[str, Any]:
             return {"output": d.output, "max_abs": d.max_abs, "ref_max_abs": d.ref_max_abs,
@@ -139,10 +171,7 @@ class PruneReport:
                          f"{s.channels_before} -> {s.channels_after}",
                          f"{s.params_before} -> {s.params_after}",
                          f"{s.macs_before} -> {s.macs_after}", f"{s.mac_fraction:.1%}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                 for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = format_table(rows)
         frac = self.macs_after / self.macs_before if self.macs_before else 0.0
         pfrac = self.params_after / self.params_before if self.params_before else 0.0
         lines += [
@@ -163,17 +192,12 @@ class PruneReport:
                 lines.append(f"lowering {e.node}: {e.strategy}, MACs {e.macs_before} -> "
                              f"{e.macs_after}" + (f" (measured{' (cached)' if e.cached else ''}"
                                                  f": {times})" if times else ""))
-        if not self.modified:
+        if self.threshold is not None:
+            lines.append(self._threshold_line())
+        if not self.removed:
             lines.append("no change: nothing could be removed" + (
                 " (zero channels were kept for the reasons below)" if self.kept else
                 " (the model has no zero groups, or it was already pruned)"))
-        if self.threshold is not None and self.threshold_effect:
-            worst = max(d.relative for d in self.threshold_effect)
-            lines.append(f"threshold {self.threshold:g} CHANGED the function: max output "
-                         f"difference {worst:.3g} relative to max |output|")
-        elif self.threshold is not None:
-            lines.append(f"threshold {self.threshold:g} may have CHANGED the function (not "
-                         f"measured: the numeric check was skipped)")
         for k in self.kept:
             lines.append(f"kept: {k}")
         if not self.verification:
@@ -192,6 +216,7 @@ class PruneResult:
     report: PruneReport
 
 
+@gc_paused()  # linear in the graph's size (see pipeline.gc_paused)
 def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int = 3,
           seed: int = 0, name: str = "", lower: str = "off", provider: str = "cpu",
           batch: int = 1, threads: int = 0, lower_cache: str | None = None) -> PruneResult:
@@ -228,23 +253,41 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
         res = ZeroSmallGroupsPass(threshold, before)(graph)
         graph = res.graph
         passes.append((ZeroSmallGroupsPass.name, res.report))
+        # finish() leaves `graph` as it is; unbind() changes it in place: it gets a copy, so
+        # that `graph` stays the one that `before` and the passes below describe.
         reference = finish(wc.unbind(graph.copy()) if wc.batch else graph, meta)
         if verify_n:
             effect = tuple(compare(model, reference, n=verify_n, seed=seed))
-    # The channel pass reuses `before` only if the collapse pass left the graph untouched.
+        del res
+    # The passes reuse `before` while the graph they get matches it (graph_key: thresholding
+    # zeroes float weights only), and analyse it afresh once a pass changed it.
     lowering = LowerSparseConvPass(
         lower, provider=provider, batch=batch, threads=threads,
         cache_dir=_cache_dir(lower_cache)) if lower != "off" else None
     # Removing channels and branches enables more of both: they run to their fixpoint.
-    shared = SharedAnalysis(before, graph)
+    shared = SharedAnalysis(before)
     pm = PassManager([FixpointPass([CollapseResidualPass(seed=seed, shared=shared),
                                     RemoveZeroChannelsPass(seed=seed, shared=shared)]),
                       ShrinkKernelsPass(), *([lowering] if lowering else []), CleanupPass()])
     maps_before = bias_maps(graph)  # per-position bias maps count as their layer's params
     out = pm(graph)
-    passes += list(out.results)
+    passes += list(out.report.results)
     maps_after = bias_maps(out.graph)
-    final = finish(wc.unbind(out.graph), meta)
+    lowered = out.report.get(lowering.name) if lowering is not None else None
+    rewritten = wc.unbind(out.graph)
+    # Only the rewrite is needed from here on: the working copy (its protos, and the weights
+    # of the graph before the passes) goes before the export and the numeric check's
+    # sessions, so that a large model's weights are not held several times at once.
+    del wc, graph, shared, pm, out
+    # A full collection costs time in proportion to the graph's nodes; it pays for large
+    # weights (what it frees), not for a graph of many small layers.
+    large = weight_bytes(model) >= RELEASE_BYTES
+    if large:
+        release_memory()
+    final = finish(rewritten, meta)
+    del rewritten
+    if large:
+        release_memory()
     diffs = tuple(verify_outputs(reference, final, n=verify_n, seed=seed)) if verify_n else None
     after_layers = model_layers(final)
     stats = tuple(dataclasses.replace(
@@ -252,7 +295,8 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
         params_after=s.params_after + maps_after.get(s.node, 0))
         for s in layer_stats(before.layers, after_layers))
     if lowering is not None:
-        stats, after_layers = _merge_lowered(stats, after_layers, out.report(lowering.name))
+        assert lowered is not None
+        stats, after_layers = _merge_lowered(stats, after_layers, lowered)
     kept: list[str] = []
     for _, r in passes:
         kept += list(getattr(r, "kept", ()))
@@ -292,28 +336,3 @@ def _merge_lowered(stats: tuple[LayerStat, ...], after: tuple[Layer, ...], rep: 
         Layer(e.node, "Conv", "", None, 0, 1, 1, (), e.params_after, e.macs_after, None, None)
         for e in low.values())
 
-
-def run_prune_cli(args: argparse.Namespace) -> int:
-    from .cli import _load, model_inputs
-
-    inputs = model_inputs(str(args.model))
-    check_writable(args.output, *inputs)
-    if args.report:
-        check_writable(args.report, *inputs, outputs=[args.output])
-    if args.threshold is not None and not (math.isfinite(args.threshold)
-                                           and args.threshold >= 0):
-        raise InputError(f"--threshold must be a finite number >= 0, got {args.threshold}")
-    if args.verify < 0:
-        raise InputError(f"--verify must be >= 0 (--verify 0 or --no-verify skips the "
-                         f"numeric check), got {args.verify}")
-    model = _load(args.model)
-    n = 0 if args.no_verify else args.verify
-    result = prune(model, threshold=args.threshold, verify=n, seed=args.seed,
-                   name=str(args.model), lower=args.lower, provider=args.provider,
-                   batch=args.batch, threads=args.threads, lower_cache=args.lower_cache)
-    save_model(result.model, args.output)
-    if args.report:
-        write_text_atomic(args.report, json.dumps(result.report.to_json(), indent=1) + "\n")
-    print(result.report.to_text())
-    print(f"wrote {args.output}", file=sys.stderr)
-    return 0

@@ -179,22 +179,32 @@ def install_shim() -> bool:
     return True
 
 
+# The module once the environment check passed and it imported: the check reads every
+# installed distribution's metadata (about 50 ms), too slow to repeat for each session.
+_IMPORTED: Any = None
+
+
 def import_ort(purpose: str = "this command") -> Any:
     """Import ``onnxruntime`` (torch-free); a one-line EnvironmentProblem if it cannot be.
 
-    ``purpose`` names what needs the runtime, for the message.
+    ``purpose`` names what needs the runtime, for the message. The environment is checked
+    once per process (again only if ``onnxruntime`` was replaced in ``sys.modules``).
     """
+    global _IMPORTED
+    if _IMPORTED is not None and sys.modules.get("onnxruntime") is _IMPORTED:
+        return _IMPORTED
     check_runtime_environment()
     if not has_ort():
         raise EnvironmentProblem(f"{purpose} needs ONNX Runtime, and none is installed: "
                                  f"{INSTALL_HINT}")
     install_shim()
     try:
-        return importlib.import_module("onnxruntime")
+        _IMPORTED = importlib.import_module("onnxruntime")
     except ImportError as e:
         raise EnvironmentProblem(
             f"onnxruntime cannot be imported ({str(e).splitlines()[0]}); reinstall the one "
             f"runtime you use, for example: pip install --force-reinstall onnxruntime") from e
+    return _IMPORTED
 
 
 @dataclass(frozen=True)

@@ -27,3 +27,9 @@ class PassError(OnnxSslError):
 
 class EnvironmentProblem(OnnxSslError):
     """The Python environment is broken (for example two ONNX Runtime distributions)."""
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of ``e``'s message, or its type's name when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

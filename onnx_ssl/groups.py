@@ -14,6 +14,7 @@ pass and the training artifacts read them.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -111,6 +112,24 @@ class Space:
     # Reasons beyond the first, for the report.
     all_reasons: tuple[str, ...] = ()
 
+    @property
+    def constraint(self) -> str | None:
+        """What a removal must respect beyond zeroing a channel's members (None: nothing).
+
+        A grouped convolution (``group`` = G) reads or writes the space in G equal blocks of
+        consecutive channels, and the rewrite keeps it a grouped convolution: it removes the
+        same number of channels from every block and keeps at least one in each."""
+        if not self.partitions:
+            return None
+        g = math.lcm(*self.partitions)
+        size = self.channels // g
+        return (f"grouped convolutions ({', '.join(map(str, self.partitions))} groups) split "
+                f"the {self.channels} channels into {g} blocks of {size} (channels "
+                f"k*{size} .. k*{size}+{size - 1}); prune removes zero channels only in equal "
+                f"numbers from every block and keeps at least one per block: zero channels "
+                f"in equal numbers per block, for example channel i of every block (i, "
+                f"i+{size}, ..., i+{(g - 1) * size})")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -118,6 +137,8 @@ class Space:
             "prunable": self.prunable,
             "reason": self.reason,
             "nodes": list(self.nodes),
+            "conv_groups": list(self.partitions),
+            "constraint": self.constraint,
         }
 
 
@@ -198,6 +219,9 @@ class Analysis:
     notes: tuple[str, ...] = field(default=())
     # The model's batch is symbolic: layer MACs are per sample (the analysis binds it to 1).
     macs_per_sample: bool = False
+    # graphutil.graph_key of the graph analysed: a pass handed this analysis uses it only
+    # for a graph with the same key (see graphutil.SharedAnalysis). None: not known.
+    key: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def params(self) -> int:

@@ -7,6 +7,7 @@ Everything else in onnx-ssl works on onnx-graphsurgeon graphs; this module (with
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import stat
@@ -14,10 +15,12 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from . import env
 from .errors import InputError, UnsupportedModelError
@@ -287,14 +290,107 @@ def clamp_ir(model: onnx.ModelProto) -> onnx.ModelProto:
 _SKELETON_MIN_ELEMENTS = 4096
 
 
-def infer_shapes(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto:
+def infer_shapes(model: onnx.ModelProto, strict: bool = True, copy: bool = True
+                 ) -> onnx.ModelProto:
     """ONNX shape inference with data propagation; a failure raises with its cause.
 
     It runs on a skeleton whose large weights are typed graph inputs, so no weight bytes are
     serialised; the inferred value_info and outputs are copied back. ``strict`` also checks
     types and fails on ops inference does not know (the end of every pipeline); the analysis
-    runs it leniently, since an unknown op only blocks the channels it touches.
+    runs it leniently, since an unknown op only blocks the channels it touches. Without
+    ``copy``, ``model`` itself gets the shapes (for a model no one else holds).
     """
+    inferred = _inferred(model, strict)
+    out = model
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    outs = {o.name: o for o in inferred.graph.output}
+    for o in out.graph.output:
+        if o.name in outs:
+            o.CopyFrom(outs[o.name])
+    return out
+
+
+def dtype_to_onnx(dtype: Any) -> int:
+    """The ONNX element type of a numpy dtype (onnx-graphsurgeon's mapping)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx as convert
+
+    return int(convert(np.dtype(dtype)))
+
+
+def export_skeleton(graph: gs.Graph) -> onnx.ModelProto:
+    """``export(graph)`` for shape inference: float constants of 4096 elements or more are
+    typed graph inputs instead of initializers (what :func:`infer_shapes` makes of them),
+    so that no weight is copied (a full export writes every one into the proto)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import (
+        OnnxExporter,
+        dtype_to_onnx,
+        update_import_domains,
+    )
+    from onnx_graphsurgeon.ir.tensor import SparseValues
+
+    tensors = graph.tensors()
+    if any(isinstance(t, gs.Constant) and isinstance(t._values, SparseValues)
+           for t in tensors.values()):
+        return clamp_ir(gs.export_onnx(graph, do_type_check=True))
+    nodes = [OnnxExporter.export_node(n) for n in graph.nodes]
+    inputs = [OnnxExporter.export_value_info_proto(t, True) for t in graph.inputs]
+    outputs = [OnnxExporter.export_value_info_proto(t, True) for t in graph.outputs]
+    io_names = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    inits: list[onnx.TensorProto] = []
+    value_info: list[onnx.ValueInfoProto] = []
+    for name, t in tensors.items():
+        if isinstance(t, gs.Constant):
+            shape = [int(d) for d in t.shape]
+            if math.prod(shape) >= 4096 and np.dtype(t.dtype) != np.int64:
+                inputs.append(onnx.helper.make_tensor_value_info(
+                    name, dtype_to_onnx(t.dtype), shape))
+            else:
+                inits.append(OnnxExporter.export_tensor_proto(t))
+        elif name not in io_names and (t.dtype is not None or t.shape is not None):
+            value_info.append(OnnxExporter.export_value_info_proto(t, True))
+    g = onnx.helper.make_graph(nodes, graph.name, inputs, outputs, inits,
+                               value_info=value_info)
+    model = onnx.helper.make_model(
+        g, functions=[OnnxExporter.export_function(f) for f in graph.functions],
+        opset_imports=update_import_domains(graph))
+    if graph.ir_version is not None:
+        model.ir_version = graph.ir_version
+    return clamp_ir(model)
+
+
+def shaped_graph(model: onnx.ModelProto, strict: bool = False) -> gs.Graph:
+    """``to_graph(infer_shapes(model, strict))`` without the copy of ``model`` (and of every
+    weight) that :func:`infer_shapes` makes: the graph's constants read ``model``'s."""
+    from onnx_graphsurgeon.importers.onnx_importer import (
+        get_onnx_tensor_dtype,
+        get_onnx_tensor_shape,
+        get_onnx_tensor_type,
+    )
+
+    inferred = _inferred(model, strict)
+    graph = to_graph(model)
+    tensors = graph.tensors()
+    io_names = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for name, t in tensors.items():  # what the model's own value_info said goes
+        if isinstance(t, gs.Variable) and name not in io_names:
+            t.dtype, t.shape, t.type = None, None, "tensor"
+    outputs = {t.name for t in graph.outputs}
+    for vi in (*inferred.graph.value_info,
+               *(o for o in inferred.graph.output if o.name in outputs)):
+        t = tensors.get(vi.name)
+        if isinstance(t, gs.Variable) and vi.type.ByteSize() > 0:
+            t.dtype = get_onnx_tensor_dtype(vi)
+            t.shape = get_onnx_tensor_shape(vi)
+            t.type = get_onnx_tensor_type(vi)
+    return graph
+
+
+def _inferred(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
+    """Shape inference on the skeleton of ``model`` (see :func:`infer_shapes`)."""
     skeleton = onnx.ModelProto()
     graph = model.graph
     skeleton.ir_version = model.ir_version
@@ -322,15 +418,7 @@ def infer_shapes(model: onnx.ModelProto, strict: bool = True) -> onnx.ModelProto
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
         first = str(e).strip().splitlines()[0]
         raise InputError(f"shape inference failed: {first}") from e
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(inferred.graph.value_info)
-    outs = {o.name: o for o in inferred.graph.output}
-    for o in out.graph.output:
-        if o.name in outs:
-            o.CopyFrom(outs[o.name])
-    return out
+    return inferred
 
 
 def fold_trivial_constants(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -469,6 +557,78 @@ def _file_mode(path: Path) -> int:
     return 0o666 & ~current_umask()
 
 
+def _copy_fields(dst: Message, src: Message, skip: str = "") -> None:
+    """Copy every set field of ``src`` but ``skip`` into ``dst`` (of the same type)."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """The bytes of ``t``'s data, from its dims (``ByteSize()`` would serialise it)."""
+    n = 1
+    for d in t.dims:
+        n *= d
+    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return n
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of ``model``'s initializers (without serialising the model, which
+    ``ModelProto.ByteSize()`` does, holding a second copy of every weight meanwhile)."""
+    return sum(tensor_bytes(t) for t in model.graph.initializer)
+
+
+def write_external(model: onnx.ModelProto, path: str | os.PathLike[str], location: str,
+                   threshold: int = 1024) -> None:
+    """Write ``model`` to ``path`` with the data of every initializer of at least
+    ``threshold`` bytes in the file ``location`` beside it (4 KiB aligned, so that ONNX
+    Runtime maps it rather than copying it).
+
+    Neither changes nor copies ``model`` (``onnx.save_model`` with external data converts
+    the model it is given): the weights pass one tensor at a time. A model whose tensors
+    already live in external files is refused (ValueError): its data is not in memory.
+    """
+    out = Path(path)
+    sk = onnx.ModelProto()
+    _copy_fields(sk, model, skip="graph")
+    _copy_fields(sk.graph, model.graph, skip="initializer")
+    with open(out.parent / location, "wb") as data:
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                raise ValueError(f"initializer {t.name} is stored outside the model")
+            if tensor_bytes(t) < threshold or t.data_type == onnx.TensorProto.STRING:
+                sk.graph.initializer.append(t)
+                continue
+            raw = t.raw_data if t.HasField("raw_data") else (
+                onnx.numpy_helper.to_array(t).astype(
+                    onnx.helper.tensor_dtype_to_np_dtype(t.data_type).newbyteorder("<"),
+                    copy=False).tobytes())
+            offset = data.seek(0, os.SEEK_END)
+            pad = -offset % 4096
+            data.write(b"\0" * pad)
+            data.write(raw)
+            del raw
+            e = sk.graph.initializer.add()
+            e.name = t.name
+            e.dims.extend(t.dims)
+            e.data_type = t.data_type
+            if t.doc_string:
+                e.doc_string = t.doc_string
+            e.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset + pad)),
+                               ("length", str(data.tell() - offset - pad))):
+                e.external_data.add(key=key, value=value)
+    out.write_bytes(sk.SerializeToString())
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
                external_data: bool | None = None) -> Path:
     """Write a model atomically (temp file + rename in the same folder).
@@ -490,7 +650,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
             clean.metadata_props.add(key=k, value=v)
         model = clean
     if external_data is None:
-        external_data = keep_ext or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        external_data = keep_ext or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_out = _sidecar(out)
     if external_data:
         check_writable(data_out)

@@ -2,9 +2,16 @@
 
 A pass takes a graph (onnx-graphsurgeon ``Graph``) and returns ``PassResult(graph, report)``
 where ``report`` is a frozen dataclass saying what changed; ``modified`` is derived from the
-report. A pass never mutates the graph it is given: it works on a copy. Errors raised inside
-a pass are re-raised as :class:`PassError` naming the passes that ran before it, with the
-original exception chained.
+report. The passes here never mutate the graph they are given (``in_place`` is False): they
+work on a copy. Errors raised inside a pass are re-raised as :class:`PassError` naming the
+passes that ran before it, with the original exception chained.
+
+Passes state their contract (:class:`PassBase`, after onnx-ir's): whether they work in place
+and change their input, a precondition ``requires`` checked before ``call`` and a
+postcondition ``ensures`` checked on its result. :class:`PassManager` and
+:class:`FixpointPass` are passes themselves, so pipelines nest. :func:`finish` is the
+postcondition of a whole pipeline: it checks and exports the graph the passes left, and
+never changes it.
 
 A rewrite that enables more rewrites runs to its fixpoint: :class:`FixpointPass` runs its
 passes again and again until a round changes nothing (removing a channel can leave a filter
@@ -15,9 +22,13 @@ rounds (:meth:`Report.merge`).
 
 from __future__ import annotations
 
+import abc
+import contextlib
+import ctypes
+import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -25,6 +36,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import OnnxSslError, PassError
+from .errors import one_line as _one_line
 from .io import ModelMeta, from_graph, infer_shapes
 
 log = logging.getLogger(__name__)
@@ -114,25 +126,164 @@ class GraphPass(Protocol[R]):
     def __call__(self, graph: gs.Graph) -> PassResult[R]: ...
 
 
-@dataclass(frozen=True)
-class PipelineResult:
-    graph: gs.Graph
-    results: tuple[tuple[str, Report], ...]
+class PreconditionError(PassError):
+    """A pass refused the graph it was handed: its ``requires`` failed."""
 
-    def report(self, name: str) -> Report:
+
+class PostconditionError(PassError):
+    """A pass broke its own contract: its ``ensures`` failed on the graph it returned, or it
+    returned a graph its ``in_place``/``changes_input`` declaration rules out."""
+
+
+class PassBase(abc.ABC, Generic[R]):
+    """A graph pass that states its contract (onnx-ir's ``PassBase``).
+
+    ``in_place``: the pass changes the graph it is handed and returns that very object.
+    ``changes_input``: it may change the graph it is handed (by default, when in place); a
+    pass that does not works on a copy, and hands back its input only when nothing changed.
+    Calling the pass runs ``requires(graph)``, ``call(graph)``, then ``ensures`` on the graph
+    ``call`` returned; a failure raises :class:`PreconditionError` or
+    :class:`PostconditionError` naming the pass, with its cause chained (a
+    :class:`PassManager` adds the passes that ran before).
+    """
+
+    name: str = ""
+    in_place: bool = False
+
+    @property
+    def changes_input(self) -> bool:
+        return self.in_place
+
+    def requires(self, graph: gs.Graph) -> None:
+        """Raise when ``graph`` is not one this pass can take."""
+
+    def ensures(self, graph: gs.Graph) -> None:
+        """Raise when ``graph``, the graph this pass returned, breaks what it promises."""
+
+    @abc.abstractmethod
+    def call(self, graph: gs.Graph) -> PassResult[R]:
+        """The pass itself."""
+
+    def __call__(self, graph: gs.Graph) -> PassResult[R]:
+        try:
+            self.requires(graph)
+        except PreconditionError:
+            raise
+        except Exception as e:
+            raise PreconditionError(f"{self.name}: precondition failed: {_one_line(e)}"
+                                    ) from e
+        result = self.call(graph)
+        if not isinstance(result, PassResult):
+            raise PostconditionError(f"{self.name}: returned {type(result).__name__}, not a "
+                                     f"PassResult")
+        if self.in_place and result.graph is not graph:
+            raise PostconditionError(f"{self.name}: declared in place, but returned another "
+                                     f"graph than it was handed")
+        if not self.changes_input and result.graph is graph and result.modified:
+            raise PostconditionError(f"{self.name}: declared not to change its input, but "
+                                     f"reports a change on the very graph it was handed")
+        try:
+            self.ensures(result.graph)
+        except PostconditionError:
+            raise
+        except Exception as e:
+            raise PostconditionError(f"{self.name}: postcondition failed: {_one_line(e)}"
+                                     ) from e
+        return result
+
+
+def _in_place(p: GraphPass[Any]) -> bool:
+    return bool(getattr(p, "in_place", False))
+
+
+def _changes_input(p: GraphPass[Any]) -> bool:
+    # A pass that states no contract (not a PassBase) may change its input, for all we know.
+    return bool(getattr(p, "changes_input", True))
+
+
+@dataclass(frozen=True)
+class PipelineReport(Report):
+    """The reports of a pipeline's passes under their names (a nested pipeline contributes
+    those of its own passes, see :meth:`Report.flatten`)."""
+
+    results: tuple[tuple[str, Report], ...] = ()
+
+    @property
+    def modified(self) -> bool:
+        return any(r.modified for _, r in self.results)
+
+    def flatten(self, name: str) -> tuple[tuple[str, Report], ...]:
+        return self.results
+
+    def get(self, name: str) -> Report:
+        """The report of the pass called ``name`` (KeyError when none ran)."""
         for n, r in self.results:
             if n == name:
                 return r
         raise KeyError(name)
 
 
-class PassManager:
-    """Runs passes in order; an error names the failing pass and the ones that ran before."""
+# Python's automatic garbage collection made a prune superlinear in the graph's size
+# (onnx-graphsurgeon graphs are webs of cycles, and the collector walked the live ones again
+# and again: 10k nodes took twice the time per node of 1k). While it is paused, the
+# pipeline collects after a pass only when the tracked objects have grown by at least the
+# number alive after the last collection: linear time, at most about twice the objects.
+_LIVE: list[int] = []  # per paused level: tracked objects alive after the last collection
+_MIN_GROWTH = 200_000
 
-    def __init__(self, passes: Sequence[GraphPass[Any]]) -> None:
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause automatic garbage collection (also a decorator); see :func:`collect_if_grown`."""
+    was = gc.isenabled()
+    gc.disable()
+    _LIVE.append(len(gc.get_objects()))
+    try:
+        yield
+    finally:
+        _LIVE.pop()
+        if was:
+            gc.enable()
+
+
+def release_memory() -> None:
+    """Collect garbage now, and hand the freed heap back to the system (glibc keeps it
+    otherwise, and what the process maps next, such as a session's weights, adds to it)."""
+    gc.collect()
+    if _LIVE:
+        _LIVE[-1] = len(gc.get_objects())
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def collect_if_grown() -> None:
+    """Collect garbage now if, while paused, the tracked objects have doubled since the
+    last collection."""
+    if _LIVE and gc.get_count()[0] > max(_MIN_GROWTH, _LIVE[-1]):
+        gc.collect()
+        _LIVE[-1] = len(gc.get_objects())
+
+
+class PassManager(PassBase[PipelineReport]):
+    """Runs passes in order; an error names the failing pass and the ones that ran before.
+
+    It is a pass itself (onnx-ir's ``Sequential``), so pipelines nest: its report holds
+    the reports of its passes under their names, those of a nested pipeline included. It
+    works in place when all its passes do, and changes its input when one of them does.
+    """
+
+    def __init__(self, passes: Sequence[GraphPass[Any]], name: str | None = None) -> None:
         self.passes = tuple(passes)
+        self.name = name or "pipeline(" + ", ".join(p.name for p in self.passes) + ")"
+        self.in_place = all(_in_place(p) for p in self.passes)
 
-    def __call__(self, graph: gs.Graph) -> PipelineResult:
+    @property
+    def changes_input(self) -> bool:
+        return any(_changes_input(p) for p in self.passes)
+
+    def call(self, graph: gs.Graph) -> PassResult[PipelineReport]:
         ran: list[str] = []
         results: list[tuple[str, Report]] = []
         for p in self.passes:
@@ -150,26 +301,19 @@ class PassManager:
             graph = res.graph
             ran.append(p.name)
             results += res.report.flatten(p.name)
-        return PipelineResult(graph, tuple(results))
+            collect_if_grown()
+        return PassResult(graph, PipelineReport(tuple(results)))
 
 
 @dataclass(frozen=True)
-class FixpointReport(Report):
+class FixpointReport(PipelineReport):
     """The merged report of each pass of a :class:`FixpointPass`, and the rounds it took
     (the last round changes nothing)."""
 
-    results: tuple[tuple[str, Report], ...] = ()
     rounds: int = field(default=0, metadata={"info": True})
 
-    @property
-    def modified(self) -> bool:
-        return any(r.modified for _, r in self.results)
 
-    def flatten(self, name: str) -> tuple[tuple[str, Report], ...]:
-        return self.results
-
-
-class FixpointPass:
+class FixpointPass(PassBase[FixpointReport]):
     """Runs ``passes`` in order, round after round, until a round changes nothing.
 
     A pass that still reports a change after ``max_rounds`` rounds is a bug (each round that
@@ -181,40 +325,73 @@ class FixpointPass:
         self.passes = tuple(passes)
         self.max_rounds = max_rounds
         self.name = "fixpoint(" + ", ".join(p.name for p in self.passes) + ")"
+        self.in_place = all(_in_place(p) for p in self.passes)
 
-    def __call__(self, graph: gs.Graph) -> PassResult[FixpointReport]:
+    @property
+    def changes_input(self) -> bool:
+        return any(_changes_input(p) for p in self.passes)
+
+    def call(self, graph: gs.Graph) -> PassResult[FixpointReport]:
         merged: dict[str, Report] = {}
         for k in range(1, self.max_rounds + 1):
             try:
-                out = PassManager(self.passes)(graph)
+                out = PassManager(self.passes, name=self.name)(graph)
             except OnnxSslError as e:
                 raise type(e)(f"round {k}: {e}") from e
             graph = out.graph
-            for name, r in out.results:
+            for name, r in out.report.results:
                 merged[name] = merged[name].merge(r) if name in merged else r
-            if not any(r.modified for _, r in out.results):
+            if not out.modified:
                 log.debug("%s: fixpoint after %d round(s)", self.name, k)
                 return PassResult(graph, FixpointReport(tuple(merged.items()), k))
         raise PassError(f"{self.name}: still changing the graph after {self.max_rounds} "
                         f"rounds")
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def unfinished_reason(graph: gs.Graph) -> str | None:
+    """Why ``graph`` is not as a pipeline must leave it, or None: its nodes sorted (in the
+    order of onnx-graphsurgeon's ``toposort``, by depth) and none of them dead (every node
+    feeds a graph output). Linear in the graph's size."""
+    if any(next(n.subgraphs(), None) is not None for n in graph.nodes):
+        return "it has subgraphs"  # control flow: left to onnx-graphsurgeon's cleanup
+    depth: dict[str, int] = {t.name: -1 for t in graph.inputs}
+    last = -1
+    for n in graph.nodes:
+        d = 0
+        for t in n.inputs:
+            if isinstance(t, gs.Constant) or not t.name:
+                continue
+            if t.name not in depth:
+                return f"node {n.name} ({n.op}) reads {t.name} before a node makes it"
+            d = max(d, depth[t.name] + 1)
+        if d < last:
+            return f"node {n.name} ({n.op}) is not in topological (depth) order"
+        last = d
+        for t in n.outputs:
+            depth[t.name] = d
+    live = {t.name for t in graph.outputs}
+    for n in reversed(graph.nodes):
+        if not any(t.name in live for t in n.outputs):
+            return f"node {n.name} ({n.op}) is dead: no graph output depends on it"
+        live.update(t.name for t in n.inputs)
+    return None
 
 
 def finish(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:
-    """The end of every pipeline: sort, export, strict shape inference, checker, ORT load.
+    """The postcondition of every pipeline, and the model it hands out: the graph sorted
+    without dead nodes, exported, strict shape inference, checker, ORT load.
 
-    Any failure raises with its cause chained; nothing is downgraded to a warning. The graph
-    is consumed (cleaned up in place).
+    ``graph`` is never changed (the caller may still be using it: the thresholded graph is
+    the passes' input). A pipeline ends with :class:`~onnx_ssl.passes.cleanup.CleanupPass`,
+    which leaves its graph as this needs it; any other graph is cleaned up and sorted on a
+    copy. Any failure raises with its cause chained; nothing is downgraded to a warning.
     """
     from . import runtime
 
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = from_graph(graph, meta)
-    model = infer_shapes(model)
+    if unfinished_reason(graph) is not None:
+        graph = graph.copy()
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = infer_shapes(from_graph(graph, meta), copy=False)
     try:
         onnx.checker.check_model(model, full_check=False)
     except onnx.checker.ValidationError as e:

@@ -1,14 +1,19 @@
-"""How channels flow through each ONNX operator: one explicit table, one entry per op type.
+"""What the project knows about each ONNX operator: one explicit table, one entry per op type.
 
-Each :class:`OpRule` names a *flow* (how the op moves channels from inputs to outputs) and,
-where it has them, which inputs are per-channel parameters sliced with a channel. An op
-missing from :data:`RULES` blocks every channel it touches, and the reason names the node
-and its op type: unknown ops are never assumed element-wise. Adding an op means adding an
-entry here (and, for a new flow, a handler below).
+Each entry of :data:`RULES` (at the end of this module) is an :class:`onnx_ssl.ops.OpRule`
+with named fields: its *flow* (the handler below that moves channels from inputs to outputs),
+which inputs are per-channel parameters sliced with a channel, how the op is rewritten when
+channels go (``rewrite``), for a parameterised layer its weight and bias slots, axes and MACs
+(``layer``), and which inputs training updates (``trained``). The analysis, the channel
+removal, the layer statistics and training all read this table. An op missing from
+:data:`RULES` blocks every channel it touches, and the reason names the node and its op type:
+unknown ops are never assumed element-wise. Adding an op means adding an entry here (and, for
+a new kind of flow, a handler below).
 
-Flows:
-    layer      Conv/ConvTranspose/Gemm/MatMul: reads input channels ("in" members of the
-               weight), produces a new space ("out" members: filters, bias).
+Flows (``flow_<name>``):
+    conv / conv_transpose / gemm / matmul
+               the layers: read input channels ("in" members of the weight), produce a new
+               space ("out" members: filters, bias).
     unary      element-wise on one tensor; output has the input's layout.
     norm       per-channel normalisation on axis 1 (BatchNormalization, InstanceNorm).
     binary     broadcasting element-wise ops; tracked operands are united, constant operands
@@ -35,11 +40,11 @@ same reason.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from . import ops, permutation
 from .channels import (
     Dim,
     Engine,
@@ -51,77 +56,9 @@ from .channels import (
     rank,
     static_shape,
 )
-
-
-@dataclass(frozen=True)
-class OpRule:
-    flow: str
-    # Inputs that are per-channel parameters: "out" members (penalised) and "stat" members.
-    out_params: tuple[int, ...] = ()
-    stat_params: tuple[int, ...] = ()
-    # Extra outputs that must be unused for the channels to stay prunable.
-    aux_outputs_unused: bool = False
-    note: str = ""
-    # For "block" rules: the output keeps input 0's (blocked) layout (shape-preserving ops).
-    passthrough: bool = False
-
-
-_UNARY = (
-    "Relu LeakyRelu PRelu Clip Sigmoid HardSigmoid HardSwish Tanh Gelu Erf Exp Sqrt Abs Neg Log "
-    "Softplus Softsign Elu Selu Celu Mish ThresholdedRelu Reciprocal Floor Ceil Round Sign Sin "
-    "Cos Identity Cast Dropout Swish"
-).split()
-
-RULES: dict[str, OpRule] = {
-    **{op: OpRule("unary") for op in _UNARY},
-    "PRelu": OpRule("binary", note="slope sliced with the channel"),
-    "Dropout": OpRule("unary", aux_outputs_unused=True),
-    "Conv": OpRule("layer"),
-    "ConvTranspose": OpRule("layer"),
-    "Gemm": OpRule("layer"),
-    "MatMul": OpRule("layer"),
-    "BatchNormalization": OpRule("norm", out_params=(1, 2), stat_params=(3, 4),
-                                 aux_outputs_unused=True),
-    "InstanceNormalization": OpRule("norm", out_params=(1, 2)),
-    **{op: OpRule("binary") for op in "Add Sub Mul Div Pow Max Min Sum Mean".split()},
-    **{op: OpRule("pool", aux_outputs_unused=op == "MaxPool")
-       for op in "MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool GlobalLpPool".split()},
-    "Pad": OpRule("pad"),
-    "Resize": OpRule("resize"),
-    "Upsample": OpRule("resize"),
-    **{op: OpRule("reduce") for op in (
-        "ReduceMean ReduceMax ReduceMin ReduceSum ReduceL1 ReduceL2 ReduceLogSumExp ReduceProd "
-        "ReduceSumSquare").split()},
-    "Softmax": OpRule("softmax"),
-    "LogSoftmax": OpRule("softmax"),
-    "Hardmax": OpRule("softmax"),
-    "LayerNormalization": OpRule("layernorm"),
-    "Concat": OpRule("concat"),
-    "Split": OpRule("split"),
-    "Slice": OpRule("slice"),
-    "Gather": OpRule("gather"),
-    "Transpose": OpRule("transpose"),
-    "Squeeze": OpRule("squeeze"),
-    "Unsqueeze": OpRule("unsqueeze"),
-    "Reshape": OpRule("reshape"),
-    "Flatten": OpRule("flatten"),
-    "LRN": OpRule("block", note="LRN normalises each channel by its neighbours, so removing a "
-                                "channel changes the others", passthrough=True),
-    "GroupNormalization": OpRule("block", note="GroupNormalization mixes the channels of a group",
-                                 passthrough=True),
-    "Shape": OpRule("block", note="reads the tensor's shape (a dynamic shape that pruning "
-                                  "would change)"),
-    "Size": OpRule("block", note="reads the tensor's size (a dynamic shape)"),
-    "DepthToSpace": OpRule("block", note="rearranges channels into space"),
-    "SpaceToDepth": OpRule("block", note="rearranges space into channels"),
-    "Einsum": OpRule("block", note="contraction over unknown axes"),
-    "Expand": OpRule("block", note="broadcast to a shape computed elsewhere"),
-    "Tile": OpRule("block", note="repeats the channel axis"),
-    "Where": OpRule("block", note="select between tensors"),
-    "TopK": OpRule("block", note="selects along an axis"),
-    "ArgMax": OpRule("block", note="reduces to indices"),
-    "ArgMin": OpRule("block", note="reduces to indices"),
-}
+from .ops import OpRule
+from .permutation import match_shuffle
+from .training import lowerings
 
 
 def _why(node: gs.Node, text: str) -> str:
@@ -546,11 +483,73 @@ def flow_gather(e: Engine, node: gs.Node, rule: OpRule) -> None:
         return
     axis = _norm_axis(int(_attr(node, "axis", 0)), r)  # type: ignore[call-overload]
     idx = const_value(node.inputs[1])
+    if (axis == lay.axis and idx is not None and idx.ndim == 1
+            and node.inputs[0].name not in {t.name for t in e.graph.inputs}):
+        # Constant indices on the channel axis: a permutation or selection of the channels.
+        # (A Gather right after a graph input is how prune keeps the features still read.)
+        sel = lay.select([int(i) + lay.size if i < 0 else int(i) for i in idx])
+        if sel is not None:
+            e.touch(lay, node)
+            e.set_layout(node.outputs[0], sel, node)
+            return
     if axis == lay.axis or idx is None:
         e.block(lay, _why(node, "gathers along the channel axis or with variable indices"))
         return
     new_axis = lay.axis if lay.axis < axis else lay.axis + idx.ndim - 1
     e.set_layout(node.outputs[0], lay.with_axis(new_axis), node)
+
+
+def flow_expand(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    """Expand to the input's own shape (TorchScript writes one before an in-place slice add)
+    passes the channels through; any other Expand blocks them (``rule.note``)."""
+    lay = e.layout(node.inputs[0])
+    s, t = dims(node.inputs[0]), dims(node.outputs[0])
+    if lay is None or s is None or s != t or None in s:
+        flow_block(e, node, rule)
+        return
+    e.set_layout(node.outputs[0], lay, node)
+
+
+def flow_scatter_nd(e: Engine, node: gs.Node, rule: OpRule) -> None:
+    """ScatterND with constant indices that writes whole channels (an in-place partial
+    residual, ``out[:, :C] += x``): output channel ``p`` is data channel ``p``, or, where
+    the indices write it, update channel ``j``. Each such pair is united (removed together),
+    so the output keeps the data's layout."""
+    data, upd = node.inputs[0], node.inputs[2]
+    lay, lu = e.layout(data), e.layout(upd)
+    if lay is None and lu is None:
+        return
+    idx = const_value(node.inputs[1])
+    shape = dims(data)
+    why = _why(node, "scatters with indices that are not constant or do not write whole "
+                     "channels")
+    if (lay is None or lu is None or idx is None or shape is None or idx.ndim < 1
+            or node.attrs.get("reduction", "none") != "none" or lay.block != 1):
+        e.block(lay, why)
+        e.block(lu, why)
+        return
+    q, lead = int(idx.shape[-1]), tuple(int(d) for d in idx.shape[:-1])
+    tuples = idx.reshape(-1, q)
+    a = lay.axis
+    if a >= q:  # whole rows of the leading axes: the updates carry every channel
+        ok = lu.axis == len(lead) + a - q and e.unite(lay, lu, node)
+    else:
+        wide = [k for k, d in enumerate(lead) if d != 1]
+        size = shape[a]
+        others_fixed = all(shape[c] == 1 and len(set(tuples[:, c].tolist())) == 1
+                           for c in range(q) if c != a)
+        pos = [int(p) + size if p < 0 else int(p) for p in tuples[:, a]] if isinstance(
+            size, int) else []
+        sel = lay.select(pos) if pos and len(set(pos)) == len(pos) else None
+        ok = (others_fixed and sel is not None and lu.size == len(pos) and len(wide) <= 1
+              and lu.axis == (wide[0] if wide else lu.axis) and lu.axis < len(lead)
+              and e.unite(sel, lu, node))
+    if not ok:
+        e.block(lay, why)
+        e.block(lu, why)
+        return
+    e.touch(lay, node)
+    e.set_layout(node.outputs[0], lay, node)
 
 
 def flow_transpose(e: Engine, node: gs.Node, rule: OpRule) -> None:
@@ -677,6 +676,15 @@ def flow_reshape(e: Engine, node: gs.Node, rule: OpRule) -> None:
     lay = e.layout(node.inputs[0])
     if lay is None:
         return
+    shuffle = match_shuffle(node, lay.axis, e.graph_output_names)
+    sel = None if shuffle is None else lay.select(shuffle.perm)
+    if shuffle is not None and sel is not None:
+        # A channel shuffle (Reshape, Transpose, Reshape): a fixed permutation of the channels,
+        # given to the last Reshape's output (see onnx_ssl.permutation).
+        for n in (node, shuffle.transpose, shuffle.last):
+            e.touch(lay, n)
+        e.set_layout(shuffle.last.outputs[0], sel, shuffle.last)
+        return
     if len(node.inputs) > 1 and not is_const(node.inputs[1]):
         e.block(lay, _why(node, "target shape is computed at run time"))
         return
@@ -716,12 +724,6 @@ def flow_flatten(e: Engine, node: gs.Node, rule: OpRule) -> None:
 # --- layers -------------------------------------------------------------------------------
 
 
-def flow_layer(e: Engine, node: gs.Node, rule: OpRule) -> None:
-    handler = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm,
-               "MatMul": _matmul}[node.op]
-    handler(e, node)
-
-
 def _new_output(e: Engine, node: gs.Node, n: int, axis: int) -> Layout:
     s = e.new_space(n, node.name)
     e.spaces[s].nodes.append(node.name)
@@ -747,7 +749,7 @@ def _bias_ref(e: Engine, node: gs.Node, idx: int, out: Layout) -> None:
         e.block(out, _why(node, f"bias {b.name} of shape {list(shape)} is not per-channel"))
 
 
-def _conv(e: Engine, node: gs.Node) -> None:
+def flow_conv(e: Engine, node: gs.Node, rule: OpRule | None = None) -> None:
     x, w = node.inputs[0], node.inputs[1]
     lay = e.layout(x)
     wv = const_value(w)
@@ -789,7 +791,7 @@ def _conv(e: Engine, node: gs.Node) -> None:
     e.set_layout(node.outputs[0], out, node)
 
 
-def _conv_transpose(e: Engine, node: gs.Node) -> None:
+def flow_conv_transpose(e: Engine, node: gs.Node, rule: OpRule | None = None) -> None:
     x, w = node.inputs[0], node.inputs[1]
     lay = e.layout(x)
     wv = const_value(w)
@@ -812,7 +814,7 @@ def _conv_transpose(e: Engine, node: gs.Node) -> None:
     e.set_layout(node.outputs[0], out, node)
 
 
-def _gemm(e: Engine, node: gs.Node) -> None:
+def flow_gemm(e: Engine, node: gs.Node, rule: OpRule | None = None) -> None:
     a, b = node.inputs[0], node.inputs[1]
     lay = e.layout(a)
     bv = const_value(b)
@@ -836,7 +838,7 @@ def _gemm(e: Engine, node: gs.Node) -> None:
     e.set_layout(node.outputs[0], out, node)
 
 
-def _matmul(e: Engine, node: gs.Node) -> None:
+def flow_matmul(e: Engine, node: gs.Node, rule: OpRule | None = None) -> None:
     a, b = node.inputs[0], node.inputs[1]
     la, lb = e.layout(a), e.layout(b)
     bv = const_value(b)
@@ -860,32 +862,84 @@ def _matmul(e: Engine, node: gs.Node) -> None:
 
 Handler = Callable[[Engine, gs.Node, OpRule], None]
 
-FLOWS: dict[str, Handler] = {
-    "layer": flow_layer,
-    "unary": flow_unary,
-    "norm": flow_norm,
-    "binary": flow_binary,
-    "pool": flow_pool,
-    "pad": flow_pad,
-    "resize": flow_resize,
-    "reduce": flow_reduce,
-    "softmax": flow_softmax,
-    "layernorm": flow_layernorm,
-    "concat": flow_concat,
-    "split": flow_split,
-    "slice": flow_slice,
-    "gather": flow_gather,
-    "transpose": flow_transpose,
-    "squeeze": flow_squeeze,
-    "unsqueeze": flow_unsqueeze,
-    "reshape": flow_reshape,
-    "flatten": flow_flatten,
+# --- the table -----------------------------------------------------------------------------
+
+_UNARY = (
+    "Relu LeakyRelu PRelu Clip Sigmoid HardSigmoid HardSwish Tanh Gelu Erf Exp Sqrt Abs Neg Log "
+    "Softplus Softsign Elu Selu Celu Mish ThresholdedRelu Reciprocal Floor Ceil Round Sign Sin "
+    "Cos Identity Cast Dropout Swish"
+).split()
+
+RULES: dict[str, OpRule] = {
+    **{op: OpRule(flow_unary) for op in _UNARY},
+    "PRelu": OpRule(flow_binary, note="slope sliced with the channel", trained=(1,),
+                    training_lowering=lowerings.PRELU),
+    "HardSigmoid": OpRule(flow_unary, training_lowering=lowerings.HARD_SIGMOID),
+    "HardSwish": OpRule(flow_unary, training_lowering=lowerings.HARD_SWISH),
+    "Elu": OpRule(flow_unary, training_lowering=lowerings.ELU),
+    "Selu": OpRule(flow_unary, training_lowering=lowerings.SELU),
+    "Softplus": OpRule(flow_unary, training_lowering=lowerings.SOFTPLUS),
+    "Dropout": OpRule(flow_unary, aux_outputs_unused=True),
+    "Conv": OpRule(flow_conv, layer=ops.CONV, rewrite=ops.rewrite_conv, trained=(1, 2),
+                   creates_from=1),
+    "ConvTranspose": OpRule(flow_conv_transpose, layer=ops.CONV_TRANSPOSE, trained=(1, 2),
+                            creates_from=1),
+    "Gemm": OpRule(flow_gemm, layer=ops.GEMM, trained=(0, 1, 2), creates_from=1),
+    "MatMul": OpRule(flow_matmul, layer=ops.MATMUL, trained=(0, 1), creates_from=1),
+    "BatchNormalization": OpRule(flow_norm, out_params=(1, 2), stat_params=(3, 4),
+                                 aux_outputs_unused=True, trained=(1, 2)),
+    "InstanceNormalization": OpRule(flow_norm, out_params=(1, 2), trained=(1, 2),
+                                    training_lowering=lowerings.INSTANCE_NORM),
+    **{op: OpRule(flow_binary, trained_operands=op in ("Add", "Sub", "Mul", "Div"))
+       for op in "Add Sub Mul Div Pow Max Min Sum Mean".split()},
+    **{op: OpRule(flow_pool, aux_outputs_unused=op == "MaxPool")
+       for op in "MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool GlobalLpPool".split()},
+    "GlobalMaxPool": OpRule(flow_pool, training_lowering=lowerings.GLOBAL_MAX_POOL),
+    "Pad": OpRule(flow_pad),
+    "Resize": OpRule(flow_resize, rewrite=ops.rewrite_resize),
+    "Upsample": OpRule(flow_resize, rewrite=ops.rewrite_resize),
+    **{op: OpRule(flow_reduce) for op in (
+        "ReduceMean ReduceMax ReduceMin ReduceSum ReduceL1 ReduceL2 ReduceLogSumExp ReduceProd "
+        "ReduceSumSquare").split()},
+    "Softmax": OpRule(flow_softmax),
+    "LogSoftmax": OpRule(flow_softmax),
+    "Hardmax": OpRule(flow_softmax),
+    "LayerNormalization": OpRule(flow_layernorm, trained=(1, 2)),
+    "Concat": OpRule(flow_concat),
+    "Split": OpRule(flow_split, rewrite=ops.rewrite_split),
+    "Slice": OpRule(flow_slice, rewrite=ops.rewrite_slice),
+    "Gather": OpRule(flow_gather, trained=(0,), creates_from=0,
+                     rewrite=permutation.rewrite_gather),
+    "Transpose": OpRule(flow_transpose),
+    "Squeeze": OpRule(flow_squeeze),
+    "Unsqueeze": OpRule(flow_unsqueeze),
+    "Reshape": OpRule(flow_reshape, rewrite=permutation.rewrite_reshape),
+    "Flatten": OpRule(flow_flatten),
+    "LRN": OpRule(flow_block, note="LRN normalises each channel by its neighbours, so removing "
+                                   "a channel changes the others", passthrough=True,
+                  training_lowering=lowerings.LRN),
+    "GroupNormalization": OpRule(flow_block, note="GroupNormalization mixes the channels of a "
+                                                  "group", passthrough=True, trained=(1, 2)),
+    "Shape": OpRule(flow_block, note="reads the tensor's shape (a dynamic shape that pruning "
+                                     "would change)"),
+    "Size": OpRule(flow_block, note="reads the tensor's size (a dynamic shape)"),
+    "DepthToSpace": OpRule(flow_block, note="rearranges channels into space"),
+    "SpaceToDepth": OpRule(flow_block, note="rearranges space into channels"),
+    "Einsum": OpRule(flow_block, note="contraction over unknown axes", trained=tuple(range(8))),
+    "Expand": OpRule(flow_expand, note="broadcast to a shape computed elsewhere",
+                     rewrite=permutation.rewrite_expand),
+    "ScatterND": OpRule(flow_scatter_nd, rewrite=permutation.rewrite_scatter_nd),
+    "Tile": OpRule(flow_block, note="repeats the channel axis"),
+    "Where": OpRule(flow_block, note="select between tensors"),
+    "TopK": OpRule(flow_block, note="selects along an axis"),
+    "ArgMax": OpRule(flow_block, note="reduces to indices"),
+    "ArgMin": OpRule(flow_block, note="reduces to indices"),
 }
 
 
 def apply_rule(e: Engine, node: gs.Node) -> None:
     rule = RULES.get(node.op) if node.domain in (None, "", "ai.onnx") else None
-    if rule is None or rule.flow == "block":
+    if rule is None:
         flow_block(e, node, rule)
         return
-    FLOWS[rule.flow](e, node, rule)
+    rule.flow(e, node, rule)

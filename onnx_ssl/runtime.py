@@ -23,14 +23,17 @@ import numpy as np
 import onnx
 
 from . import env
-from .errors import InputError, UnsupportedModelError, VerificationError
-from .io import EXTERNAL_DATA_THRESHOLD, clamp_ir, default_opset
+from .errors import InputError, UnsupportedModelError, VerificationError, one_line
+from .io import clamp_ir, default_opset, weight_bytes, write_external
 
 # The tolerance the numeric check holds: max |pruned - reference| over each output must be
 # at most ATOL + RTOL * max |reference| (a norm-wise relative error; element-wise relative
 # error is meaningless for outputs near zero).
 RTOL = 1e-5
 ATOL = 1e-6
+
+# A model of this many bytes or more is handed to ONNX Runtime as a file with external data.
+SESSION_FILE_THRESHOLD = 16 << 20
 
 
 def ort(purpose: str = "this command") -> Any:
@@ -99,15 +102,18 @@ def session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0,
     so.log_severity_level = 3
     model = clamp_ir(model)
     try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if weight_bytes(model) < SESSION_FILE_THRESHOLD or any(
+                t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
             return rt.InferenceSession(model.SerializeToString(), so, providers=list(providers))
+        # A large model goes through a file with its weights beside it, which the runtime
+        # maps instead of copying: from bytes it would hold them twice more (the bytes, its
+        # parsed copy) on top of the model's own.
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "model.onnx")
-            onnx.save_model(model, path, save_as_external_data=True, location="model.data")
+            write_external(model, path, "model.data")
             return rt.InferenceSession(path, so, providers=list(providers))
     except Exception as e:  # onnxruntime raises its own exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"ONNX Runtime cannot load the model: {first}") from e
+        raise InputError(f"ONNX Runtime cannot load the model: {one_line(e)}") from e
 
 
 _NP_TYPES = {
@@ -175,12 +181,15 @@ class Difference:
 def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, n: int = 2,
             seed: int = 0) -> list[Difference]:
     """Run both models on ``n`` seeded random inputs; the worst difference per output."""
-    ref_s, cand_s = session(reference), session(candidate)
+    # One session at a time: a large model's weights are not held by two sessions at once.
+    ref_s = session(reference)
+    feeds = [random_inputs(ref_s, seed + k) for k in range(n)]
+    refs = [run(ref_s, f) for f in feeds]
+    del ref_s
+    cand_s = session(candidate)
     worst: dict[str, Difference] = {}
-    for k in range(n):
-        feeds = random_inputs(ref_s, seed + k)
-        a = run(ref_s, feeds)
-        b = run(cand_s, feeds)
+    for f, a in zip(feeds, refs, strict=True):
+        b = run(cand_s, f)
         for name, ref in a.items():
             if name not in b:
                 raise VerificationError(f"output '{name}' is missing from the rewritten model")

@@ -162,6 +162,17 @@ def hf_efficientnet(size: int = 32) -> tuple[Any, tuple[Any, ...], list[str]]:
     return _randomize_bn(model), (_image(2, size),), ["pixel_values"]
 
 
+def hf_swin(size: int = 32) -> tuple[Any, tuple[Any, ...], list[str]]:
+    # Window attention: Shape/Gather/Reshape arithmetic around every block, which the
+    # preparation has to fold to its fixpoint in one call (issue 9).
+    _seed()
+    from transformers import SwinConfig, SwinForImageClassification
+
+    cfg = SwinConfig(image_size=size, patch_size=2, embed_dim=16, depths=[1, 1],
+                     num_heads=[2, 2], window_size=4, num_labels=10)
+    return SwinForImageClassification(cfg), (_image(2, size),), ["pixel_values"]
+
+
 def hf_bert(size: int = 8) -> tuple[Any, tuple[Any, ...], list[str]]:
     torch = _seed()
     from transformers import BertConfig, BertModel
@@ -347,6 +358,8 @@ NETS: dict[str, Net] = {n.name: n for n in (
     Net("hf_regnet", hf_regnet, ("ts", "ts_train", "dynamo"), train_size=96),
     Net("hf_convnext", hf_convnext, ("ts", "dynamo")),
     Net("hf_efficientnet", hf_efficientnet, _ALL, train_size=96),
+    # torch 2.13's dynamo exporter fails on transformers' Swin (torch.export), so TorchScript.
+    Net("hf_swin", hf_swin, ("ts", "ts_dynbatch")),
     Net("hf_bert", hf_bert, ("ts", "dynamo"), outputs=("last_hidden_state", "pooler_output")),
     Net("hand_resnet", hand_resnet, _ALL + ("ts_dynbatch", "dynamo_dynbatch")),
     Net("hand_concat", hand_concat, _ALL),

@@ -294,7 +294,8 @@ def test_finer_kinds_and_json_contract(tmp_path):
     doc = json.loads(json.dumps(a.to_json()))
     assert set(doc) == {"model", "spaces", "groups"}
     for s in doc["spaces"]:
-        assert set(s) == {"id", "channels", "prunable", "reason", "nodes"}
+        assert set(s) == {"id", "channels", "prunable", "reason", "nodes", "conv_groups",
+                          "constraint"}
     for g in doc["groups"]:
         assert set(g) == {"id", "kind", "space", "index", "prunable", "reason", "members"}
         for m in g["members"]:

@@ -299,6 +299,25 @@ def test_two_runtime_distributions_are_detected(monkeypatch):
         env.check_runtime_environment()
 
 
-def test_this_environment_has_exactly_one_runtime():
-    assert len(env.installed_ort_distributions()) == 1, env.installed_ort_distributions()
-    env.check_runtime_environment()
+def test_runtime_distributions_are_read_from_the_package_metadata(monkeypatch):
+    """Names are normalised (case, underscores), other packages ignored, one entry per
+    distribution; the result is what the environment check judges."""
+    class Dist:
+        def __init__(self, name: str, version: str) -> None:
+            self.metadata = {"Name": name}
+            self.version = version
+
+    fake = [Dist("numpy", "2.0"), Dist("onnxruntime_training_cpu", "1.19.2"),
+            Dist("ONNXRuntime-GPU", "1.20.1"), Dist("onnxruntime-extensions", "0.9"),
+            Dist("onnx", "1.16")]
+    monkeypatch.setattr(env.metadata, "distributions", lambda: iter(fake))
+    assert env.installed_ort_distributions() == [("onnxruntime-gpu", "1.20.1"),
+                                                 ("onnxruntime-training-cpu", "1.19.2")]
+    with pytest.raises(EnvironmentProblem, match="keep onnxruntime-gpu 1.20.1"):
+        env.check_runtime_environment()
+
+
+def test_the_imported_runtime_is_among_the_distributions_found():
+    ort = pytest.importorskip("onnxruntime")
+    found = env.installed_ort_distributions()
+    assert ort.__version__ in {v for _, v in found}, found

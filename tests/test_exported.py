@@ -57,6 +57,8 @@ EXPECTED: dict[str, tuple[int, int, int]] = {
     "hf_efficientnet": (24, 22, 1396),
     # Only the FFN inner space (48): Q/K/V split into heads, LayerNorm on the residual.
     "hf_bert": (6, 1, 48),
+    # Only the two MLP inner spaces (64 + 128): Q/K/V split into heads, LayerNorm elsewhere.
+    "hf_swin": (12, 2, 192),
     "hand_resnet": (7, 5, 64),
     "hand_concat": (8, 4, 40),
     "hand_dense": (5, 2, 20),
@@ -71,6 +73,8 @@ ALL_CONVS_PRUNABLE = {"hf_resnet_bottleneck", "hf_resnet_basic", "hf_mobilenet_v
 REASONS: dict[str, tuple[str, ...]] = {
     "hf_convnext": ("(LayerNormalization): normalises over the channel axis",),
     "hf_bert": ("(LayerNormalization): normalises over the channel axis",
+                "(Reshape): reshape", "splits or mixes the channel axis"),
+    "hf_swin": ("(LayerNormalization): normalises over the channel axis",
                 "(Reshape): reshape", "splits or mixes the channel axis"),
     "hand_concat": ("(Conv): grouped convolution of a concatenated or sliced input",),
     "hand_dense": ("(ReduceMean): reduces over the channel axis",),
@@ -224,6 +228,23 @@ def test_analysis_finds_the_prunable_spaces(case: tuple[str, str]) -> None:
         for s in prunable:
             layers = [r for r in s.refs if r.is_weight and r.role in ("out", "in")]
             assert {r.role for r in layers} == {"out", "in"}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] == "hf_swin"], ids=_id)
+def test_shape_arithmetic_is_folded_to_its_fixpoint_in_one_preparation(
+        case: tuple[str, str]) -> None:
+    # Swin's window attention computes its reshapes from Shape nodes. One preparation folds
+    # all of it that static shapes make constant (issue 9: 13 Shape nodes survived one and a
+    # second removed them); with a symbolic batch, only the batch size stays computed.
+    m = model(*case)
+    once = prepare(m)
+    twice = prepare(once)
+    shapes = [sum(n.op_type == "Shape" for n in x.graph.node) for x in (m, once, twice)]
+    assert shapes[0] > 0 and shapes[1] == shapes[2], shapes
+    assert len(once.graph.node) == len(twice.graph.node)
+    assert shapes[1] <= (1 if case[1] in X.DYNAMIC_BATCH else 0), shapes
+    a = analyze(m)
+    assert not [r for s in a.spaces for r in s.all_reasons if "computed at run time" in r]
 
 
 @pytest.mark.parametrize("case", DYNAMIC, ids=_id)

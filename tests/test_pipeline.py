@@ -114,8 +114,8 @@ def test_fixpoint_reruns_until_a_round_changes_nothing():
     assert len(out.graph.nodes) == 2
     # The fixpoint's passes report under their own names, merged over the rounds: counts
     # add up, what changed is concatenated, what is kept is the last round's.
-    assert [n for n, _ in out.results] == ["countdown", "identity", "identity"]
-    rep = out.report("countdown")
+    assert [n for n, _ in out.report.results] == ["countdown", "identity", "identity"]
+    rep = out.report.get("countdown")
     assert rep == RoundReport(3, ("n4", "n3", "n2"), ("2 left",))
     # Its own output: no change.
     again = FixpointPass([Countdown(2)])(out.graph)

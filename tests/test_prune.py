@@ -49,7 +49,8 @@ def test_zeroed_groups_are_removed_exactly(name, side):
         assert removed >= len(chosen)
         # Every zeroed group takes one output channel (or FC neuron) of a layer with it.
         assert filters(result.model) <= filters(model) - len(chosen)
-    else:  # only these reasons may keep a zeroed channel
+    else:  # only these reasons may keep a zeroed channel (random picks on syn_grouped are
+        # uneven, so they are all kept: test_grouped_convs_lose_channels_only_evenly removes)
         assert all("convolution groups loses the same number" in k or "every channel is zero"
                    in k or "keeps at least one channel" in k or "bias map" in k
                    for k in result.report.kept), result.report.kept
@@ -240,3 +241,79 @@ def test_bad_verification_is_refused(rng):
     with pytest.raises(VerificationError, match="output 'y' differs"):
         verify(m1, m2)
     assert np.isfinite(verify(m1, m1)[0].max_abs)
+
+
+@pytest.mark.parametrize("space,balanced,unbalanced", [
+    ("conv1", [1, 5], [1, 2]),            # conv2 (group 2) reads 4 channels per group
+    ("conv2", [0, 2, 4, 6], [0, 1, 2, 3]),  # conv2 makes 4 per group, conv3 (group 4) reads 2
+])
+def test_grouped_convs_lose_channels_only_evenly(space, balanced, unbalanced):
+    """syn_grouped: zeroed channels that each convolution group loses evenly are removed (and
+    counted); an uneven choice is kept with its reason (the pass must not fire)."""
+    model = prepare(models.build("syn_grouped", batch=2))
+    a = analyze(model, prepared=True)
+    groups = {g.index: g for g in a.groups if g.kind == "channel" and g.space == space}
+    zeroed = zero_groups(model, [groups[i] for i in balanced])
+    result = prune(zeroed, verify=2)
+    assert_same_outputs(zeroed, result.model, seed=3)
+    assert report_of(result, "remove-zero-channels").channels_removed == len(balanced)
+    assert not result.report.kept
+    layer = {s.node: s for s in result.report.layers}[space]
+    assert (layer.filters_before, layer.filters_after) == (8, 8 - len(balanced))
+    odd = prune(zero_groups(model, [groups[i] for i in unbalanced]), verify=2)
+    assert not odd.report.removed
+    assert any("convolution groups loses the same number" in k for k in odd.report.kept)
+    assert {s.node: s for s in odd.report.layers}[space].filters_after == 8
+
+
+def _dead_conv_model(small_filter: bool) -> onnx.ModelProto:
+    """x -> c1 (2 filters 3x3) -> Relu -> c2 -> y, and a conv ``dead`` on x that reaches no
+    output (40 of the 59 params are c1 and dead). ``small_filter``: c1's filter 1 and its
+    input slice of c2 are scaled by 1e-4 (a group a threshold of 1e-2 zeroes)."""
+    rng = np.random.default_rng(0)
+    w = {"c1.w": rand(rng, 2, 1, 3, 3), "c1.b": rand(rng, 2), "c2.w": rand(rng, 1, 2, 3, 3),
+         "c2.b": rand(rng, 1), "dead.w": rand(rng, 2, 1, 3, 3), "dead.b": rand(rng, 2)}
+    if small_filter:
+        w["c1.w"][1] *= 1e-4
+        w["c1.b"][1] *= 1e-4
+        w["c2.w"][:, 1] *= 1e-4
+    pads = {"pads": [1, 1, 1, 1]}
+    nodes = [helper.make_node("Conv", ["x", "c1.w", "c1.b"], ["h"], name="c1", **pads),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "c2.w", "c2.b"], ["y"], name="c2", **pads),
+             helper.make_node("Conv", ["x", "dead.w", "dead.b"], ["z"], name="dead", **pads)]
+    return make_model(nodes, [vi("x", [1, 1, 4, 4])], [vi("y", [1, 1, 4, 4])], w)
+
+
+def test_threshold_report_says_what_was_zeroed_and_what_was_removed():
+    """Issue 7: with a dead conv, `prune --threshold` said "no change: nothing could be
+    removed" while params went 40 -> 20, and "CHANGED the function: max output difference 0"
+    (the threshold step's finish() cleaned the graph the passes then got)."""
+    result = prune(_dead_conv_model(small_filter=False), threshold=1e-3, verify=2)
+    rep = result.report
+    assert (rep.params_before, rep.params_after) == (59, 39)
+    assert rep.removed and rep.modified
+    assert report_of(result, "zero-small-groups").groups_zeroed == 0
+    assert all(d.max_abs == 0 for d in rep.threshold_effect)
+    text = rep.to_text()
+    assert "no change" not in text and "CHANGED" not in text
+    assert "threshold 0.001 zeroed no group" in text
+    assert "the outputs did not change (max output difference 0)" in text
+    assert [n.name for n in result.model.graph.node] == ["c1", "relu", "c2"]
+
+
+def test_threshold_that_changes_the_function_says_by_how_much():
+    model = _dead_conv_model(small_filter=True)
+    result = prune(model, threshold=1e-2, verify=2)
+    rep = result.report
+    assert report_of(result, "zero-small-groups").groups_zeroed == 1
+    assert {s.node: s.filters_after for s in rep.layers} == {"c1": 1, "c2": 1, "dead": 0}
+    worst = max(d.relative for d in rep.threshold_effect)
+    assert 0 < worst < 1e-3
+    text = rep.to_text()
+    assert "threshold 0.01 zeroed 1 group(s) with L2 norm <= 0.01 (channel 1)" in text
+    assert f"this CHANGED the function: max output difference {worst:.3g}" in text
+    assert "no change" not in text
+    # Without the numeric check the report cannot say by how much.
+    blind = prune(model, threshold=1e-2, verify=0).report.to_text()
+    assert "may have CHANGED the function (output difference not measured" in blind

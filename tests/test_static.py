@@ -29,3 +29,59 @@ def test_mypy(tmp_path: Path):
                         "--cache-dir", str(tmp_path / ".mypy_cache"), "-p", "onnx_ssl"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+
+
+def _package_of(path: Path) -> str:
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    return package if path.name == "__init__.py" else package.rpartition(".")[0]
+
+
+def _imported_modules(source: str, package: str) -> set[str]:
+    """The absolute names of the modules ``source`` (a module of ``package``) imports,
+    relative imports resolved, with ``module.name`` for each name imported from a module."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level:
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join([*base, node.module] if node.module else base)
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+def test_library_never_imports_the_cli():
+    """Layers point one way: the CLI imports the library, no library module the CLI."""
+    lib = ROOT / "onnx_ssl"
+    cli = lib / "cli"
+    assert (cli / "__init__.py").exists()
+    offenders = {}
+    for path in sorted(lib.rglob("*.py")):
+        if path.is_relative_to(cli):
+            continue
+        bad = {m for m in _imported_modules(path.read_text(), _package_of(path))
+               if m == "onnx_ssl.cli" or m.startswith("onnx_ssl.cli.")}
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    # __main__ is the `python -m onnx_ssl` door to the CLI, not a library module.
+    assert offenders == {"onnx_ssl/__main__.py": ["onnx_ssl.cli", "onnx_ssl.cli.main"]}
+
+
+def test_import_check_sees_relative_imports():
+    """The check above resolves relative imports: near misses it must catch or let pass."""
+    def mods(src: str, package: str = "onnx_ssl.training") -> set[str]:
+        return {m for m in _imported_modules(src, package) if m.startswith("onnx_ssl.cli")}
+
+    assert mods("from ..cli import main") == {"onnx_ssl.cli", "onnx_ssl.cli.main"}
+    assert mods("from .. import cli") == {"onnx_ssl.cli"}
+    assert mods("import onnx_ssl.cli.prune") == {"onnx_ssl.cli.prune"}
+    assert mods("from . import cli") == set()  # onnx_ssl.training.cli is no CLI module
+    assert mods("from ..compiler import prune") == set()
+    assert mods("from . import cli", "onnx_ssl") == {"onnx_ssl.cli"}

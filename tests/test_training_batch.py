@@ -9,8 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_ssl.runtime import session
-from onnx_ssl.training.artifacts import BATCH_PARAM, build_artifacts
+from onnx_ssl.training.artifacts import build_artifacts
 from onnx_ssl.training.data import Dataset
+from onnx_ssl.training.spec import BATCH_PARAM
 from onnx_ssl.training.trainer import TrainConfig, Trainer
 
 B0 = 2

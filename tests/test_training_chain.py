@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,12 @@ import onnx
 import pytest
 from test_training_helpers import digits, pretrained_tiny, tiny_cnn
 
+from onnx_ssl.analysis import analyze
 from onnx_ssl.cli import main
-from onnx_ssl.training.artifacts import build_artifacts
-from onnx_ssl.training.chain import SslOptions, evaluate_model, run_ssl, table1
+from onnx_ssl.training.artifacts import build_artifacts, load_artifacts
+from onnx_ssl.training.chain import SslOptions, run_ssl
+from onnx_ssl.training.demo import table1
+from onnx_ssl.training.evaluate import evaluate_model
 from onnx_ssl.training.penalty import Lambdas
 
 
@@ -80,6 +84,15 @@ def test_cli_train_ssl_and_refusals(tmp_path, capsys):
         == 0
     )
     assert (art / "trained_model.onnx").exists() and (art / "train_state.ckpt").exists()
+    # The options reached the artifacts, and training moved the weights.
+    info = load_artifacts(art).info
+    assert info.optimizer == "sgd"
+    assert info.penalty.lambdas == Lambdas(filter=0.3)
+    start = _weights(art / "inference_model.onnx")
+    trained = _weights(art / "trained_model.onnx")
+    assert start.keys() == trained.keys()
+    assert any(not np.array_equal(start[k], trained[k]) for k in start)
+    assert "trained 1 epoch(s)" in capsys.readouterr().out
     out = tmp_path / "small.onnx"
     assert (
         main(
@@ -102,8 +115,16 @@ def test_cli_train_ssl_and_refusals(tmp_path, capsys):
         )
         == 0
     )
-    assert out.exists()
-    capsys.readouterr()
+    # The options reached the chain (its pruning is tested above), and the model written
+    # is the one the report describes.
+    printed = capsys.readouterr().out
+    assert "lambdas: filter=0.3, channel=0.3" in printed
+    assert "(480 training, 120 held-out samples)" in printed  # 600 samples, --val-fraction 0.2
+    assert f"wrote {out}" in printed
+    params = re.search(r"params (\d+) -> (\d+)", printed)
+    assert params, printed
+    assert int(params[1]) == analyze(onnx.load(str(model_path))).params
+    assert int(params[2]) == analyze(onnx.load(str(out))).params
 
     np.savez(tmp_path / "bad.npz", x=np.zeros((5, 7, 7), np.float32), y=np.zeros(5, np.int64))
     state = (art / "train_state.ckpt").read_bytes()
@@ -125,6 +146,14 @@ def test_cli_train_ssl_and_refusals(tmp_path, capsys):
 
     assert main(["train", str(tmp_path / "nowhere")]) == 2
     assert "no such artifacts folder" in capsys.readouterr().err
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer
+            if t.data_type == onnx.TensorProto.FLOAT}
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -242,7 +271,7 @@ def test_training_data_of_wrong_rank_or_type_is_refused(art_folder, tmp_path, ca
 
 
 def test_demo_runs_quickly_on_few_images():
-    from onnx_ssl.training.chain import run_demo
+    from onnx_ssl.training.demo import run_demo
 
     opts = SslOptions(lambdas=Lambdas(filter=0.1, channel=0.1), epochs=1, finetune_epochs=1)
     res = run_demo(data=digits(300), baseline_epochs=1, options=opts, timing_batch=4)
@@ -251,6 +280,16 @@ def test_demo_runs_quickly_on_few_images():
     assert lines[2].startswith("baseline") and lines[3].startswith("SSL")
     assert res.ssl.report.speedup is not None and res.ssl.report.speedup > 0
     assert all(r.speedup is not None for r in res.ssl.report.layers)
+    # The table shows the report, and the report the models the demo returns.
+    rep = res.ssl.report
+    conv = [r for r in rep.layers if r.op == "Conv"]
+    assert [r.node for r in conv] == ["conv1", "conv2"]
+    assert " - ".join(str(r.filters_before) for r in conv) in lines[2]
+    assert " - ".join(str(r.filters_after) for r in conv) in lines[3]
+    assert f"{rep.speedup:.2f}x" in lines[3]
+    assert res.baseline is not None
+    assert analyze(res.baseline).params == rep.params_before
+    assert analyze(res.ssl.model).params == rep.params_after
 
 
 def test_chain_on_a_batchnorm_residual_model_prunes_coupled_channels():

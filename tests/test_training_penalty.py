@@ -8,26 +8,20 @@ import math
 import numpy as np
 import onnx
 import pytest
+from penalty_oracle import reference_groups, reference_value_and_grad
 from test_training_helpers import tiny_cnn
 
 from onnx_ssl import analysis, models
 from onnx_ssl.errors import UnsupportedModelError
 from onnx_ssl.training import _ort
-from onnx_ssl.training.artifacts import (
-    OUT_PENALTY,
-    PENALTY_SCALE,
-    ArtifactOptions,
-    build_artifacts,
-    load_artifacts,
-)
+from onnx_ssl.training.artifacts import build_artifacts
 from onnx_ssl.training.penalty import (
     STRUCTURES,
     Lambdas,
     Penalty,
     build_penalty,
-    reference_groups,
-    reference_value_and_grad,
 )
+from onnx_ssl.training.spec import OUT_PENALTY, PENALTY_SCALE, ArtifactOptions, load_artifacts
 
 ALL = Lambdas(
     filter=0.011,

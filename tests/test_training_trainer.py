@@ -304,6 +304,13 @@ def test_exported_networks_train(tmp_path, net, exporter):
     )
     assert np.isfinite(res.history[0].loss)
     trained = onnx.load(str(art.path / "trained_model.onnx"))
+    # The step moved the trainable weights and left every shape as it was.
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in trained.graph.initializer
+             if t.name in before}
+    assert {k: v.shape for k, v in after.items()} == {k: before[k].shape for k in after}
+    moved = [k for k in info.trainable if k in after and not np.array_equal(after[k], before[k])]
+    assert moved, "one training step changed no trainable weight"
     assert [i.name for i in trained.graph.input] == [
         i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}
     ]

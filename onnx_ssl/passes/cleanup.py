@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from onnx_ssl.pipeline import PassResult, Report
+from onnx_ssl.pipeline import PassBase, PassResult, Report, unfinished_reason
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,19 @@ def _count(graph: gs.Graph) -> tuple[int, int]:
     return len(graph.nodes), len(consts)
 
 
-class CleanupPass:
+class CleanupPass(PassBase[CleanupReport]):
+    """Ensures what :func:`onnx_ssl.pipeline.finish` needs: nodes sorted, none dead."""
+
     name = "cleanup"
 
-    def __call__(self, graph: gs.Graph) -> PassResult[CleanupReport]:
+    def ensures(self, graph: gs.Graph) -> None:
+        why = unfinished_reason(graph)
+        if why is not None:
+            raise ValueError(f"the graph is not clean and sorted: {why}")
+
+    def call(self, graph: gs.Graph) -> PassResult[CleanupReport]:
+        if unfinished_reason(graph) is None:  # already clean and sorted: nothing to copy
+            return PassResult(graph, CleanupReport())
         nodes, consts = _count(graph)
         graph = graph.copy()
         graph.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -24,12 +24,13 @@ from onnx_ssl.analysis import LAYER_OPS
 from onnx_ssl.graphutil import (
     SharedAnalysis,
     dynamic_input_reason,
-    evaluate,
+    evaluate_seeds,
     refresh_shapes,
+    require_unique_node_names,
     unique_name,
 )
 from onnx_ssl.groups import Analysis, Branch
-from onnx_ssl.pipeline import PassResult, Report
+from onnx_ssl.pipeline import PassBase, PassResult, Report
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +92,25 @@ def _branch_params(by_name: dict[str, gs.Node], b: Branch) -> int:
     return total
 
 
-class CollapseResidualPass:
+class CollapseResidualPass(PassBase[CollapseResidualReport]):
     name = "collapse-residual"
 
-    def __init__(self, analysis: Analysis | None = None, seed: int = 0,
-                 analysed: gs.Graph | None = None, *, shared: SharedAnalysis | None = None
-                 ) -> None:
-        """``analysis`` is used only for ``analysed``, the very graph object the pass must
-        receive (without it, for the first graph the pass receives); any other graph is
-        analysed afresh. ``shared`` hands the analysis on between the passes of a pipeline
-        (and the rounds of a fixpoint) instead."""
-        self.shared = shared or SharedAnalysis(analysis, analysed)
-        self._pending = analysis if analysed is None and shared is None else None
+    def __init__(self, analysis: Analysis | None = None, seed: int = 0, *,
+                 shared: SharedAnalysis | None = None) -> None:
+        """``analysis`` is used only for a graph it matches (see
+        :class:`~onnx_ssl.graphutil.SharedAnalysis`); any other graph is analysed afresh.
+        ``shared`` hands the analysis on between the passes of a pipeline (and the rounds
+        of a fixpoint) instead."""
+        self.shared = shared or SharedAnalysis(analysis)
         self.seed = seed
 
-    def __call__(self, graph: gs.Graph) -> PassResult[CollapseResidualReport]:
-        if self._pending is not None:  # it describes the first graph this pass is handed
-            self.shared, self._pending = SharedAnalysis(self._pending, graph), None
+    def requires(self, graph: gs.Graph) -> None:
+        require_unique_node_names(graph)
+
+    def ensures(self, graph: gs.Graph) -> None:
+        require_unique_node_names(graph)
+
+    def call(self, graph: gs.Graph) -> PassResult[CollapseResidualReport]:
         analysis = self.shared.of(graph)
         nodes = {n.name: n for n in graph.nodes}
         todo = [b for b in analysis.branches if b.prunable and _entry_layers_zero(nodes, b)]
@@ -120,8 +123,7 @@ class CollapseResidualPass:
                         f"constant needs static input shapes, but {no_fold}" for b in todo)
             return PassResult(graph, CollapseResidualReport(kept=why))
         names = [b.branch_output for b in todo]
-        a = evaluate(graph, names, self.seed)
-        b2 = evaluate(graph, names, self.seed + 1)
+        a, b2 = evaluate_seeds(graph, names, (self.seed, self.seed + 1))  # one session
         by_name = {n.name: n for n in graph.nodes}
         outputs = {t.name for t in graph.outputs}
         removed: list[str] = []

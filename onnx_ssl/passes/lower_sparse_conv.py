@@ -63,7 +63,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_ssl.errors import InputError
 from onnx_ssl.graphutil import clear_inner_shapes, export, unique_name
-from onnx_ssl.pipeline import PassResult, Report
+from onnx_ssl.pipeline import PassBase, PassResult, Report
 
 log = logging.getLogger(__name__)
 
@@ -590,7 +590,7 @@ def _input_shapes(graph: gs.Graph, names: Sequence[str]) -> dict[str, list[Any]]
     return out
 
 
-class LowerSparseConvPass:
+class LowerSparseConvPass(PassBase[LowerSparseConvReport]):
     """Lower convs with zero fibers or 2D filters; ``strategy`` auto, off or a candidate."""
 
     name = "lower-sparse-conv"
@@ -608,7 +608,7 @@ class LowerSparseConvPass:
         self.min_class, self.max_groups = min_class, max_groups
         self.measure = timer or Timer(provider, batch, threads, cache_dir=cache_dir).measure
 
-    def __call__(self, graph: gs.Graph) -> PassResult[LowerSparseConvReport]:
+    def call(self, graph: gs.Graph) -> PassResult[LowerSparseConvReport]:
         if self.strategy == "off":
             return PassResult(graph, LowerSparseConvReport())
         kept: list[str] = []

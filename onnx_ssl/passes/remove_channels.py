@@ -17,7 +17,8 @@ For a prunable channel space (see :mod:`onnx_ssl.analysis`), channel ``c`` is re
 
 Removal slices every member (filters, biases, norm parameters and statistics, broadcast
 constants), every activation on the way (Concat ranges follow automatically; Split sizes,
-Slice bounds, Reshape targets, Resize sizes and depthwise ``group`` are rewritten), and keeps
+Slice bounds, Reshape targets, Resize sizes, channel Gather indices and depthwise ``group``
+are rewritten, and a channel shuffle becomes a Gather: :mod:`onnx_ssl.permutation`), and keeps
 grouped convolutions valid by removing the same number of channels from each group. Channels
 of a graph input are never removed from the input: when no layer reads some input features,
 a Gather after the input keeps the ones still read (the input keeps its shape).
@@ -45,23 +46,27 @@ import dataclasses
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_ssl.analysis import LAYER_OPS
 from onnx_ssl.graphutil import (
     SharedAnalysis,
     dynamic_input_reason,
-    evaluate,
+    evaluate_seeds,
+    fresh_names,
     refresh_shapes,
-    run_node,
+    require_unique_node_names,
+    run_nodes,
     unique_name,
 )
 from onnx_ssl.groups import Analysis, ChannelRef, Space
-from onnx_ssl.pipeline import PassResult, Report
+from onnx_ssl.ops import LayerSlots
+from onnx_ssl.pipeline import PassBase, PassResult, Report
+from onnx_ssl.rules import RULES
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +112,13 @@ def _source_layer_refs(space: Space, nodes: dict[str, gs.Node]) -> list[ChannelR
         if r.role != "out" or not r.is_weight:
             continue
         n = nodes[r.node]
-        if n.op == "Gather" and n.inputs[0].name == r.tensor:
-            out.append(r)  # the table's column is the channel's only data
+        rule = RULES.get(n.op)
+        idx = rule.creates_from if rule is not None else None
+        if idx is None or len(n.inputs) <= idx or n.inputs[idx].name != r.tensor:
             continue
-        if n.op not in LAYER_OPS or n.inputs[1].name != r.tensor:
-            continue
-        if n.op == "Conv" and int(n.attrs.get("group", 1)) > 1 and (
-                np.asarray(n.inputs[1].values).shape[1] == 1):
+        if rule is not None and rule.layer is not None and rule.layer.depthwise(n):
             continue  # depthwise: a per-channel op, its channel stays input-independent
-        out.append(r)
+        out.append(r)  # a filter, or an embedding table's column: the channel's only data
     return out
 
 
@@ -150,8 +153,9 @@ def _nonzero_channels(space: Space, refs: list[ChannelRef], tensors: dict[str, g
 
 
 def _balance(space: Space, removable: set[int]) -> tuple[set[int], list[str]]:
-    """Keep grouped convolutions valid: the same count removed from every group."""
-    kept: list[str] = []
+    """Keep grouped convolutions valid: the same count removed from every group, and at
+    least one channel left in each (the space's ``constraint`` in the analysis JSON)."""
+    held: set[int] = set()
     changed = True
     while changed:
         changed = False
@@ -164,40 +168,60 @@ def _balance(space: Space, removable: set[int]) -> tuple[set[int], list[str]]:
             for p in per:
                 for c in p[m:]:
                     removable.discard(c)
+                    held.add(c)
                     changed = True
-            if changed:
-                kept.append(f"{space.id}: keeps zero channels so that each of its {g} "
-                            f"convolution groups loses the same number")
-    return removable, kept
+    if not held:
+        return removable, []
+    blocks = math.lcm(*space.partitions)
+    size = space.channels // blocks
+    return removable, [
+        f"{space.id}: keeps {len(held)} zero channel(s) {sorted(held)}: grouped convolutions "
+        f"split its channels into {blocks} blocks of {size}, so that each of its convolution "
+        f"groups loses the same number and keeps at least one (zero channels in equal numbers "
+        f"per block; see the space's constraint in the analysis JSON)"]
 
 
-class RemoveZeroChannelsPass:
+class RemoveZeroChannelsPass(PassBase[RemoveZeroChannelsReport]):
     name = "remove-zero-channels"
 
-    def __init__(self, analysis: Analysis | None = None, seed: int = 0,
-                 analysed: gs.Graph | None = None, *, shared: SharedAnalysis | None = None
-                 ) -> None:
-        """``analysis`` is used only for the graph it describes: ``analysed``, the very graph
-        object the pass must receive (an unchanged graph from earlier passes; without it,
-        the first graph the pass receives); any other graph is analysed afresh. ``shared``
-        hands the analysis on between the passes of a pipeline (and the rounds of a
-        fixpoint) instead."""
-        self.shared = shared or SharedAnalysis(analysis, analysed)
-        self._pending = analysis if analysed is None and shared is None else None
+    def __init__(self, analysis: Analysis | None = None, seed: int = 0, *,
+                 shared: SharedAnalysis | None = None) -> None:
+        """``analysis`` is used only for a graph it matches (see
+        :class:`~onnx_ssl.graphutil.SharedAnalysis`); any other graph is analysed afresh.
+        ``shared`` hands the analysis on between the passes of a pipeline (and the rounds
+        of a fixpoint) instead."""
+        self.shared = shared or SharedAnalysis(analysis)
         self.seed = seed
         # Constants added by folding that must be sliced like an existing tensor axis:
         # (new tensor, tensor it follows, axis there, axis here).
         self._followers: list[tuple[str, str, int, int]] = []
 
-    def __call__(self, graph: gs.Graph) -> PassResult[RemoveZeroChannelsReport]:
-        if self._pending is not None:  # it describes the first graph this pass is handed
-            self.shared, self._pending = SharedAnalysis(self._pending, graph), None
-        analysis = self.shared.of(graph)
-        graph = graph.copy()
+    def requires(self, graph: gs.Graph) -> None:
+        require_unique_node_names(graph)
+
+    def ensures(self, graph: gs.Graph) -> None:
+        require_unique_node_names(graph)
+
+    def call(self, graph: gs.Graph) -> PassResult[RemoveZeroChannelsReport]:
+        analysis = self.shared.of(graph)  # checked against this graph before the copy
         self._followers = []
+        kept: list[str] = []
+        # The plan only reads the graph: it is copied only when something goes (a round of
+        # the fixpoint that finds nothing hands its graph on untouched).
+        plan = self._find(graph, analysis, kept)
+        contributions = self._plan_constants(graph, analysis, plan, kept) if plan else []
+        if not plan:
+            return PassResult(graph, RemoveZeroChannelsReport(kept=tuple(kept)))
+        graph = graph.copy()
+        with fresh_names(graph):  # every name this pass adds comes from unique_name
+            return self._remove(graph, analysis, plan, contributions, kept)
+
+    def _find(self, graph: gs.Graph, analysis: Analysis, kept: list[str]
+              ) -> dict[str, tuple[set[int], set[int]]]:
+        """The channels to remove per space, ``(unread, constant)``; the others that are
+        zero go to ``kept`` with the reason."""
         tensors = graph.tensors()
         nodes = {n.name: n for n in graph.nodes}
-        kept: list[str] = []
         # Folding a constant channel evaluates it; that needs static inputs (but the batch).
         no_fold = dynamic_input_reason(graph)
         found: dict[str, tuple[set[int], set[int]]] = {}  # space -> (unread, constant)
@@ -230,12 +254,12 @@ class RemoveZeroChannelsPass:
             if rem:
                 unread, const = found[sid]
                 plan[sid] = (unread & rem, const & rem)
-        if not plan:
-            return PassResult(graph, RemoveZeroChannelsReport(kept=tuple(kept)))
+        return plan
 
-        contributions = self._plan_constants(graph, analysis, plan, kept)
-        if not plan:
-            return PassResult(graph, RemoveZeroChannelsReport(kept=tuple(kept)))
+    def _remove(self, graph: gs.Graph, analysis: Analysis,
+                plan: dict[str, tuple[set[int], set[int]]],
+                contributions: list[tuple[str, np.ndarray, bool]], kept: list[str]
+                ) -> PassResult[RemoveZeroChannelsReport]:
         folded, maps = self._fold(graph, contributions)
         gathered = self._apply(graph, analysis, plan)
         graph.cleanup(remove_unused_graph_inputs=False)
@@ -269,8 +293,7 @@ class RemoveZeroChannelsPass:
         if not per_consumer:
             return []
         inputs = sorted({nodes[n].inputs[0].name for n in per_consumer})
-        a = evaluate(graph, inputs, self.seed)
-        b = evaluate(graph, inputs, self.seed + 1)
+        a, b = evaluate_seeds(graph, inputs, (self.seed, self.seed + 1))
 
         def at(name: str, r: ChannelRef, c: int) -> tuple[Any, ...]:
             node = nodes[name]
@@ -294,20 +317,27 @@ class RemoveZeroChannelsPass:
         cache: dict[tuple[str, tuple[tuple[ChannelRef, int], ...]], np.ndarray] = {}
         while True:
             out: list[tuple[str, np.ndarray, bool, list[tuple[ChannelRef, int]]]] = []
-            for name, items in _constant_consumers(analysis, plan).items():
+            consumers = _constant_consumers(analysis, plan)
+            todo: list[tuple[str, tuple[tuple[ChannelRef, int], ...]]] = []
+            jobs: list[tuple[gs.Node, dict[int, np.ndarray]]] = []
+            for name, items in consumers.items():
                 key = (name, tuple(items))
-                if key not in cache:
-                    node = nodes[name]
-                    xa = a[node.inputs[0].name][:1]
-                    z = np.zeros_like(xa)
-                    for r, c in items:
-                        z[at(name, r, c)] = xa[at(name, r, c)]
-                    # The consumer without its bias is linear: L(x) = L(x_kept) + L(z).
-                    cache[key] = run_node(node, {0: z}, opset, drop_from=2)
-                contrib = cache[key]
+                if key in cache:
+                    continue
                 node = nodes[name]
-                out_axis = (1 if node.op in ("Conv", "ConvTranspose", "Gemm")
-                            else contrib.ndim - 1)
+                xa = a[node.inputs[0].name][:1]
+                z = np.zeros_like(xa)
+                for r, c in items:
+                    z[at(name, r, c)] = xa[at(name, r, c)]
+                # The consumer without its bias is linear: L(x) = L(x_kept) + L(z).
+                todo.append(key)
+                jobs.append((node, {0: z}))
+            # One session for every consumer, not one each.
+            cache.update(zip(todo, run_nodes(jobs, opset, drop_from=2), strict=True))
+            for name, items in consumers.items():
+                contrib = cache[(name, tuple(items))]
+                node = nodes[name]
+                out_axis = _slots(node).activation_axis(contrib.ndim)
                 per_channel = np.moveaxis(contrib, out_axis, 0).reshape(
                     contrib.shape[out_axis], -1)
                 if np.all(per_channel == per_channel[:, :1]):
@@ -344,7 +374,10 @@ class RemoveZeroChannelsPass:
         deletions, grouped_by, inputs = _deletions(analysis, plan, graph_inputs)
         gathered = 0
         for (name, axis), pos in inputs.items():
-            gathered += self._gather_input(graph, tensors[name], axis, pos)
+            # What reads the input now reads its kept features: a Split, Slice, Gather or
+            # shuffle right after the input is rewritten like one after any other tensor.
+            deletions[(self._gather_input(graph, tensors[name], axis, pos), axis)] |= pos
+            gathered += len(pos)
         grouped: dict[str, set[int]] = defaultdict(set)  # weight -> deleted input positions
         for (name, _), pos in grouped_by.items():
             grouped[name] |= pos
@@ -372,10 +405,13 @@ class RemoveZeroChannelsPass:
             t.values = np.concatenate(parts, axis=0)
         return gathered
 
-    def _gather_input(self, graph: gs.Graph, x: gs.Tensor, axis: int, pos: set[int]) -> int:
+    def _gather_input(self, graph: gs.Graph, x: gs.Tensor, axis: int, pos: set[int]) -> str:
+        """Gather the features of graph input ``x`` that stay; the name of the gathered
+        tensor, which keeps ``x``'s shape until the shapes are inferred again."""
         size = x.shape[axis]
         keep = np.array([p for p in range(size) if p not in pos], dtype=np.int64)
-        out = gs.Variable(unique_name(graph, f"{x.name}_gathered"), dtype=x.dtype)
+        out = gs.Variable(unique_name(graph, f"{x.name}_gathered"), dtype=x.dtype,
+                          shape=list(x.shape))
         idx = gs.Constant(unique_name(graph, f"{x.name}_kept_features"), keep)
         consumers = list(x.outputs)
         node = gs.Node("Gather", name=unique_name(graph, f"{x.name}_gather"),
@@ -383,7 +419,7 @@ class RemoveZeroChannelsPass:
         for c in consumers:
             c.inputs = [out if t is x else t for t in c.inputs]
         graph.nodes.append(node)
-        return len(pos)
+        return str(out.name)
 
 
 def _constant_consumers(analysis: Analysis, plan: dict[str, tuple[set[int], set[int]]]
@@ -422,32 +458,41 @@ Deletions = dict[tuple[str, int], set[int]]
 
 
 def _deletions(analysis: Analysis, plan: dict[str, tuple[set[int], set[int]]],
-               graph_inputs: set[str]) -> tuple[Deletions, Deletions, Deletions]:
+               graph_inputs: set[str], refs: Sequence[ChannelRef] | None = None
+               ) -> tuple[Deletions, Deletions, Deletions]:
     """The positions ``plan`` deletes: ``(tensor, axis) -> positions`` of plain slices,
     ``(grouped conv weight, groups) -> input positions`` (a grouped conv weight read on its
-    input side), and ``(graph input, axis) -> positions`` (gathered, never sliced)."""
+    input side), and ``(graph input, axis) -> positions`` (gathered, never sliced). Only
+    those of ``refs`` when given (refs of spaces that ``plan`` leaves alone count nothing).
+    """
     plain: Deletions = defaultdict(set)
     grouped: Deletions = defaultdict(set)
     inputs: Deletions = defaultdict(set)
-    for sid, (unread, const) in plan.items():
-        gone = unread | const
-        for r in analysis.space(sid).refs:
-            pos = {p for c in gone for p in r.positions(c)}
-            if not pos:
-                continue
-            if r.tensor in graph_inputs:
-                inputs[(r.tensor, r.axis)] |= pos
-            elif r.conv_groups > 1 and r.role == "in" and r.axis == 1:
-                grouped[(r.tensor, r.conv_groups)] |= pos
-            else:
-                plain[(r.tensor, r.axis)] |= pos
+    if refs is None:
+        refs = [r for sid in plan for r in analysis.space(sid).refs]
+    for r in refs:
+        if r.space not in plan:
+            continue
+        unread, const = plan[r.space]
+        lo, hi = r.space_start, r.space_start + r.length
+        pos = {p for c in unread | const if lo <= c < hi for p in r.positions(c)}
+        if not pos:
+            continue
+        if r.tensor in graph_inputs:
+            inputs[(r.tensor, r.axis)] |= pos
+        elif r.conv_groups > 1 and r.role == "in" and r.axis == 1:
+            grouped[(r.tensor, r.conv_groups)] |= pos
+        else:
+            plain[(r.tensor, r.axis)] |= pos
     return plain, grouped, inputs
 
 
 def _removed_elements(analysis: Analysis, plan: dict[str, tuple[set[int], set[int]]],
-                      tensors: dict[str, gs.Tensor]) -> int:
-    """Float constant elements (weights, biases, norm parameters) that ``plan`` removes."""
-    plain, grouped, _ = _deletions(analysis, plan, set())
+                      tensors: dict[str, gs.Tensor], refs: Sequence[ChannelRef] | None = None
+                      ) -> int:
+    """Float constant elements (weights, biases, norm parameters) that ``plan`` removes (from
+    the tensors of ``refs`` only, when given: pass every ref of those tensors)."""
+    plain, grouped, _ = _deletions(analysis, plan, set(), refs)
     cut: dict[str, dict[int, int]] = defaultdict(dict)
     for (name, axis), pos in plain.items():
         cut[name][axis] = len(pos)
@@ -491,7 +536,7 @@ def _costly_maps(analysis: Analysis, plan: dict[str, tuple[set[int], set[int]]],
     for name, k, uniform, items in contributions:
         node = nodes[name]
         if not uniform:
-            axis = k.ndim - 1 if node.op == "MatMul" or k.ndim == 1 else 1
+            axis = k.ndim - 1 if k.ndim == 1 else _slots(node).activation_axis(k.ndim)
             maps.append((name, k.size // k.shape[axis] * after(node),
                          {(r.space, c) for r, c in items}))
         elif _bias_index(node) is None or len(node.inputs) <= 2 or not node.inputs[2].name:
@@ -500,19 +545,32 @@ def _costly_maps(analysis: Analysis, plan: dict[str, tuple[set[int], set[int]]],
         return None
     removed = _removed_elements(analysis, plan, tensors)
 
-    def without(chans: set[tuple[str, int]]) -> dict[str, tuple[set[int], set[int]]]:
-        out = {}
-        for sid, (u, c) in plan.items():
-            gone = {ch for s, ch in chans if s == sid}
-            out[sid] = (u - gone, c - gone)
-        return out
-
+    # Keeping channels of one space changes only the tensors its refs touch: what removing
+    # them saves is counted on those tensors alone (else this is quadratic in the spaces).
+    refs_of: dict[str, list[ChannelRef]] = defaultdict(list)
+    for sid in plan:
+        for r in analysis.space(sid).refs:
+            refs_of[r.tensor].append(r)
     needed = set().union(*(chans for _, _, chans in maps))
+    by_space: dict[str, set[tuple[str, int]]] = defaultdict(set)
+    for s_c in needed:
+        by_space[s_c[0]].add(s_c)
+    map_cost: dict[str, int] = defaultdict(int)  # space -> cost of the maps only it needs
+    for _, cost, pairs in maps:
+        spaces = {s for s, _ in pairs}
+        if len(spaces) == 1:
+            map_cost[next(iter(spaces))] += cost
     worst: tuple[int, str, set[int], int, int] | None = None
-    for sid in sorted({s for s, _ in needed}):
-        mine = {(s, c) for s, c in needed if s == sid}
-        avoided = sum(cost for _, cost, chans in maps if chans <= mine)
-        saved = removed - _removed_elements(analysis, without(mine), tensors)
+    for sid in sorted(by_space):
+        mine = by_space[sid]
+        avoided = map_cost[sid]
+        touched = [r for t in dict.fromkeys(r.tensor for r in analysis.space(sid).refs)
+                   for r in refs_of[t]]
+        unread, const = plan[sid]
+        gone = {ch for _, ch in mine}
+        saved = (_removed_elements(analysis, plan, tensors, touched)
+                 - _removed_elements(analysis, {**plan, sid: (unread - gone, const - gone)},
+                                     tensors, touched))
         if avoided > saved and (worst is None or avoided - saved > worst[0]):
             worst = (avoided - saved, sid, {c for _, c in mine}, avoided, saved)
     if worst is not None:
@@ -582,25 +640,28 @@ def _keep_nonempty(analysis: Analysis, removable: dict[str, set[int]],
                         f"(channel {keep} kept)")
 
 
+def _slots(node: gs.Node) -> LayerSlots:
+    """The op table's slots of a layer (the only nodes that read removed channels)."""
+    slots = RULES[node.op].layer
+    assert slots is not None, f"{node.name} ({node.op}) is not a layer"
+    return slots
+
+
 def _activation_axis(node: gs.Node) -> int:
     x = node.inputs[0]
     r = len(x.shape) if x.shape is not None else 2
-    return r - 1 if node.op == "MatMul" else 1
+    return _slots(node).activation_axis(r)
 
 
 def _bias_index(node: gs.Node) -> int | None:
-    return 2 if node.op in ("Conv", "ConvTranspose", "Gemm") else None
+    return _slots(node).bias
 
 
 Follower = tuple[str, str, int, int]
 
 
 def _out_weight_axis(node: gs.Node) -> int:
-    if node.op == "Conv":
-        return 0
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    return 1  # ConvTranspose (group 1), MatMul
+    return _slots(node).out_axis(node)
 
 
 def _add_to_bias(graph: gs.Graph, node: gs.Node, vec: np.ndarray) -> list[Follower]:
@@ -648,83 +709,15 @@ def _add_bias_map(graph: gs.Graph, node: gs.Node, k: np.ndarray) -> list[Followe
     add = gs.Node("Add", name=unique_name(graph, f"{node.name}_add_const"),
                   inputs=[pre, const], outputs=[y])
     graph.nodes.append(add)
-    out_axis = k.ndim - 1 if node.op == "MatMul" or k.ndim == 1 else 1
+    out_axis = k.ndim - 1 if k.ndim == 1 else _slots(node).activation_axis(k.ndim)
     return [(const.name, node.inputs[1].name, _out_weight_axis(node), out_axis)]
 
 
 def _rewrite_structure(graph: gs.Graph, node: gs.Node,
                        deletions: dict[str, tuple[int, set[int]]]) -> None:
-    """Update attributes and shape inputs that encode channel counts."""
-
-    def deleted(t: gs.Tensor) -> tuple[int, set[int]] | None:
-        return deletions.get(t.name)
-
-    if node.op == "Split":
-        d = deleted(node.inputs[0])
-        if d is None:
-            return
-        axis, pos = d
-        if int(node.attrs.get("axis", 0)) % len(node.inputs[0].shape) != axis:
-            return
-        sizes = []
-        lo = 0
-        for out in node.outputs:
-            n = out.shape[axis]
-            sizes.append(n - sum(1 for p in pos if lo <= p < lo + n))
-            lo += n
-        arr = np.array(sizes, dtype=np.int64)
-        if len(node.inputs) > 1 and node.inputs[1].name:
-            node.inputs[1] = gs.Constant(unique_name(graph, f"{node.name}.split"), arr)
-        else:
-            node.attrs.pop("num_outputs", None)
-            if graph.opset and graph.opset >= 13:
-                node.inputs.append(gs.Constant(unique_name(graph, f"{node.name}.split"), arr))
-            else:
-                node.attrs["split"] = sizes
-    elif node.op == "Slice":
-        d = deleted(node.inputs[0])
-        if d is None:
-            return
-        axis, pos = d
-        r = len(node.inputs[0].shape)
-        size = node.inputs[0].shape[axis]
-        starts = [int(v) for v in np.asarray(node.inputs[1].values)]
-        ends = [int(v) for v in np.asarray(node.inputs[2].values)]
-        axes = ([int(v) for v in np.asarray(node.inputs[3].values)]
-                if len(node.inputs) > 3 and node.inputs[3].name else list(range(len(starts))))
-        axes = [a + r if a < 0 else a for a in axes]
-        if axis not in axes:
-            return
-        k = axes.index(axis)
-        lo = min(size, max(0, starts[k] + size if starts[k] < 0 else starts[k]))
-        hi = min(size, max(0, ends[k] + size if ends[k] < 0 else ends[k]))
-        starts[k] = lo - sum(1 for p in pos if p < lo)
-        ends[k] = hi - sum(1 for p in pos if p < hi)
-        node.inputs[1] = gs.Constant(unique_name(graph, f"{node.name}.starts"),
-                                     np.array(starts, dtype=np.int64))
-        node.inputs[2] = gs.Constant(unique_name(graph, f"{node.name}.ends"),
-                                     np.array(ends, dtype=np.int64))
-    elif node.op == "Reshape":
-        d = deleted(node.outputs[0])
-        if d is None:
-            return
-        axis, pos = d
-        target = np.asarray(node.inputs[1].values).astype(np.int64).copy()
-        if target[axis] > 0:
-            target[axis] -= len(pos)
-            node.inputs[1] = gs.Constant(unique_name(graph, f"{node.name}.shape"), target)
-    elif node.op in ("Resize", "Upsample"):
-        d = deleted(node.outputs[0])
-        if d is None or len(node.inputs) < 4 or not node.inputs[3].name:
-            return
-        axis, pos = d
-        new_sizes = np.asarray(node.inputs[3].values).astype(np.int64).copy()
-        new_sizes[axis] -= len(pos)
-        node.inputs[3] = gs.Constant(unique_name(graph, f"{node.name}.sizes"), new_sizes)
-    elif node.op == "Conv" and int(node.attrs.get("group", 1)) > 1:
-        w = node.inputs[1]
-        if np.asarray(w.values).shape[1] != 1:
-            return
-        d = deleted(node.inputs[0])
-        if d is not None:
-            node.attrs["group"] = int(node.attrs["group"]) - len(d[1])
+    """Update attributes and shape inputs that encode channel counts: the ``rewrite`` of the
+    node's entry in the op table (Split sizes, Slice bounds, Reshape targets, Resize sizes,
+    depthwise ``group``)."""
+    rule = RULES.get(node.op)
+    if rule is not None and rule.rewrite is not None:
+        rule.rewrite(graph, node, deletions)

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_ssl.graphutil import clear_inner_shapes, unique_name
-from onnx_ssl.pipeline import PassResult, Report
+from onnx_ssl.pipeline import PassBase, PassResult, Report
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,10 @@ def _border_zeros(w: np.ndarray, axis: int) -> tuple[int, int]:
     return int(nz[0]), int(w.shape[axis] - 1 - nz[-1])
 
 
-class ShrinkKernelsPass:
+class ShrinkKernelsPass(PassBase[ShrinkKernelsReport]):
     name = "shrink-kernels"
 
-    def __call__(self, graph: gs.Graph) -> PassResult[ShrinkKernelsReport]:
+    def call(self, graph: gs.Graph) -> PassResult[ShrinkKernelsReport]:
         todo: list[tuple[str, list[tuple[int, int]]]] = []
         kept: list[str] = []
         for node in graph.nodes:

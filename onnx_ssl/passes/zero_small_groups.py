@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_ssl.analysis import analyze_graph
+from onnx_ssl.graphutil import SharedAnalysis, require_unique_node_names
 from onnx_ssl.groups import Analysis, Group
-from onnx_ssl.pipeline import PassResult, Report
+from onnx_ssl.pipeline import PassBase, PassResult, Report
 
 
 @dataclass(frozen=True)
@@ -42,20 +42,25 @@ def group_norm(group: Group, values: dict[str, np.ndarray]) -> float:
     return float(np.sqrt(total))
 
 
-class ZeroSmallGroupsPass:
+class ZeroSmallGroupsPass(PassBase[ZeroSmallGroupsReport]):
     name = "zero-small-groups"
 
     def __init__(self, threshold: float, analysis: Analysis | None = None,
                  kinds: tuple[str, ...] = ("channel", "depth")) -> None:
+        """``analysis`` is used only for a graph it matches, with groups of ``kinds`` (see
+        :class:`~onnx_ssl.graphutil.SharedAnalysis`); any other graph is analysed afresh."""
         if threshold < 0:
             raise ValueError("threshold must be >= 0")
         self.threshold = threshold
-        self.analysis = analysis
+        self.shared = SharedAnalysis(analysis)
         self.kinds = kinds
 
-    def __call__(self, graph: gs.Graph) -> PassResult[ZeroSmallGroupsReport]:
+    def requires(self, graph: gs.Graph) -> None:
+        require_unique_node_names(graph)
+
+    def call(self, graph: gs.Graph) -> PassResult[ZeroSmallGroupsReport]:
+        analysis = self.shared.of(graph, self.kinds)  # checked against this graph
         graph = graph.copy()
-        analysis = self.analysis or analyze_graph(graph, kinds=self.kinds)
         tensors = graph.tensors()
         values = {n: np.array(t.values) for n, t in tensors.items() if isinstance(t, gs.Constant)}
         zeroed: Counter[str] = Counter()

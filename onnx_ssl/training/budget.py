@@ -39,7 +39,9 @@ import numpy as np
 
 from onnx_ssl.errors import InputError
 
-from .artifacts import Artifacts, export_inference_model
+from .forms import export_inference_model
+from .probe import with_static_batch
+from .spec import Artifacts
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +91,10 @@ def project(
     and count its MACs and params with the compiler's accounting."""
     from onnx_ssl import prune
 
-    from .chain import _static
-
     p = {k: np.array(v) for k, v in params.items()}
     art.info.penalty.zero_groups(p, threshold)
     model = export_inference_model(art, p)
-    rep = prune(_static(model), verify=0).report
+    rep = prune(with_static_batch(model), verify=0).report
     return Projection(rep.macs_after, rep.params_after, rep.macs_before, rep.params_before)
 
 

@@ -1,4 +1,4 @@
-"""The SSL procedure of Wen et al. 2016 (section 4.3) on an ONNX model, and the demo.
+"""The SSL procedure of Wen et al. 2016 (section 4.3) on an ONNX model.
 
 :func:`run_ssl`:
 
@@ -25,10 +25,8 @@ With ``work_dir``, each training phase checkpoints every epoch there and the run
 in ``ssl_run.json``; ``resume`` continues an interrupted run from the last finished epoch of
 the phase it was in (pruning is recomputed: it is deterministic).
 
-:func:`run_demo` is the tool's main job on built-in data: LeNet from ``onnx_ssl.models``, a
-baseline trained on scikit-learn's digits (resized to 28x28), the chain with filter-wise and
-channel-wise sparsity, and a table in the form of the paper's Table 1 with measured ONNX
-Runtime CPU speedups.
+Held-out errors come from :mod:`.evaluate`, measured speedups from :mod:`.speedup`; the demo
+on built-in data is :mod:`.demo`.
 """
 
 from __future__ import annotations
@@ -37,30 +35,20 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from onnx_ssl.compiler import LayerStat
 from onnx_ssl.errors import InputError
 from onnx_ssl.io import save_model, write_text_atomic
+from onnx_ssl.text import format_table as _table
 
-from .artifacts import (
-    ARTIFACT_FILES,
-    ArtifactOptions,
-    Artifacts,
-    TensorSpec,
-    _graph_inputs,
-    _runs_with_batch,
-    _set_batch,
-    build_artifacts,
-    export_inference_model,
-)
+from .artifacts import build_artifacts
 from .budget import (
     BudgetController,
     CollapseError,
@@ -68,8 +56,13 @@ from .budget import (
     project,
     threshold_for_budget,
 )
-from .data import Dataset, fit_inputs, fit_targets
+from .data import Dataset
+from .evaluate import evaluate_model  # re-exported
+from .forms import export_inference_model
 from .penalty import Lambdas
+from .probe import runs_with_batch, with_static_batch
+from .spec import ARTIFACT_FILES, ArtifactOptions, Artifacts
+from .speedup import add_speedups  # re-exported
 from .trainer import (
     LOG,
     STATE,
@@ -78,8 +71,26 @@ from .trainer import (
     ProgressEvent,
     TrainConfig,
     Trainer,
-    data_loss_and_error,
 )
+
+__all__ = [
+    "DEFAULT_FINETUNE_EPOCHS",
+    "DEFAULT_FINETUNE_LR",
+    "DEFAULT_LAMBDA",
+    "DEFAULT_SSL_EPOCHS",
+    "DEFAULT_SSL_LR",
+    "DEFAULT_THRESHOLD",
+    "LAST_GOOD",
+    "PHASES",
+    "RUN_INFO",
+    "SslOptions",
+    "SslReport",
+    "SslResult",
+    "add_speedups",
+    "evaluate_model",
+    "run_ssl",
+    "work_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +105,6 @@ DEFAULT_FINETUNE_EPOCHS = 10
 DEFAULT_FINETUNE_LR = 5e-4
 DEFAULT_THRESHOLD = 1e-3
 
-# The demo's digits give 23 steps per epoch: the proximal step needs a larger lambda to
-# reach zero in 20 epochs (0.1 keeps the baseline error with about 9-33 filters).
-DEMO_LAMBDA = 0.1
 # The subfolders of --work-dir: the SSL phase and the fine-tuning phase.
 PHASES = ("ssl", "finetune")
 # In --work-dir: what the run is (model, data, options), checked by --resume.
@@ -317,64 +325,9 @@ class SslResult:
     thresholded: onnx.ModelProto | None = None
 
 
-def _table(rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
-
-
-# --- evaluation of an arbitrary model ------------------------------------------------------
-
-
-def evaluate_model(
-    model: onnx.ModelProto,
-    data: Dataset,
-    loss: str = "cross-entropy",
-    output: str | None = None,
-    classes: int | None = None,
-) -> tuple[float, float | None]:
-    """(mean data loss, error rate) of ``model`` on ``data`` with ONNX Runtime."""
-    from onnx_ssl.runtime import session
-
-    inputs = _graph_inputs(model)
-    specs = [TensorSpec.of(i) for i in inputs]
-    static = [s.shape[0] for s in specs if s.shape and s.shape[0] is not None]
-    m = model
-    if static and _runs_with_batch(_set_batch(model, "batch"), 2):
-        m = onnx.shape_inference.infer_shapes(_set_batch(model, "batch"))
-        static = []
-    batch = int(static[0]) if static else 256
-    out_name = output or model.graph.output[0].name
-    out_spec = next(TensorSpec.of(o) for o in model.graph.output if o.name == out_name)
-    d = fit_inputs(data, [(s.name, s.shape, s.dtype) for s in specs])
-    d = fit_targets(
-        d,
-        loss,
-        out_spec.shape,
-        classes or (out_spec.shape[-1] if loss == "cross-entropy" else None),
-    )
-    sess = session(m, optimize=True)
-    outs = []
-    for xb, _ in d.batches(batch):
-        n = len(next(iter(xb.values())))
-        if n < batch and static:
-            idx = np.concatenate([np.arange(n), np.zeros(batch - n, dtype=np.int64)])
-            xb = {k: v[idx] for k, v in xb.items()}
-        outs.append(sess.run([out_name], xb)[0][:n])
-    return data_loss_and_error(loss, np.concatenate(outs), d.y)
 
 
 # --- the chain ------------------------------------------------------------------------------
-
-
-def _static(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with batch 1 where its batch is free (the prune pass needs static shapes)."""
-    for vi in _graph_inputs(model):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            return _set_batch(model, 1)
-    return model
 
 
 def _restore_io(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -392,7 +345,7 @@ def _restore_io(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.Model
     if not changed:
         return model
     del m.graph.value_info[:]
-    return m if _runs_with_batch(m, 2) else model
+    return m if runs_with_batch(m, 2) else model
 
 
 def work_files(work_dir: str | Path | None) -> list[Path]:
@@ -536,7 +489,7 @@ def run_ssl(
             f"{threshold:.3g} set to zero (error {_pct(err_thr)}); pruning"
         )
 
-        pr = _prune(_static(thresholded), verify=opts.verify, seed=opts.seed, name=name)
+        pr = _prune(with_static_batch(thresholded), verify=opts.verify, seed=opts.seed, name=name)
         pruned = _restore_io(thresholded, pr.model)
         err_pruned = evaluate_model(pruned, val, opts.loss)[1] if len(val) else None
         rep = pr.report
@@ -663,218 +616,3 @@ def _write_last_good(
 
 def _pct(e: float | None) -> str:
     return "-" if e is None else f"{100 * e:.2f}%"
-
-
-# --- timing -------------------------------------------------------------------------------
-
-
-def time_pair(
-    a: tuple[Any, Mapping[str, np.ndarray]],
-    b: tuple[Any, Mapping[str, np.ndarray]],
-    min_time: float = 0.4,
-    rounds: int = 7,
-) -> tuple[float, float]:
-    """Median seconds per run of two (session, feeds) pairs, measured in alternating rounds
-    so that load from other processes affects both alike."""
-    inner = []
-    for sess, feeds in (a, b):
-        for _ in range(3):
-            sess.run(None, dict(feeds))
-        t = time.perf_counter()
-        sess.run(None, dict(feeds))
-        one = max(time.perf_counter() - t, 1e-6)
-        inner.append(max(1, int(min_time / 2 / rounds / one)))
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(rounds):
-        for k, (sess, feeds) in enumerate((a, b)):
-            t = time.perf_counter()
-            for _ in range(inner[k]):
-                sess.run(None, dict(feeds))
-            times[k].append((time.perf_counter() - t) / inner[k])
-    return float(np.median(times[0])), float(np.median(times[1]))
-
-
-def _feeds_for(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for vi in _graph_inputs(model):
-        spec = TensorSpec.of(vi)
-        shape = [batch] + [d if d is not None else 1 for d in spec.shape[1:]]
-        feeds[vi.name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
-
-
-def _model_session(
-    model: onnx.ModelProto, batch: int, threads: int
-) -> tuple[Any, dict[str, np.ndarray]]:
-    from onnx_ssl.runtime import session
-
-    m = onnx.shape_inference.infer_shapes(_set_batch(model, batch))
-    return session(m, optimize=True, threads=threads), _feeds_for(m, batch)
-
-
-def _single_layer(node: gs.Node, in_shape: Sequence[int], opset: int) -> onnx.ModelProto:
-    x = gs.Variable("x", dtype=np.float32, shape=list(in_shape))
-    y = gs.Variable("y", dtype=np.float32)
-    inputs: list[gs.Tensor] = [x]
-    rng = np.random.default_rng(0)
-    for i, t in enumerate(node.inputs[1:], start=1):
-        if not t.name:
-            inputs.append(gs.Variable.empty())
-            continue
-        shape = [int(d) for d in t.shape]
-        inputs.append(gs.Constant(f"p{i}", rng.standard_normal(shape).astype(np.float32)))
-    n = gs.Node(node.op, name=node.name, attrs=dict(node.attrs), inputs=inputs, outputs=[y])
-    g = gs.Graph(nodes=[n], inputs=[x], outputs=[y], opset=opset)
-    m = gs.export_onnx(g)
-    m.ir_version = min(m.ir_version, 10)
-    return m
-
-
-def layer_sessions(
-    model: onnx.ModelProto, batch: int, names: Sequence[str], threads: int = 1
-) -> dict[str, tuple[Any, dict[str, np.ndarray]]]:
-    """A session running each named layer alone (its input shape at ``batch``)."""
-    from onnx_ssl.analysis import prepare
-    from onnx_ssl.runtime import session
-
-    prepared = prepare(_set_batch(model, batch))
-    graph = gs.import_onnx(prepared)
-    opset = next((o.version for o in prepared.opset_import if o.domain in ("", "ai.onnx")), 17)
-    nodes = {n.name: n for n in graph.nodes}
-    out: dict[str, tuple[Any, dict[str, np.ndarray]]] = {}
-    for name in names:
-        node = nodes.get(name)
-        if node is None or node.inputs[0].shape is None:
-            continue
-        m = _single_layer(node, [int(d) for d in node.inputs[0].shape], opset)
-        out[name] = (session(m, optimize=True, threads=threads), _feeds_for(m, batch))
-    return out
-
-
-def add_speedups(
-    report: SslReport,
-    before: onnx.ModelProto,
-    after: onnx.ModelProto,
-    batch: int = 64,
-    threads: int = 1,
-) -> SslReport:
-    """Measured speedups per layer and for the whole model (ONNX Runtime CPU, ``threads``
-    threads, ``batch`` images; each layer alone on its input shape)."""
-    names = [r.node for r in report.layers]
-    sb = layer_sessions(before, batch, names, threads)
-    sa = layer_sessions(after, batch, names, threads)
-    speed: dict[str, float] = {}
-    for n in names:
-        if n in sb and n in sa:
-            tb, ta = time_pair(sb[n], sa[n])
-            speed[n] = tb / ta
-    rows = tuple(replace(r, speedup=speed.get(r.node)) for r in report.layers)
-    tb, ta = time_pair(
-        _model_session(before, batch, threads), _model_session(after, batch, threads)
-    )
-    whole = tb / ta
-    return replace(report, layers=rows, speedup=whole)
-
-
-# --- the demo -------------------------------------------------------------------------------
-
-
-def demo_options(**kw: Any) -> SslOptions:
-    """The chain's options for the demo (a larger lambda than for MNIST-size data)."""
-    kw.setdefault("lambdas", Lambdas(filter=DEMO_LAMBDA, channel=DEMO_LAMBDA))
-    return SslOptions(**kw)
-
-
-@dataclass(frozen=True)
-class DemoResult:
-    baseline_error: float | None
-    ssl: SslResult
-    table: str
-    seconds: float
-    baseline: onnx.ModelProto | None = None
-
-
-def table1(report: SslReport, baseline_error: float | None, conv_only: bool = True) -> str:
-    """The paper's Table 1 layout: one row for the baseline, one for SSL; per conv layer the
-    filters, channels, FLOP (as % of the baseline) and measured speedup."""
-    rows_l = [r for r in report.layers if not conv_only or r.op in ("Conv", "ConvTranspose")]
-    names = [r.node for r in rows_l]
-
-    def per(f: Callable[[LayerStat], str]) -> str:
-        return " - ".join(f(r) for r in rows_l)
-
-    header = (
-        "",
-        "error",
-        f"filters ({', '.join(names)})",
-        "channels",
-        "FLOP",
-        "speedup (measured)",
-        "model speedup",
-    )
-    base = (
-        "baseline",
-        _pct(baseline_error),
-        per(lambda r: str(r.filters_before)),
-        per(lambda r: str(r.channels_before)),
-        per(lambda r: "100%"),
-        per(lambda r: "1.00x"),
-        "1.00x",
-    )
-    ssl = (
-        "SSL",
-        _pct(report.error_final),
-        per(lambda r: str(r.filters_after)),
-        per(lambda r: str(r.channels_after)),
-        per(lambda r: f"{r.mac_fraction:.1%}"),
-        per(lambda r: "-" if r.speedup is None else f"{r.speedup:.2f}x"),
-        "-" if report.speedup is None else f"{report.speedup:.2f}x",
-    )
-    lines = _table([header, base, ssl])
-    return "\n".join(lines)
-
-
-def run_demo(
-    *,
-    data: Dataset | None = None,
-    baseline_epochs: int = 10,
-    options: SslOptions | None = None,
-    output: str | Path | None = None,
-    progress: Callable[[ProgressEvent], None] | None = None,
-    notify: Notify | None = None,
-    timing_batch: int = 64,
-    seed: int = 0,
-) -> DemoResult:
-    """LeNet on the digits: baseline, SSL chain with filter and channel sparsity, Table 1."""
-    from onnx_ssl import models
-
-    from .data import load_digits
-
-    say = notify or (lambda msg: log.info("%s", msg))
-    t0 = time.perf_counter()
-    ds = data if data is not None else load_digits()
-    opts = options or demo_options(seed=seed)
-    lenet = models.build("lenet")
-    train, val = ds.split(opts.val_fraction, opts.seed)
-    with tempfile.TemporaryDirectory(prefix="onnx-ssl-demo-") as tmp:
-        say(
-            f"training a LeNet baseline on {ds.name} ({len(train)} training, {len(val)} "
-            f"held-out samples, {baseline_epochs} epochs)"
-        )
-        art = build_artifacts(lenet, Path(tmp) / "baseline", ArtifactOptions(), name="lenet")
-        base = Trainer(
-            art,
-            TrainConfig(
-                epochs=baseline_epochs, lr=1e-3, val_fraction=0.0, seed=opts.seed, save_state=False
-            ),
-        ).fit(train, val, _in_phase(progress, "baseline"))
-        assert base.model is not None
-        baseline = base.model
-    say(f"baseline held-out error {_pct(base.val_error)}")
-    res = run_ssl(baseline, ds, opts, output=output, name="lenet", progress=progress, notify=notify)
-    say("measuring ONNX Runtime CPU speedups")
-    report = add_speedups(res.report, baseline, res.model, batch=timing_batch)
-    res = replace(res, report=report)
-    text = table1(report, base.val_error)
-    return DemoResult(base.val_error, res, text, time.perf_counter() - t0, baseline)

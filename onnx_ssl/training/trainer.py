@@ -39,7 +39,11 @@ from onnx_ssl.errors import InputError, OnnxSslError
 from onnx_ssl.io import check_writable, save_model, write_text_atomic
 
 from . import _ort
-from .artifacts import (
+from .data import Dataset, fit_inputs, fit_targets
+from .forms import export_inference_model
+from .native import native_stderr_captured, ort_error_line
+from .penalty import term_tensors
+from .spec import (
     ARTIFACT_FILES,
     FINGERPRINT_PROPERTY,
     OUT_DATA,
@@ -48,13 +52,8 @@ from .artifacts import (
     OUT_WD,
     PENALTY_SCALE,
     Artifacts,
-    _native_stderr_captured,
-    _one_line,
-    export_inference_model,
     load_artifacts,
 )
-from .data import Dataset, fit_inputs, fit_targets
-from .penalty import term_tensors
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +257,10 @@ class Trainer:
 
     def _load_state(self, path: Path) -> Any:
         try:
-            with _native_stderr_captured():
+            with native_stderr_captured():
                 state = self.api.CheckpointState.load_checkpoint(str(path))
         except Exception as e:  # onnxruntime's own exception types
-            raise InputError(f"{path}: not a readable checkpoint ({_one_line(e)})") from e
+            raise InputError(f"{path}: not a readable checkpoint ({ort_error_line(e)})") from e
         props = dict(state.properties)
         fp = props.get(FINGERPRINT_PROPERTY)
         if fp != self.info.fingerprint:
@@ -293,7 +292,7 @@ class Trainer:
         so = _ort.load().ort.SessionOptions()
         so.log_severity_level = 3
         try:
-            with _native_stderr_captured():
+            with native_stderr_captured():
                 self.module = self.api.Module(
                     str(self.art.training_model),
                     self.state,
@@ -304,7 +303,7 @@ class Trainer:
         except Exception as e:  # onnxruntime's own exception types
             raise InputError(
                 f"{self.art.path}: ONNX Runtime cannot open the artifacts with "
-                f"checkpoint {path.name}: {_one_line(e)}"
+                f"checkpoint {path.name}: {ort_error_line(e)}"
             ) from e
         self.module.train()
         self.train_inputs = list(self.module.input_names())
@@ -333,7 +332,7 @@ class Trainer:
         self.state.properties[SCALE_PROPERTY] = float(self.lambda_scale)
         tmp = self.state_path.with_name(f".{STATE}.tmp{os.getpid()}")
         try:
-            with _native_stderr_captured():
+            with native_stderr_captured():
                 self.api.CheckpointState.save_checkpoint(
                     self.state, str(tmp), include_optimizer_state=True
                 )
@@ -347,7 +346,7 @@ class Trainer:
             if isinstance(e, OnnxSslError):
                 raise
             raise InputError(
-                f"{self.state_path}: cannot save the checkpoint: {_one_line(e)}"
+                f"{self.state_path}: cannot save the checkpoint: {ort_error_line(e)}"
             ) from e
 
     # --- data -----------------------------------------------------------------------

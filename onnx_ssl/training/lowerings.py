@@ -1,0 +1,237 @@
+"""Exact compositions of the ops that onnxruntime-training 1.19.2 cannot differentiate.
+
+(Protobuf nodes, as training writes them: this module imports nothing of the project but
+its errors, so that the op table in :mod:`onnx_ssl.rules` can name these entries.)
+
+The gradient builder of ONNX Runtime 1.19.2 has no gradient for the ops below. Before the
+training graph is built (:func:`onnx_ssl.training.lowering.lower_for_training`), each such
+node is replaced by element-wise, reduction and Conv ops that it can differentiate and that
+compute the same function (up to float32 rounding); the inference model keeps the original
+op. Parameters keep their names, so a PRelu slope or an InstanceNormalization scale stays the
+same trainable initializer.
+
+Each :class:`Lowering` here is named by its op's entry in the op table
+(``OpRule.training_lowering`` in :data:`onnx_ssl.rules.RULES`); ``clip01(y) = Clip(y, 0, 1)``,
+``relu = Relu``::
+
+    HardSigmoid(x; a, b)      = clip01(a*x + b)
+    HardSwish(x)              = x * clip01(x/6 + 1/2)
+    Elu(x; a)                 = relu(x) + a*(exp(min(x, 0)) - 1)
+    Selu(x; a, g)             = g * (relu(x) + a*(exp(min(x, 0)) - 1))
+    Softplus(x)               = relu(x) + log(1 + exp(-|x|))           (no overflow)
+    PRelu(x, s)               = relu(x) - s * relu(-x)                 (s stays trainable)
+    GlobalMaxPool(x)          = MaxPool(x, kernel = spatial size)      (no ReduceMax gradient)
+    InstanceNormalization(x, s, b; eps)
+                              = (x - m) / sqrt(v + eps) * s[c] + b[c],
+                                m = mean(x), v = mean((x - m)^2) over the spatial axes
+    LRN(x; size, a, b, k)     = x / (k + a/size * S)^b,  S = Conv1x1(x^2, band),
+                                band[c, c'] = 1 if c - floor((size-1)/2) <= c'
+                                              <= c + ceil((size-1)/2)
+
+``min(x, 0)`` inside ``exp`` keeps the unselected branch finite, so its gradient is never
+``0 * inf``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnx_ssl.errors import UnsupportedModelError
+
+
+class Writer:
+    """Emits the nodes replacing one node, with fresh names and constant initializers."""
+
+    def __init__(self, node: onnx.NodeProto, opset: int, used: set[str],
+                 shapes: dict[str, tuple[int | None, ...]]) -> None:
+        self.node = node
+        self.opset = opset
+        self._used = used
+        self._shapes = shapes
+        self.base = node.name or node.output[0]
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def fresh(self, hint: str) -> str:
+        name, k = f"{self.base}.ssl_{hint}", 1
+        while name in self._used:
+            k += 1
+            name = f"{self.base}.ssl_{hint}_{k}"
+        self._used.add(name)
+        return name
+
+    def const(self, value: float | np.ndarray, hint: str) -> str:
+        arr = np.asarray(value)
+        if arr.dtype.kind == "f":
+            arr = arr.astype(np.float32)
+        name = self.fresh(hint)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str, output: str | None = None,
+           **attrs: Any) -> str:
+        out = output or self.fresh(hint)
+        self.nodes.append(
+            helper.make_node(op_type, inputs, [out], name=self.fresh(f"{hint}_node"), **attrs)
+        )
+        return out
+
+    def _unknown(self, tensor: str, what: str) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"node {self.node.name or '?'} ({self.node.op_type}): the {what} of its input "
+            f"{tensor!r} is unknown, so it cannot be lowered for training"
+        )
+
+    def rank(self, tensor: str) -> int:
+        if tensor not in self._shapes:
+            raise self._unknown(tensor, "rank")
+        return len(self._shapes[tensor])
+
+    def channels(self, tensor: str) -> int:
+        c = self._shapes.get(tensor, (None, None))[1:2]
+        if not c or c[0] is None:
+            raise self._unknown(tensor, "channel count")
+        return c[0]
+
+    def spatial(self, tensor: str) -> list[int]:
+        dims = self._shapes.get(tensor, (None, None, None))[2:]
+        if not dims or any(d is None for d in dims):
+            raise self._unknown(tensor, "spatial size")
+        return [int(d) for d in dims if d is not None]
+
+    def attr(self, name: str, default: float) -> float:
+        for a in self.node.attribute:
+            if a.name == name:
+                return float(helper.get_attribute_value(a))  # type: ignore[arg-type]
+        return default
+
+    def clip(self, x: str, lo: float | None, hi: float | None, hint: str,
+             output: str | None = None) -> str:
+        if self.opset < 11:
+            attrs: dict[str, float] = {}
+            if lo is not None:
+                attrs["min"] = lo
+            if hi is not None:
+                attrs["max"] = hi
+            return self.op("Clip", [x], hint, output, **attrs)
+        ins = [x, "" if lo is None else self.const(lo, f"{hint}_lo")]
+        if hi is not None:
+            ins.append(self.const(hi, f"{hint}_hi"))
+        return self.op("Clip", ins, hint, output)
+
+    def reduce(self, op_type: str, x: str, axes: list[int], hint: str,
+               output: str | None = None) -> str:
+        if self.opset >= 18:  # axes became an input
+            return self.op(op_type, [x, self.const(np.array(axes, np.int64), f"{hint}_axes")],
+                           hint, output, keepdims=1)
+        return self.op(op_type, [x], hint, output, axes=axes, keepdims=1)
+
+    def relu_plus_exp_branch(self, x: str, alpha: float, output: str | None = None) -> str:
+        """relu(x) + alpha * (exp(min(x, 0)) - 1)."""
+        neg = self.op("Exp", [self.clip(x, None, 0.0, "min0")], "exp")
+        branch = self.op("Mul", [self.op("Sub", [neg, self.const(1.0, "one")], "expm1"),
+                                 self.const(alpha, "alpha")], "neg_branch")
+        return self.op("Add", [self.op("Relu", [x], "relu"), branch], "sum", output)
+
+
+def _hard_sigmoid(w: Writer) -> None:
+    x = w.node.input[0]
+    lin = w.op("Add", [w.op("Mul", [x, w.const(w.attr("alpha", 0.2), "alpha")], "ax"),
+                       w.const(w.attr("beta", 0.5), "beta")], "axb")
+    w.clip(lin, 0.0, 1.0, "clip", w.node.output[0])
+
+
+def _hard_swish(w: Writer) -> None:
+    x = w.node.input[0]
+    lin = w.op("Add", [w.op("Mul", [x, w.const(1.0 / 6.0, "sixth")], "x6"),
+                       w.const(0.5, "half")], "lin")
+    w.op("Mul", [x, w.clip(lin, 0.0, 1.0, "clip")], "mul", w.node.output[0])
+
+
+def _elu(w: Writer) -> None:
+    w.relu_plus_exp_branch(w.node.input[0], w.attr("alpha", 1.0), w.node.output[0])
+
+
+def _selu(w: Writer) -> None:
+    alpha = w.attr("alpha", 1.67326319217681884765625)
+    gamma = w.attr("gamma", 1.05070102214813232421875)
+    y = w.relu_plus_exp_branch(w.node.input[0], alpha)
+    w.op("Mul", [y, w.const(gamma, "gamma")], "gamma", w.node.output[0])
+
+
+def _softplus(w: Writer) -> None:
+    x = w.node.input[0]
+    e = w.op("Exp", [w.op("Neg", [w.op("Abs", [x], "abs")], "neg_abs")], "exp")
+    log1p = w.op("Log", [w.op("Add", [e, w.const(1.0, "one")], "one_plus")], "log1p")
+    w.op("Add", [w.op("Relu", [x], "relu"), log1p], "sum", w.node.output[0])
+
+
+def _prelu(w: Writer) -> None:
+    x, slope = w.node.input[0], w.node.input[1]
+    neg = w.op("Mul", [slope, w.op("Relu", [w.op("Neg", [x], "neg")], "relu_neg")], "neg_part")
+    w.op("Sub", [w.op("Relu", [x], "relu"), neg], "sub", w.node.output[0])
+
+
+def _global_max_pool(w: Writer) -> None:
+    x = w.node.input[0]
+    w.op("MaxPool", [x], "max", w.node.output[0], kernel_shape=w.spatial(x))
+
+
+def _instance_norm(w: Writer) -> None:
+    x, scale, bias = w.node.input[0], w.node.input[1], w.node.input[2]
+    r = w.rank(x)
+    axes = list(range(2, r))
+    mean = w.reduce("ReduceMean", x, axes, "mean")
+    d = w.op("Sub", [x, mean], "centred")
+    var = w.reduce("ReduceMean", w.op("Mul", [d, d], "sq"), axes, "var")
+    std = w.op("Sqrt", [w.op("Add", [var, w.const(w.attr("epsilon", 1e-5), "eps")], "var_eps")],
+               "std")
+    shape = w.const(np.array([-1] + [1] * (r - 2), np.int64), "cshape")
+    s = w.op("Reshape", [scale, shape], "scale")
+    b = w.op("Reshape", [bias, shape], "bias")
+    w.op("Add", [w.op("Mul", [w.op("Div", [d, std], "normed"), s], "scaled"), b], "add",
+         w.node.output[0])
+
+
+def _lrn(w: Writer) -> None:
+    x = w.node.input[0]
+    r, c = w.rank(x), w.channels(x)
+    size = int(w.attr("size", 1))
+    lo, hi = (size - 1) // 2, (size - 1) - (size - 1) // 2
+    idx = np.arange(c)
+    band = ((idx[None, :] >= idx[:, None] - lo) & (idx[None, :] <= idx[:, None] + hi))
+    weight = w.const(band.astype(np.float32).reshape((c, c) + (1,) * (r - 2)), "band")
+    s = w.op("Conv", [w.op("Mul", [x, x], "sq"), weight], "window_sum")
+    base = w.op("Add", [w.op("Mul", [s, w.const(w.attr("alpha", 1e-4) / size, "alpha")],
+                             "scaled"), w.const(w.attr("bias", 1.0), "bias")], "base")
+    den = w.op("Pow", [base, w.const(w.attr("beta", 0.75), "beta")], "pow")
+    w.op("Div", [x, den], "div", w.node.output[0])
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """How one op type is rewritten: ``emit`` writes the replacing nodes into the writer,
+    the last of which produces the node's output; ``math`` is the identity used."""
+
+    op_type: str
+    math: str
+    emit: Callable[[Writer], None]
+
+
+HARD_SIGMOID = Lowering("HardSigmoid", "clip(alpha*x + beta, 0, 1)", _hard_sigmoid)
+HARD_SWISH = Lowering("HardSwish", "x * clip(x/6 + 1/2, 0, 1)", _hard_swish)
+ELU = Lowering("Elu", "relu(x) + alpha*(exp(min(x,0)) - 1)", _elu)
+SELU = Lowering("Selu", "gamma*(relu(x) + alpha*(exp(min(x,0)) - 1))", _selu)
+SOFTPLUS = Lowering("Softplus", "relu(x) + log(1 + exp(-|x|))", _softplus)
+PRELU = Lowering("PRelu", "relu(x) - slope*relu(-x)", _prelu)
+GLOBAL_MAX_POOL = Lowering("GlobalMaxPool", "MaxPool(x, kernel = spatial size)",
+                           _global_max_pool)
+INSTANCE_NORM = Lowering("InstanceNormalization", "(x - mean)/sqrt(var + eps)*scale + bias",
+                         _instance_norm)
+LRN = Lowering("LRN", "x / (bias + alpha/size * band_conv(x^2))^beta", _lrn)
