@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_graphsurgeon as gs
 
-from .analysis import analyze_graph, model_layers, name_nodes, working_copy
+from .analysis import analyze_graph, layers_of, model_layers, name_nodes, working_copy
+from .channels import static_shape
 from .errors import InputError
 from .graphutil import SharedAnalysis, bias_maps
 from .groups import Layer
@@ -274,6 +276,9 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
     passes += list(out.report.results)
     maps_after = bias_maps(out.graph)
     lowered = out.report.get(lowering.name) if lowering is not None else None
+    # The layers of the result, counted on the rewrite while it has its shapes (bound batch,
+    # as model_layers binds it) rather than on a re-import of the exported model.
+    shaped = _shaped_layers(out.graph)
     rewritten = wc.unbind(out.graph)
     # Only the rewrite is needed from here on: the working copy (its protos, and the weights
     # of the graph before the passes) goes before the export and the numeric check's
@@ -289,7 +294,8 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
     if large:
         release_memory()
     diffs = tuple(verify_outputs(reference, final, n=verify_n, seed=seed)) if verify_n else None
-    after_layers = model_layers(final)
+    after_layers = shaped if shaped is not None else model_layers(final)
+    del shaped
     stats = tuple(dataclasses.replace(
         s, params_before=s.params_before + maps_before.get(s.node, 0),
         params_after=s.params_after + maps_after.get(s.node, 0))
@@ -309,6 +315,20 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
         passes=tuple(passes), threshold=threshold,
         threshold_effect=effect, verification=diffs, kept=tuple(kept))
     return PruneResult(final, report)
+
+
+def _shaped_layers(graph: gs.Graph) -> tuple[Layer, ...] | None:
+    """The layers of a rewrite (see ``analysis.layers_of``), or None when a layer's input or
+    output has no static shape there: every pass that changes shapes infers them again
+    (``graphutil.refresh_shapes``), and one that does not keeps the function, so a layer
+    with both shapes has the MACs that its node has in the exported model."""
+    layers = layers_of(graph)
+    nodes = {n.name: n for n in graph.nodes}
+    for la in layers:
+        n = nodes[la.node]
+        if static_shape(n.inputs[0]) is None or static_shape(n.outputs[0]) is None:
+            return None
+    return layers
 
 
 def _cache_dir(spec: str | None) -> Path | None:

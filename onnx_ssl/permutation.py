@@ -27,6 +27,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ops
+from .channels import dims
 from .graphutil import unique_name
 
 
@@ -43,17 +44,9 @@ class Shuffle:
 
 
 def _static(t: gs.Tensor) -> tuple[int | str, ...] | None:
-    if t.shape is None:
-        return None
-    out: list[int | str] = []
-    for d in t.shape:
-        if isinstance(d, (int, np.integer)) and d >= 0:
-            out.append(int(d))
-        elif isinstance(d, str) and d:
-            out.append(d)
-        else:
-            return None
-    return tuple(out)
+    """The tensor's dims when every one is known (an int, or a named symbolic dim)."""
+    d = dims(t)
+    return None if d is None or None in d else d  # type: ignore[return-value]
 
 
 def _only_reader(t: gs.Tensor, op: str, graph_outputs: set[str]) -> gs.Node | None:

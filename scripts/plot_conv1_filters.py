@@ -37,7 +37,6 @@ import onnx
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = {"table1": ("conv1_filter_channel.png", "Figure 3: filter-wise and channel-wise SSL"),
            "table2": ("conv1_shape.png", "Figure 5: shape-wise SSL")}
-ZERO_COLOUR = "#ff9900"
 
 
 def _say(msg: str) -> None:
@@ -63,30 +62,10 @@ def conv1(model: onnx.ModelProto) -> np.ndarray:
 
 
 def plot_rows(rows: list[tuple[str, np.ndarray]], title: str, path: Path) -> None:
-    from onnx_ssl.training.plots import require_matplotlib
+    from onnx_ssl.training.plots import plot_filter_rows, require_matplotlib
 
-    plt = require_matplotlib()
-    n = max(w.shape[0] for _, w in rows)
-    cmap = plt.get_cmap("gray").copy()
-    cmap.set_bad(ZERO_COLOUR)
-    fig, axes = plt.subplots(len(rows), n, figsize=(0.55 * n + 1.6, 0.62 * len(rows) + 0.5),
-                             squeeze=False)
-    for r, (label, w) in enumerate(rows):
-        tiles = w.sum(axis=1)
-        lim = float(np.abs(tiles).max()) or 1.0
-        for k in range(n):
-            ax = axes[r][k]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if k < len(tiles):
-                ax.imshow(np.ma.masked_equal(tiles[k], 0.0), cmap=cmap, vmin=-lim, vmax=lim)
-            else:
-                ax.axis("off")
-        axes[r][0].set_ylabel(f"{label}\n{len(w)} filters {w.shape[2]}x{w.shape[3]}",
-                              rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle(f"LeNet conv1 on MNIST, {title} (orange: exactly zero)", fontsize=9)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    labelled = [(f"{label}\n{len(w)} filters {w.shape[2]}x{w.shape[3]}", w) for label, w in rows]
+    plot_filter_rows(require_matplotlib(), labelled, f"LeNet conv1 on MNIST, {title}", path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((p.stem.removeprefix("lenet_"), w))
         plot_rows(rows, title, out / name)
         summary[key] = {"figure": name, "rows": [
-            {"model": str(p), "label": label, "filters": int(w.shape[0]),
+            {"model": p.name, "label": label, "filters": int(w.shape[0]),
              "kernel": [int(d) for d in w.shape[2:]],
              "filter_sizes": [int(np.count_nonzero(f)) for f in w]}
             for p, (label, w) in zip(paths, rows, strict=True)]}

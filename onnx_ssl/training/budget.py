@@ -16,7 +16,17 @@ model it would compile, the same accounting as the final report. Then::
 previous epoch's projection: groups reach zero a few epochs after the strength that drives
 them, so a projection already on its way down is given time before the lambdas grow again.
 ``s`` is saved in the checkpoint (``--resume`` continues with it; the previous projection is
-not, so a resumed run's first epoch cannot hold) and logged every epoch. After the SSL
+not, so a resumed run's first epoch cannot hold) and logged every epoch.
+
+**Stopping.** Until the budget is met, the projection is also checked after every training
+step in which the set of groups at RMS <= the threshold changed (a cheap test on the group
+norms; the projection itself is only redone then). The first time it meets the budget, the
+groups the threshold zeroes then are set to zero and held there (a mask re-applied after
+every step) and the lambdas are turned off (``s`` becomes 0) for the rest of the SSL phase,
+which trains the remaining weights. Without this, the lambdas kept zeroing groups for the
+epochs left after the budget was met, and LeNet on MNIST ended at 27.2% of the MACs for a
+50% target (the README's Torch-Pruning comparison). (A resumed run does not keep the mask:
+it is taken again at the first check that meets the budget.) After the SSL
 phase, if the projection is still above the target, the prune threshold is raised
 (bisection over the groups' RMS values) to the smallest value that meets the budget; the
 report gives the threshold used and the MACs reached against the target. Fine-tuning
@@ -32,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +116,40 @@ class BudgetController:
     target_params: float | None = None
     scale: float = 1.0
     previous: Projection | None = None
+    # Set when the budget is first met (see "Stopping"): the elements held at zero, and the
+    # 1-based (epoch, step) it happened at.
+    mask: dict[str, np.ndarray] | None = None
+    met_at: tuple[int, int] | None = None
+    _below: bytes | None = None  # the groups at RMS <= threshold at the last projection
+
+    def check(self, art: Artifacts, live: Mapping[str, np.ndarray],
+              all_params: Callable[[], Mapping[str, np.ndarray]], threshold: float,
+              at: tuple[int, int]) -> bool:
+        """Until the budget is met: if the set of groups at RMS <= ``threshold`` in ``live``
+        (the regularised tensors) changed since the last projection, project the model's
+        weights (``all_params()``) and, if that meets the budget, record as the mask the
+        elements that thresholding zeroes now. True when this call set the mask."""
+        if self.mask is not None:
+            return False
+        pen = art.info.penalty
+        below = b"".join(
+            np.flatnonzero(np.sqrt(t.sumsq(live) / np.maximum(t.sizes(), 1)) <= threshold)
+            .tobytes() + b"|" for t in pen.active_terms)
+        if below == self._below:
+            return False
+        self._below = below
+        if self.over(project(art, all_params(), threshold)):
+            return False
+        p = {k: np.array(live[k]) for k in pen.tensors()}
+        pen.zero_groups(p, threshold)
+        self.mask = {k: v == 0 for k, v in p.items()}
+        self.met_at = at
+        return True
+
+    def hold(self, live: Mapping[str, np.ndarray]) -> None:
+        """Put the frozen zeros back into the live weights (after an optimizer step)."""
+        for k, m in (self.mask or {}).items():
+            live[k][m] = 0.0
 
     def over(self, p: Projection) -> bool:
         return (self.target_macs is not None and p.mac_fraction > self.target_macs) or (

@@ -464,7 +464,7 @@ def run_ssl(
         hook = _epoch_hook(art, opts, ctl)
         try:
             ssl = trainer.fit(train, val if len(val) else None, _in_phase(progress, "ssl"),
-                              on_epoch=hook)
+                              on_epoch=hook, on_step=_step_hook(art, opts, ctl, say))
         except CollapseError as e:
             where = _write_last_good(trainer, art, opts, output)
             raise CollapseError(f"{e}; {where}") from None
@@ -591,9 +591,37 @@ def _epoch_hook(
         extra = {"projected_macs": round(p.mac_fraction, 5),
                  "projected_params": round(p.param_fraction, 5),
                  "lambda_scale": round(tr.lambda_scale, 6)}
-        if ctl is not None:
+        if ctl is not None and ctl.mask is None:
             tr.lambda_scale = ctl.update(p)
         return extra
+
+    return hook
+
+
+def _step_hook(
+    art: Artifacts, opts: SslOptions, ctl: BudgetController | None, say: Callable[[str], None]
+) -> Callable[[Trainer, int, int], None] | None:
+    """With a budget: after every step until the budget is met, project the weights (when
+    the groups under the threshold changed); once it is met, turn the lambdas off and hold
+    the groups zero then at zero for the rest of the SSL phase (see
+    :mod:`onnx_ssl.training.budget`)."""
+    if ctl is None:
+        return None
+    c = ctl
+    tensors = art.info.penalty.tensors()
+
+    def hook(tr: Trainer, epoch: int, step: int) -> None:
+        if c.mask is not None:
+            c.hold(tr.live(tensors))
+            return
+        live = tr.live(tensors)
+        if not c.check(art, live, tr.params, opts.threshold, (epoch + 1, step + 1)):
+            return
+        c.hold(live)
+        say(f"budget met at SSL epoch {epoch + 1}, step {step + 1}: the lambdas (x"
+            f"{tr.lambda_scale:.3g}) are turned off and the groups at RMS <= "
+            f"{opts.threshold:g} held at zero from now on")
+        tr.lambda_scale = 0.0
 
     return hook
 

@@ -76,16 +76,20 @@ def _dead_channels(model: onnx.ModelProto, weight: str) -> list[int]:
     return dead
 
 
-def plot_conv1(plt: Any, before: onnx.ModelProto, after: onnx.ModelProto, path: Path) -> None:
-    found = [("before SSL", first_conv_weight(before)),
-             ("after SSL", first_conv_weight(after, blank_dead=True))]
-    rows = [(t, w) for t, w in found if w is not None]
-    if not rows:
-        return
+# Exact zeros in the filter grids: a colour no grey level of the filters can take.
+ZERO_COLOUR = "#ff9900"
+
+
+def plot_filter_rows(plt: Any, rows: Sequence[tuple[str, np.ndarray]], title: str,
+                     path: Path) -> None:
+    """One row of tiles per ``(label, W)``: each filter of ``W`` [N, C, kh, kw] summed over
+    its input channels, in grey on a symmetric scale, its exact zeros in ``ZERO_COLOUR``."""
     n = max(w.shape[0] for _, w in rows)
-    fig, axes = plt.subplots(len(rows), n, figsize=(0.55 * n + 1.2, 0.75 * len(rows) + 0.5),
+    cmap = plt.get_cmap("gray").copy()
+    cmap.set_bad(ZERO_COLOUR)
+    fig, axes = plt.subplots(len(rows), n, figsize=(0.55 * n + 1.6, 0.62 * len(rows) + 0.5),
                              squeeze=False)
-    for r, (title, w) in enumerate(rows):
+    for r, (label, w) in enumerate(rows):
         tiles = w.sum(axis=1)
         lim = float(np.abs(tiles).max()) or 1.0
         for k in range(n):
@@ -93,18 +97,25 @@ def plot_conv1(plt: Any, before: onnx.ModelProto, after: onnx.ModelProto, path: 
             ax.set_xticks([])
             ax.set_yticks([])
             if k < len(tiles):
-                ax.imshow(tiles[k], cmap="gray", vmin=-lim, vmax=lim)
-                if not np.any(tiles[k]):
-                    for sp in ax.spines.values():
-                        sp.set_color("#bbbbbb")
+                ax.imshow(np.ma.masked_equal(tiles[k], 0.0), cmap=cmap, vmin=-lim, vmax=lim)
             else:
                 ax.axis("off")
-        kept = int(np.sum(np.any(w.reshape(w.shape[0], -1) != 0, axis=1)))
-        axes[r][0].set_ylabel(f"{title}\n{kept}/{len(w)}", rotation=0, ha="right",
-                              va="center", fontsize=8)
-    fig.suptitle("conv1 filters (blank: removed)", fontsize=9)
+        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"{title} (orange: exactly zero)", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_conv1(plt: Any, before: onnx.ModelProto, after: onnx.ModelProto, path: Path) -> None:
+    found = [("before SSL", first_conv_weight(before)),
+             ("after SSL", first_conv_weight(after, blank_dead=True))]
+    rows = []
+    for title, w in found:
+        if w is not None:
+            kept = int(np.sum(np.any(w.reshape(w.shape[0], -1) != 0, axis=1)))
+            rows.append((f"{title}\n{kept}/{len(w)} kept", w))
+    if rows:
+        plot_filter_rows(plt, rows, "conv1 filters", path)
 
 
 def plot_zero_groups(plt: Any, history: Sequence[EpochStats], path: Path) -> None:

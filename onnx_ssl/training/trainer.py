@@ -174,6 +174,9 @@ ProgressFn = Callable[[ProgressEvent], None]
 # epoch, may change ``trainer.lambda_scale``, and may raise CollapseError (the trainer then
 # puts back the previous epoch's weights and checkpoints them before re-raising).
 EpochHook = Callable[["Trainer", EpochStats], Mapping[str, float]]
+# Called after every training step (after the prox) with the 0-based epoch and step; may
+# change ``trainer.lambda_scale`` and the live parameters (the MAC budget's mask).
+StepHook = Callable[["Trainer", int, int], None]
 SCALE_PROPERTY = "onnx_ssl.lambda_scale"
 
 
@@ -417,6 +420,7 @@ class Trainer:
         val: Dataset | None = None,
         progress: ProgressFn | None = None,
         on_epoch: EpochHook | None = None,
+        on_step: StepHook | None = None,
     ) -> TrainResult:
         """Train for ``config.epochs`` epochs (from the resumed epoch on).
 
@@ -481,6 +485,8 @@ class Trainer:
                     self.state.parameters[p].data[...] = res[k]
                 if prox_tensors:
                     pen.prox(self.live(prox_tensors), lr * self.lambda_scale)
+                if on_step is not None:
+                    on_step(self, epoch, i)
                 n = len(yb)
                 vals = [
                     float(np.asarray(res[idx[key]]).reshape(-1)[0])
