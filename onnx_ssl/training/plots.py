@@ -85,8 +85,7 @@ def plot_filter_rows(plt: Any, rows: Sequence[tuple[str, np.ndarray]], title: st
     """One row of tiles per ``(label, W)``: each filter of ``W`` [N, C, kh, kw] summed over
     its input channels, in grey on a symmetric scale, its exact zeros in ``ZERO_COLOUR``."""
     n = max(w.shape[0] for _, w in rows)
-    cmap = plt.get_cmap("gray").copy()
-    cmap.set_bad(ZERO_COLOUR)
+    cmap = plt.get_cmap("gray").with_extremes(bad=ZERO_COLOUR)
     fig, axes = plt.subplots(len(rows), n, figsize=(0.55 * n + 1.6, 0.62 * len(rows) + 0.5),
                              squeeze=False)
     for r, (label, w) in enumerate(rows):
