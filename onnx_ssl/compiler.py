@@ -295,7 +295,6 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
         release_memory()
     diffs = tuple(verify_outputs(reference, final, n=verify_n, seed=seed)) if verify_n else None
     after_layers = shaped if shaped is not None else model_layers(final)
-    del shaped
     stats = tuple(dataclasses.replace(
         s, params_before=s.params_before + maps_before.get(s.node, 0),
         params_after=s.params_after + maps_after.get(s.node, 0))

@@ -133,8 +133,8 @@ class BudgetController:
             return False
         pen = art.info.penalty
         below = b"".join(
-            np.flatnonzero(np.sqrt(t.sumsq(live) / np.maximum(t.sizes(), 1)) <= threshold)
-            .tobytes() + b"|" for t in pen.active_terms)
+            np.flatnonzero(pen.rms(t, live) <= threshold).tobytes() + b"|"
+            for t in pen.active_terms)
         if below == self._below:
             return False
         self._below = below
@@ -194,9 +194,7 @@ def threshold_for_budget(
     p0 = project(art, params, threshold)
     if not ctl.over(p0):
         return threshold, p0
-    rms = np.unique(np.concatenate([
-        np.sqrt(t.sumsq(params) / np.maximum(t.sizes(), 1)) for t in pen.active_terms
-    ]))
+    rms = np.unique(np.concatenate([pen.rms(t, params) for t in pen.active_terms]))
     cand = rms[rms > threshold]
     lo, hi = 0, len(cand) - 1
     best = (float(cand[hi]), project(art, params, float(cand[hi]))) if len(cand) else (

@@ -322,6 +322,11 @@ class Penalty:
         """The group L2 norms (no epsilon) of one term."""
         return np.sqrt(term.sumsq(params))
 
+    def rms(self, term: Term, params: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The group RMS values of one term: norm divided by ``sqrt(size)``, what the
+        ``--threshold`` of ``ssl`` is compared with."""
+        return np.sqrt(term.sumsq(params) / np.maximum(term.sizes(), 1))
+
     def value(self, params: Mapping[str, np.ndarray]) -> float:
         """``sum_g lambda_g sum_G sqrt(||w_G||^2 + eps)`` over the active terms."""
         total = 0.0
@@ -350,8 +355,7 @@ class Penalty:
         ``sqrt(size)``) is at most ``threshold``; returns how many groups were zeroed."""
         count = 0
         for t in self.active_terms:
-            rms = np.sqrt(t.sumsq(params) / np.maximum(t.sizes(), 1))
-            factor = np.where(rms <= threshold, 0.0, 1.0)
+            factor = np.where(self.rms(t, params) <= threshold, 0.0, 1.0)
             if np.any(factor == 0):
                 t.scale(params, factor)
             count += int(np.sum(factor == 0))
