@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .channels import Engine, Layout, RawRef, Seg, const_value, static_shape
-from .errors import InputError, OnnxSslError, UnsupportedModelError
+from .errors import InputError, OnnxSslError, UnsupportedModelError, one_line
 from .graphutil import clear_inner_shapes, graph_key, unique_name
 from .groups import (
     DEFAULT_KINDS,
@@ -426,7 +426,7 @@ def _fold(m: onnx.ModelProto, meta: ModelMeta, keep: bool = True
                 graph.fold_constants(fold_shapes=True, recurse_subgraphs=not has_control_flow,
                                      error_ok=False, flatten_subgraphs=False)
         except Exception as e:  # onnx-graphsurgeon raises plain exceptions
-            raise UnsupportedModelError(f"constant folding failed: {str(e).splitlines()[0]}"
+            raise UnsupportedModelError(f"constant folding failed: {one_line(e)}"
                                         ) from e
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         m = infer_shapes(from_graph(graph, meta), strict=False)

@@ -35,7 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import EnvironmentProblem
+from .errors import EnvironmentProblem, one_line
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def import_ort(purpose: str = "this command") -> Any:
         _IMPORTED = importlib.import_module("onnxruntime")
     except ImportError as e:
         raise EnvironmentProblem(
-            f"onnxruntime cannot be imported ({str(e).splitlines()[0]}); reinstall the one "
+            f"onnxruntime cannot be imported ({one_line(e)}); reinstall the one "
             f"runtime you use, for example: pip install --force-reinstall onnxruntime") from e
     return _IMPORTED
 

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, Message
 
 from . import env
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError, UnsupportedModelError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         try:
             onnx.load_external_data_for_model(model, str(p.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = one_line(e)
             raise InputError(f"{p}: external data cannot be read: {first}") from e
     validate(model, name=str(p), path=p)
     if external:
@@ -174,7 +174,7 @@ def validate(model: onnx.ModelProto, name: str = "model", path: Path | None = No
         else:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(e)
         raise InputError(f"{name}: invalid ONNX model: {first}") from e
 
 
@@ -193,7 +193,7 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         converted = version_converter.convert_version(model, opset)
         onnx.checker.check_model(converted)
     except Exception as e:  # onnx raises RuntimeError/ValidationError/IndexError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(e)
         culprit = _unconvertible_node(model, opset, first)
         where = (f" at node '{culprit.name}' ({culprit.op_type})" if culprit is not None
                  else "")
@@ -416,7 +416,7 @@ def _inferred(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
         inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=strict,
                                                      strict_mode=strict, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
-        first = str(e).strip().splitlines()[0]
+        first = one_line(e)
         raise InputError(f"shape inference failed: {first}") from e
     return inferred
 

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_ssl.errors import one_line
+
 from .native import native_stderr_captured
 from .proto import drop_unused_initializers, graph_inputs
 from .spec import BATCH_PARAM
@@ -142,7 +144,7 @@ def runs_with_batch(model: onnx.ModelProto, batch: int) -> bool:
                 feeds[i.name] = np.zeros(shape, dtype=dtype)
             outs = sess.run(None, feeds)
     except Exception as e:  # any failure means: not batch-free
-        log.debug("model does not run with batch %d: %s", batch, str(e).splitlines()[0])
+        log.debug("model does not run with batch %d: %s", batch, one_line(e))
         return False
     return all(np.ndim(o) == 0 or np.shape(o)[0] == batch for o in outs[:1])
 
