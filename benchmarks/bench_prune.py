@@ -9,13 +9,17 @@ its MACs and against the same network pruned by Torch-Pruning.
    prunable space zeroed, of residual chains of about 1k to 10k nodes (half zeroed; and with
    only the filters zeroed, what SSL training leaves: BatchNorm shifts stay, so every removed
    channel carries a constant through a padded conv and is folded into per-position bias
-   maps), and of a wide chain with about 200 MB of weights (with the default numeric check).
+   maps; and with every residual branch's weights zeroed, what depth-wise SSL leaves: each
+   branch collapses into a constant added to its shortcut), and of a wide chain with about
+   200 MB of weights (with the default numeric check).
    Each prune runs in a child process of its own, once per code tree (``--before DIR``: the
    checkout of an earlier commit, put first on PYTHONPATH; and this one), alternating on the
    same machine in one run. The child imports onnx-ssl and ONNX Runtime, warms up on a tiny
    chain, reads its idle RSS, loads the model, resets its peak RSS (``/proc/self/clear_refs``)
    and prunes ``--repeat`` times: median wall time and CPU time, peak RSS (VmHWM, the loaded
-   input model included) and (peak - idle) / weights.
+   input model included) and (peak - idle) / weights. Then, as a reference for what the
+   machine gives linear code at that graph size, the CPU time of a plain walk over the
+   graph (:func:`_walk`) per 1000 nodes.
 2. Latency: the same ResNet-50 (random weights, HF ``ResNetConfig()``), half the channels of
    every prunable space zeroed (``out`` and ``in`` members), pruned by onnx-ssl; ONNX
    Runtime CPU, all graph optimisations, 1 and 2 intra-op threads, batch 1 and 8; the
@@ -39,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -75,6 +80,23 @@ def zero_half(model: onnx.ModelProto, seed: int = 0, side: str = "both"
     for t in m.graph.initializer:
         t.CopyFrom(onnx.numpy_helper.from_array(arrs[t.name], t.name))
     return m, a
+
+
+def zero_branches(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Zero the layer weights of every prunable residual branch, what depth-wise SSL leaves:
+    their BatchNorm shifts stay, so each branch's output is a non-zero constant that prune
+    folds into its Add (one constant per branch)."""
+    m = prepare(model)
+    a = analyze(m, kinds=("depth",), prepared=True)
+    weights = {n.input[1] for n in m.graph.node
+               if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1}
+    zero = {mem.tensor for g in a.groups if g.kind == "depth" and g.prunable
+            for mem in g.members if mem.tensor in weights}
+    for t in m.graph.initializer:
+        if t.name in zero:
+            v = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(v), t.name))
+    return m
 
 
 def macs(model: onnx.ModelProto) -> int:
@@ -117,6 +139,9 @@ def torch_pruning_model(batch: int) -> onnx.ModelProto | None:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+# The residual chain cases: how the chain is zeroed -> its name in the table.
+CHAINS = {"both": "half zeroed", "filter": "filters zeroed, BN kept",
+          "depth": "branches zeroed, BN kept"}
 
 
 def _status_mb(key: str) -> float:
@@ -134,6 +159,32 @@ def _weight_mb(model: onnx.ModelProto) -> float:
         n = int(np.prod(t.dims)) if len(t.dims) else 1
         total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     return total / 2**20
+
+
+def _walk(graph: gs.Graph) -> int:
+    """A plain linear walk over ``graph``, like each of the many that a prune makes: every
+    node's name, op and attributes, every tensor's name, shape and dtype."""
+    seen: dict[str, object] = {}
+    count = 0
+    for n in graph.nodes:
+        count += len(n.name) + len(n.op) + len(n.attrs)
+        for t in (*n.inputs, *n.outputs):
+            if t.name not in seen:
+                seen[t.name] = (None if t.shape is None else tuple(t.shape), t.dtype)
+    return count + len(seen)
+
+
+def walk_seconds(model: onnx.ModelProto, repeat: int = 5) -> float:
+    """Median CPU seconds of :func:`_walk` over ``model``'s graph: a reference for the time
+    per node that the machine gives linear Python code on a graph of this size (a small
+    graph stays in the CPU caches, a large one does not)."""
+    graph = gs.import_onnx(model)
+    times = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        _walk(graph)
+        times.append(time.process_time() - t0)
+    return statistics.median(times)
 
 
 def child(path: str, verify: int, repeat: int) -> dict[str, object]:
@@ -157,10 +208,11 @@ def child(path: str, verify: int, repeat: int) -> dict[str, object]:
         cpu.append(time.process_time() - c0)
         removed = dict(r.report.passes)["remove-zero-channels"].to_json()["channels_removed"]
         del r
+    peak = _status_mb("VmHWM")
     return {"code": str(Path(onnx_ssl.__file__).parent.parent), "wall": statistics.median(wall),
-            "cpu": statistics.median(cpu), "idle_mb": idle, "peak_mb": _status_mb("VmHWM"),
+            "cpu": statistics.median(cpu), "idle_mb": idle, "peak_mb": peak,
             "weights_mb": _weight_mb(model), "nodes": len(model.graph.node),
-            "removed": removed}
+            "removed": removed, "walk": walk_seconds(model)}
 
 
 def _run_child(root: Path, path: Path, verify: int, repeat: int, timeout: float | None = None
@@ -197,9 +249,13 @@ def speed_cases(args: argparse.Namespace) -> list[tuple[str, Path, int]]:
     if not args.skip_resnet:
         case("HF ResNet-50, half zeroed", "resnet50_half", 0, lambda: zero_half(resnet50())[0])
     def zeroed_chain(blocks: int, side: str) -> Callable[[], onnx.ModelProto]:
+        if side == "depth":
+            return lambda: zero_branches(chain(blocks))
         return lambda: zero_half(chain(blocks), side=side)[0]
 
-    for side, what in (("both", "half zeroed"), ("filter", "filters zeroed, BN kept")):
+    for side, what in CHAINS.items():
+        if side not in args.chains:
+            continue
         for blocks in args.blocks:
             case(f"residual chain {blocks} blocks, {what}", f"chain{blocks}_{side}", 0,
                  zeroed_chain(blocks, side))
@@ -216,7 +272,8 @@ def speed(args: argparse.Namespace) -> list[tuple[str, ...]]:
                                     "channels removed",
              *(f"{n} s (cpu s)" for n, _ in roots), *(f"{n} s / 1k nodes" for n, _ in roots),
              *(["speed-up"] if args.before else []),
-             *(f"{n} peak RSS MiB (x weights)" for n, _ in roots))]
+             *(f"{n} peak RSS MiB (x weights)" for n, _ in roots),
+             "linear walk ms / 1k nodes")]
     limit = args.before_timeout
     for name, path, verify in speed_cases(args):
         res = {n: _run_child(root, path, verify, args.repeat, limit if n == "before" else None)
@@ -248,7 +305,8 @@ def speed(args: argparse.Namespace) -> list[tuple[str, ...]]:
                    [f"> {limit / f(r0, 'wall'):.1f}x"] if before is None else
                    [f"{f(before, 'wall') / f(r0, 'wall'):.2f}x"])
         rows.append((name, str(nodes), f"{w:.1f}", str(verify), str(r0["removed"]),
-                     *(x[0] for x in c), *(x[1] for x in c), *speedup, *(x[2] for x in c)))
+                     *(x[0] for x in c), *(x[1] for x in c), *speedup, *(x[2] for x in c),
+                     f"{f(r0, 'walk') / nodes * 1e6:.2f}"))
     return rows
 
 
@@ -262,6 +320,9 @@ def main() -> int:
                          "time is then reported as a lower bound)")
     ap.add_argument("--blocks", type=int, nargs="+", default=[143, 357, 715, 1430],
                     help="residual chain sizes (about 7 nodes a block)")
+    ap.add_argument("--chains", nargs="+", choices=list(CHAINS), default=list(CHAINS),
+                    help="residual chain cases: half the channels zeroed (both), only their "
+                         "filters (filter), or every residual branch's weights (depth)")
     ap.add_argument("--skip-resnet", action="store_true")
     ap.add_argument("--skip-wide", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)

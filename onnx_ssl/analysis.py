@@ -52,6 +52,7 @@ from .io import (
     from_graph,
     infer_shapes,
     shaped_graph,
+    tensor_map,
     to_graph,
 )
 from .rules import RULES, apply_rule
@@ -309,7 +310,7 @@ class WorkingCopy:
         """The folded float constants among ``names`` -> (for each element, the number of the
         input element it holds; the numbered sources (name, first number, shape)), or why it
         cannot be traced (see :func:`_trace_folded`)."""
-        tensors = self.graph.tensors()
+        tensors = tensor_map(self.graph)
         todo = {n: np.asarray(tensors[n].values) for n in sorted(names)
                 if isinstance(tensors.get(n), gs.Constant)}
         todo = {n: v for n, v in todo.items() if v.dtype.type in FLOAT_TYPES}
@@ -353,7 +354,7 @@ def _trace_folded(prefold: onnx.ModelProto, meta: ModelMeta, folded: dict[str, n
             continue
         sources[name] = sorted(found)
     graph = to_graph(prefold)
-    tensors = graph.tensors()
+    tensors = tensor_map(graph)
     offsets: dict[str, int] = {}
     values: dict[str, np.ndarray] = {}
     total = 0
@@ -371,7 +372,7 @@ def _trace_folded(prefold: onnx.ModelProto, meta: ModelMeta, folded: dict[str, n
     except OnnxSslError as e:
         return {**out, **{n: f"folded from the input's constants ({e})" for n in sources}}
     table = np.concatenate([values[s].reshape(-1).astype(np.float64) for s in offsets])
-    coded_consts = coded.tensors()
+    coded_consts = tensor_map(coded)
     for name, srcs in sources.items():
         t = coded_consts.get(name)
         c = np.asarray(t.values).astype(np.float64) if isinstance(t, gs.Constant) else None
@@ -631,10 +632,11 @@ def unshare_constants(graph: gs.Graph) -> dict[str, str]:
     function. A constant that some reader uses as a layer weight (input 1 of Conv, Gemm,
     MatMul, ConvTranspose) is a tied weight and stays shared: the analysis blocks it.
     """
-    names = set(graph.tensors().keys())
+    tensors = tensor_map(graph)
+    names = set(tensors)
     outputs = {t.name for t in graph.outputs}
     copies: dict[str, str] = {}
-    for t in list(graph.tensors().values()):
+    for t in list(tensors.values()):
         if not isinstance(t, gs.Constant) or t.name in outputs:
             continue
         readers: list[gs.Node] = []
@@ -707,7 +709,7 @@ def _subgraph_names(g: gs.Graph, bound: set[str], out: set[str]) -> None:
 
 def _block_control_flow(e: Engine, graph: gs.Graph) -> list[str]:
     notes: list[str] = []
-    tensors = graph.tensors()
+    tensors = tensor_map(graph)
     for node in graph.nodes:
         if node.op not in CONTROL_FLOW_OPS:
             continue
@@ -726,7 +728,7 @@ def _block_control_flow(e: Engine, graph: gs.Graph) -> list[str]:
 
 def _check_weights(e: Engine, graph: gs.Graph) -> None:
     """Block spaces whose weights are shared with layers elsewhere or read by other ops."""
-    tensors = graph.tensors()
+    tensors = tensor_map(graph)
     by_tensor: dict[tuple[str, int], list[RawRef]] = defaultdict(list)
     for r in e.refs:
         if r.is_weight:
@@ -1058,7 +1060,8 @@ def analyze_graph(graph: gs.Graph, kinds: Sequence[str] = DEFAULT_KINDS, name: s
     e, notes = _propagate(graph)
     ids = _space_ids(e)
     spaces = _build_spaces(e, ids)
-    shapes = {n: tuple(int(d) for d in t.shape) for n, t in graph.tensors().items()
+    tensors = tensor_map(graph)
+    shapes = {n: tuple(int(d) for d in t.shape) for n, t in tensors.items()
               if isinstance(t, gs.Constant)}
     layers = _layers(graph, e, ids)
     branches = _branches(graph, e, {la.node for la in layers})
@@ -1068,7 +1071,6 @@ def analyze_graph(graph: gs.Graph, kinds: Sequence[str] = DEFAULT_KINDS, name: s
     if "depth" in kinds:
         groups += _depth_groups(branches, graph)
     shared: dict[str, str] = {}
-    tensors = graph.tensors()
     for la in layers:
         users = tensors[la.weight].outputs
         if len(users) > 1:

@@ -11,7 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import runtime
-from .io import clamp_ir, dtype_to_onnx, export_skeleton, infer_shapes
+from .io import clamp_ir, dtype_to_onnx, export_skeleton, infer_shapes, tensor_map
 
 if TYPE_CHECKING:
     from .groups import Analysis
@@ -56,7 +56,7 @@ def evaluate_seeds(graph: gs.Graph, names: Sequence[str], seeds: Sequence[int]
     why = dynamic_input_reason(graph)
     if why is not None:
         raise ValueError(f"cannot evaluate constants: {why}")
-    tensors = graph.tensors()
+    tensors = tensor_map(graph)
     wanted = [n for n in dict.fromkeys(names) if not isinstance(tensors[n], gs.Constant)]
     model = export(graph)
     for vi in model.graph.input:
@@ -134,7 +134,7 @@ def run_nodes(jobs: Sequence[tuple[gs.Node, dict[int, np.ndarray]]], opset: int,
 def clear_inner_shapes(graph: gs.Graph) -> None:
     """Forget inferred shapes of inner tensors (a rewrite changed them); keep graph I/O."""
     io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
-    for t in graph.tensors().values():
+    for t in tensor_map(graph).values():
         if isinstance(t, gs.Variable) and t.name not in io:
             t.shape = None
 
@@ -152,7 +152,7 @@ def refresh_shapes(graph: gs.Graph) -> None:
     inferred = infer_shapes(export_skeleton(graph), strict=False)
     dims = {vi.name: vi.type.tensor_type.shape.dim for vi in inferred.graph.value_info
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
-    for name, t in graph.tensors().items():
+    for name, t in tensor_map(graph).items():
         if isinstance(t, gs.Variable) and t.shape is None and name in dims:
             t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                        for d in dims[name]]
@@ -276,7 +276,7 @@ class _Names:
 
     def __init__(self, graph: gs.Graph) -> None:
         self.graph = graph
-        self.taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+        self.taken = set(tensor_map(graph)) | {n.name for n in graph.nodes}
 
 
 _ACTIVE: list[_Names] = []
@@ -298,7 +298,7 @@ def fresh_names(graph: gs.Graph) -> Iterator[None]:
 def unique_name(graph: gs.Graph, base: str) -> str:
     active = next((a for a in reversed(_ACTIVE) if a.graph is graph), None)
     names = active.taken if active is not None else (
-        set(graph.tensors().keys()) | {n.name for n in graph.nodes})
+        set(tensor_map(graph)) | {n.name for n in graph.nodes})
     out = _unique(names, base)
     if active is not None:
         active.taken.add(out)

@@ -3,8 +3,10 @@
 A pass takes a graph (onnx-graphsurgeon ``Graph``) and returns ``PassResult(graph, report)``
 where ``report`` is a frozen dataclass saying what changed; ``modified`` is derived from the
 report. The passes here never mutate the graph they are given (``in_place`` is False): they
-work on a copy. Errors raised inside a pass are re-raised as :class:`PassError` naming the
-passes that ran before it, with the original exception chained.
+work on a copy, unless made in place (:class:`AnalysedPass`, for a caller that owns the
+graph, as ``prune`` owns its working copy). Errors raised inside a pass are re-raised as
+:class:`PassError` naming the passes that ran before it, with the original exception
+chained.
 
 Passes state their contract (:class:`PassBase`, after onnx-ir's): whether they work in place
 and change their input, a precondition ``requires`` checked before ``call`` and a
@@ -30,14 +32,18 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import OnnxSslError, PassError
 from .errors import one_line as _one_line
+from .graphutil import SharedAnalysis, require_unique_node_names
 from .io import ModelMeta, from_graph, infer_shapes
+
+if TYPE_CHECKING:
+    from .groups import Analysis
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +198,36 @@ class PassBase(abc.ABC, Generic[R]):
         return result
 
 
+class AnalysedPass(PassBase[R]):
+    """A rewrite driven by the channel analysis of the graph it gets (the channel and the
+    residual pass), with the constructor and contract they share.
+
+    ``analysis`` is used only for a graph it matches (see
+    :class:`~onnx_ssl.graphutil.SharedAnalysis`); any other graph is analysed afresh.
+    ``shared`` hands the analysis on between the passes of a pipeline (and the rounds of a
+    fixpoint) instead. ``seed`` seeds the random inputs on which constants are evaluated.
+    ``in_place``: rewrite the graph handed in rather than a copy of it (for a caller that
+    owns that graph and no longer needs it as it was, such as ``prune``'s working copy).
+    Node names must be unique before and after (the analysis finds nodes by name).
+    """
+
+    def __init__(self, analysis: Analysis | None = None, seed: int = 0, *,
+                 shared: SharedAnalysis | None = None, in_place: bool = False) -> None:
+        self.shared = shared or SharedAnalysis(analysis)
+        self.seed = seed
+        self.in_place = in_place
+
+    def requires(self, graph: gs.Graph) -> None:
+        require_unique_node_names(graph)
+
+    def ensures(self, graph: gs.Graph) -> None:
+        require_unique_node_names(graph)
+
+    def _writable(self, graph: gs.Graph) -> gs.Graph:
+        """The graph to rewrite: ``graph`` itself in place, else a copy of it."""
+        return graph if self.in_place else graph.copy()
+
+
 def _in_place(p: GraphPass[Any]) -> bool:
     return bool(getattr(p, "in_place", False))
 
@@ -228,7 +264,9 @@ class PipelineReport(Report):
 # and again: 10k nodes took twice the time per node of 1k). While it is paused, the
 # pipeline collects after a pass only when the tracked objects have grown by at least the
 # number alive after the last collection: linear time, at most about twice the objects.
-_LIVE: list[int] = []  # per paused level: tracked objects alive after the last collection
+# Per paused level: (tracked objects counted alive, the collector's generation-0 count then);
+# that count is the net number of tracked objects made since the last collection.
+_LIVE: list[tuple[int, int]] = []
 _MIN_GROWTH = 200_000
 
 
@@ -237,7 +275,7 @@ def gc_paused() -> Iterator[None]:
     """Pause automatic garbage collection (also a decorator); see :func:`collect_if_grown`."""
     was = gc.isenabled()
     gc.disable()
-    _LIVE.append(len(gc.get_objects()))
+    _LIVE.append((len(gc.get_objects()), gc.get_count()[0]))
     try:
         yield
     finally:
@@ -246,24 +284,40 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _collected() -> None:
+    if _LIVE:
+        _LIVE[-1] = (len(gc.get_objects()), gc.get_count()[0])
+
+
 def release_memory() -> None:
     """Collect garbage now, and hand the freed heap back to the system (glibc keeps it
     otherwise, and what the process maps next, such as a session's weights, adds to it)."""
     gc.collect()
-    if _LIVE:
-        _LIVE[-1] = len(gc.get_objects())
+    _collected()
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
 
 
+def settle() -> None:
+    """Count the tracked objects made since the last collection as alive: what the caller
+    built to keep (a working copy and its analysis) then does not, by itself, trigger a
+    collection that would walk all of it and free next to nothing."""
+    if _LIVE:
+        live, base = _LIVE[-1]
+        now = gc.get_count()[0]
+        _LIVE[-1] = (live + max(0, now - base), now)
+
+
 def collect_if_grown() -> None:
     """Collect garbage now if, while paused, the tracked objects have doubled since the
-    last collection."""
-    if _LIVE and gc.get_count()[0] > max(_MIN_GROWTH, _LIVE[-1]):
-        gc.collect()
-        _LIVE[-1] = len(gc.get_objects())
+    last collection (or :func:`settle`)."""
+    if _LIVE:
+        live, base = _LIVE[-1]
+        if gc.get_count()[0] - base > max(_MIN_GROWTH, live):
+            gc.collect()
+            _collected()
 
 
 class PassManager(PassBase[PipelineReport]):

@@ -333,6 +333,22 @@ def test_a_pass_not_in_place_leaves_its_input_alone(name, zeroed):
     assert _snapshot(res.graph) != before
 
 
+@pytest.mark.parametrize("cls", [RemoveZeroChannelsPass, CollapseResidualPass])
+def test_an_analysed_pass_made_in_place_rewrites_its_input_as_it_would_a_copy(
+        cls: type[RemoveZeroChannelsPass | CollapseResidualPass], zeroed):
+    """``in_place=True`` (what prune uses on its working copy) returns the very graph it got,
+    rewritten exactly as the copying pass rewrites a copy, with the same report."""
+    _, graph_of = CASES[cls.name]
+    copying, in_place = cls(), cls(in_place=True)
+    assert in_place.in_place and in_place.changes_input and not copying.changes_input
+    ref = copying(graph_of(zeroed))
+    g = graph_of(zeroed)
+    res = in_place(g)
+    assert res.graph is g and res.modified
+    assert res.report == ref.report
+    assert _snapshot(g) == _snapshot(ref.graph)
+
+
 # --- finish -------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
+from onnx_ssl.io import tensor_map
 from onnx_ssl.pipeline import PassBase, PassResult, Report, unfinished_reason
 
 
@@ -21,7 +22,7 @@ class CleanupReport(Report):
 
 
 def _count(graph: gs.Graph) -> tuple[int, int]:
-    consts = {n for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    consts = {n for n, t in tensor_map(graph).items() if isinstance(t, gs.Constant)}
     return len(graph.nodes), len(consts)
 
 

@@ -22,15 +22,14 @@ import onnx_graphsurgeon as gs
 
 from onnx_ssl.analysis import LAYER_OPS
 from onnx_ssl.graphutil import (
-    SharedAnalysis,
     dynamic_input_reason,
     evaluate_seeds,
+    fresh_names,
     refresh_shapes,
-    require_unique_node_names,
     unique_name,
 )
-from onnx_ssl.groups import Analysis, Branch
-from onnx_ssl.pipeline import PassBase, PassResult, Report
+from onnx_ssl.groups import Branch
+from onnx_ssl.pipeline import AnalysedPass, PassResult, Report
 
 log = logging.getLogger(__name__)
 
@@ -92,23 +91,10 @@ def _branch_params(by_name: dict[str, gs.Node], b: Branch) -> int:
     return total
 
 
-class CollapseResidualPass(PassBase[CollapseResidualReport]):
+class CollapseResidualPass(AnalysedPass[CollapseResidualReport]):
+    """See the module docstring; the constructor is :class:`~onnx_ssl.pipeline.AnalysedPass`'s."""
+
     name = "collapse-residual"
-
-    def __init__(self, analysis: Analysis | None = None, seed: int = 0, *,
-                 shared: SharedAnalysis | None = None) -> None:
-        """``analysis`` is used only for a graph it matches (see
-        :class:`~onnx_ssl.graphutil.SharedAnalysis`); any other graph is analysed afresh.
-        ``shared`` hands the analysis on between the passes of a pipeline (and the rounds
-        of a fixpoint) instead."""
-        self.shared = shared or SharedAnalysis(analysis)
-        self.seed = seed
-
-    def requires(self, graph: gs.Graph) -> None:
-        require_unique_node_names(graph)
-
-    def ensures(self, graph: gs.Graph) -> None:
-        require_unique_node_names(graph)
 
     def call(self, graph: gs.Graph) -> PassResult[CollapseResidualReport]:
         analysis = self.shared.of(graph)
@@ -116,7 +102,7 @@ class CollapseResidualPass(PassBase[CollapseResidualReport]):
         todo = [b for b in analysis.branches if b.prunable and _entry_layers_zero(nodes, b)]
         if not todo:
             return PassResult(graph, CollapseResidualReport())  # unchanged: no copy needed
-        graph = graph.copy()
+        graph = self._writable(graph)
         no_fold = dynamic_input_reason(graph)
         if no_fold:
             why = tuple(f"{b.add}: keeps its zeroed residual branch: evaluating the branch's "
@@ -129,40 +115,41 @@ class CollapseResidualPass(PassBase[CollapseResidualReport]):
         removed: list[str] = []
         kept: list[str] = []
         layers = consts = 0
-        for br in todo:
-            k, k2 = a[br.branch_output][:1], b2[br.branch_output][:1]
-            if not np.array_equal(k, k2):
-                log.info("branch of %s is not constant; kept", br.add)
-                continue
-            add = by_name[br.add]
-            branch_t = next(t for t in add.inputs if t.name == br.branch_output)
-            short_t = next(t for t in add.inputs if t.name != br.branch_output)
-            # Reduce the constant to [1, C, 1, 1] when it is the same everywhere in space.
-            red = k
-            if k.ndim == 4 and np.all(k == k[:, :, :1, :1]):
-                red = k[:, :, :1, :1]
-            held = _branch_params(by_name, br)
-            if np.any(red) and red.size > held:
-                kept.append(f"{br.add}: keeps its constant residual branch: the constant "
-                            f"varies over positions, and storing it ({red.size} params) "
-                            f"costs more than the branch's {held}")
-                continue
-            if not np.any(red):
-                y = add.outputs[0]
-                if y.name in outputs:
-                    add.op, add.inputs = "Identity", [short_t]
+        with fresh_names(graph):  # one name set for the pass, not one per constant
+            for br in todo:
+                k, k2 = a[br.branch_output][:1], b2[br.branch_output][:1]
+                if not np.array_equal(k, k2):
+                    log.info("branch of %s is not constant; kept", br.add)
+                    continue
+                add = by_name[br.add]
+                branch_t = next(t for t in add.inputs if t.name == br.branch_output)
+                short_t = next(t for t in add.inputs if t.name != br.branch_output)
+                # Reduce the constant to [1, C, 1, 1] when it is the same everywhere in space.
+                red = k
+                if k.ndim == 4 and np.all(k == k[:, :, :1, :1]):
+                    red = k[:, :, :1, :1]
+                held = _branch_params(by_name, br)
+                if np.any(red) and red.size > held:
+                    kept.append(f"{br.add}: keeps its constant residual branch: the constant "
+                                f"varies over positions, and storing it ({red.size} params) "
+                                f"costs more than the branch's {held}")
+                    continue
+                if not np.any(red):
+                    y = add.outputs[0]
+                    if y.name in outputs:
+                        add.op, add.inputs = "Identity", [short_t]
+                    else:
+                        for c in list(y.outputs):
+                            c.inputs = [short_t if t is y else t for t in c.inputs]
+                        add.outputs = []
                 else:
-                    for c in list(y.outputs):
-                        c.inputs = [short_t if t is y else t for t in c.inputs]
-                    add.outputs = []
-            else:
-                const = gs.Constant(unique_name(graph, f"{br.add}.branch_constant"),
-                                    red.astype(np.float32))
-                add.inputs = [short_t if t is short_t else const for t in add.inputs]
-                consts += 1
-            del branch_t
-            removed.append(br.add)
-            layers += len(br.layers)
+                    const = gs.Constant(unique_name(graph, f"{br.add}.branch_constant"),
+                                        red.astype(np.float32))
+                    add.inputs = [short_t if t is short_t else const for t in add.inputs]
+                    consts += 1
+                del branch_t
+                removed.append(br.add)
+                layers += len(br.layers)
         if not removed:
             return PassResult(graph, CollapseResidualReport(kept=tuple(kept)))
         graph.cleanup(remove_unused_graph_inputs=False)

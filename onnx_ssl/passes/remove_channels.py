@@ -54,18 +54,17 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_ssl.graphutil import (
-    SharedAnalysis,
     dynamic_input_reason,
     evaluate_seeds,
     fresh_names,
     refresh_shapes,
-    require_unique_node_names,
     run_nodes,
     unique_name,
 )
 from onnx_ssl.groups import Analysis, ChannelRef, Space
+from onnx_ssl.io import tensor_map
 from onnx_ssl.ops import LayerSlots
-from onnx_ssl.pipeline import PassBase, PassResult, Report
+from onnx_ssl.pipeline import AnalysedPass, PassResult, Report
 from onnx_ssl.rules import RULES
 
 log = logging.getLogger(__name__)
@@ -181,38 +180,25 @@ def _balance(space: Space, removable: set[int]) -> tuple[set[int], list[str]]:
         f"per block; see the space's constraint in the analysis JSON)"]
 
 
-class RemoveZeroChannelsPass(PassBase[RemoveZeroChannelsReport]):
+class RemoveZeroChannelsPass(AnalysedPass[RemoveZeroChannelsReport]):
+    """See the module docstring; the constructor is :class:`~onnx_ssl.pipeline.AnalysedPass`'s."""
+
     name = "remove-zero-channels"
-
-    def __init__(self, analysis: Analysis | None = None, seed: int = 0, *,
-                 shared: SharedAnalysis | None = None) -> None:
-        """``analysis`` is used only for a graph it matches (see
-        :class:`~onnx_ssl.graphutil.SharedAnalysis`); any other graph is analysed afresh.
-        ``shared`` hands the analysis on between the passes of a pipeline (and the rounds
-        of a fixpoint) instead."""
-        self.shared = shared or SharedAnalysis(analysis)
-        self.seed = seed
-        # Constants added by folding that must be sliced like an existing tensor axis:
-        # (new tensor, tensor it follows, axis there, axis here).
-        self._followers: list[tuple[str, str, int, int]] = []
-
-    def requires(self, graph: gs.Graph) -> None:
-        require_unique_node_names(graph)
-
-    def ensures(self, graph: gs.Graph) -> None:
-        require_unique_node_names(graph)
+    # Constants added by folding that must be sliced like an existing tensor axis:
+    # (new tensor, tensor it follows, axis there, axis here). Set by each call.
+    _followers: list[tuple[str, str, int, int]]
 
     def call(self, graph: gs.Graph) -> PassResult[RemoveZeroChannelsReport]:
         analysis = self.shared.of(graph)  # checked against this graph before the copy
         self._followers = []
         kept: list[str] = []
-        # The plan only reads the graph: it is copied only when something goes (a round of
-        # the fixpoint that finds nothing hands its graph on untouched).
+        # The plan only reads the graph: it is copied (unless in place) only when something
+        # goes (a round of the fixpoint that finds nothing hands its graph on untouched).
         plan = self._find(graph, analysis, kept)
         contributions = self._plan_constants(graph, analysis, plan, kept) if plan else []
         if not plan:
             return PassResult(graph, RemoveZeroChannelsReport(kept=tuple(kept)))
-        graph = graph.copy()
+        graph = self._writable(graph)
         with fresh_names(graph):  # every name this pass adds comes from unique_name
             return self._remove(graph, analysis, plan, contributions, kept)
 
@@ -220,7 +206,7 @@ class RemoveZeroChannelsPass(PassBase[RemoveZeroChannelsReport]):
               ) -> dict[str, tuple[set[int], set[int]]]:
         """The channels to remove per space, ``(unread, constant)``; the others that are
         zero go to ``kept`` with the reason."""
-        tensors = graph.tensors()
+        tensors = tensor_map(graph)
         nodes = {n.name: n for n in graph.nodes}
         # Folding a constant channel evaluates it; that needs static inputs (but the batch).
         no_fold = dynamic_input_reason(graph)
@@ -288,7 +274,7 @@ class RemoveZeroChannelsPass(PassBase[RemoveZeroChannelsReport]):
         ``kept``; nothing in the graph changes here.
         """
         nodes = {n.name: n for n in graph.nodes}
-        tensors = graph.tensors()
+        tensors = tensor_map(graph)
         per_consumer = _constant_consumers(analysis, plan)
         if not per_consumer:
             return []
@@ -369,7 +355,7 @@ class RemoveZeroChannelsPass(PassBase[RemoveZeroChannelsReport]):
     # --- slicing --------------------------------------------------------------------------
     def _apply(self, graph: gs.Graph, analysis: Analysis,
                plan: dict[str, tuple[set[int], set[int]]]) -> int:
-        tensors = graph.tensors()
+        tensors = tensor_map(graph)
         graph_inputs = {t.name for t in graph.inputs}
         deletions, grouped_by, inputs = _deletions(analysis, plan, graph_inputs)
         gathered = 0

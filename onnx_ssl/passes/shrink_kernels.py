@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_ssl.graphutil import clear_inner_shapes, unique_name
+from onnx_ssl.graphutil import clear_inner_shapes, fresh_names, unique_name
 from onnx_ssl.pipeline import PassBase, PassResult, Report
 
 
@@ -70,46 +70,47 @@ class ShrinkKernelsPass(PassBase[ShrinkKernelsReport]):
         nodes = {n.name: n for n in graph.nodes}
         shrunk: list[str] = []
         removed = cropped = 0
-        for name, cuts in todo:
-            node = nodes[name]
-            w = np.asarray(node.inputs[1].values)
-            sd = w.ndim - 2
-            dil = [int(v) for v in node.attrs.get("dilations", [1] * sd)]
-            pads = [int(v) for v in node.attrs.get("pads", [0] * (2 * sd))]
-            sl = [slice(None), slice(None)]
-            crop_lo, crop_hi = [0] * sd, [0] * sd
-            for a, (z0, z1) in enumerate(cuts):
-                sl.append(slice(z0, w.shape[a + 2] - z1))
-                b, e = pads[a] - z0 * dil[a], pads[a + sd] - z1 * dil[a]
-                crop_lo[a], crop_hi[a] = max(0, -b), max(0, -e)
-                pads[a], pads[a + sd] = max(0, b), max(0, e)
-            new_w = np.ascontiguousarray(w[tuple(sl)])
-            removed += int(w.size - new_w.size)
-            node.inputs[1] = gs.Constant(unique_name(graph, f"{node.inputs[1].name}.shrunk"),
-                                         new_w)
-            node.attrs["pads"] = pads
-            node.attrs.pop("auto_pad", None)
-            if "kernel_shape" in node.attrs:
-                node.attrs["kernel_shape"] = list(new_w.shape[2:])
-            if any(crop_lo) or any(crop_hi):
-                axes = [a + 2 for a in range(sd) if crop_lo[a] or crop_hi[a]]
-                starts = [crop_lo[a - 2] for a in axes]
-                ends = [-crop_hi[a - 2] if crop_hi[a - 2] else np.iinfo(np.int64).max
-                        for a in axes]
-                x = node.inputs[0]
-                out = gs.Variable(unique_name(graph, f"{x.name}_cropped"), dtype=x.dtype)
-                graph.nodes.append(gs.Node(
-                    "Slice", name=unique_name(graph, f"{name}_crop"),
-                    inputs=[x, gs.Constant(unique_name(graph, f"{name}.crop_starts"),
-                                           np.array(starts, dtype=np.int64)),
-                            gs.Constant(unique_name(graph, f"{name}.crop_ends"),
-                                        np.array(ends, dtype=np.int64)),
-                            gs.Constant(unique_name(graph, f"{name}.crop_axes"),
-                                        np.array(axes, dtype=np.int64))],
-                    outputs=[out]))
-                node.inputs[0] = out
-                cropped += 1
-            shrunk.append(name)
+        with fresh_names(graph):  # one name set for the pass, not one per name
+            for name, cuts in todo:
+                node = nodes[name]
+                w = np.asarray(node.inputs[1].values)
+                sd = w.ndim - 2
+                dil = [int(v) for v in node.attrs.get("dilations", [1] * sd)]
+                pads = [int(v) for v in node.attrs.get("pads", [0] * (2 * sd))]
+                sl = [slice(None), slice(None)]
+                crop_lo, crop_hi = [0] * sd, [0] * sd
+                for a, (z0, z1) in enumerate(cuts):
+                    sl.append(slice(z0, w.shape[a + 2] - z1))
+                    b, e = pads[a] - z0 * dil[a], pads[a + sd] - z1 * dil[a]
+                    crop_lo[a], crop_hi[a] = max(0, -b), max(0, -e)
+                    pads[a], pads[a + sd] = max(0, b), max(0, e)
+                new_w = np.ascontiguousarray(w[tuple(sl)])
+                removed += int(w.size - new_w.size)
+                node.inputs[1] = gs.Constant(unique_name(graph, f"{node.inputs[1].name}.shrunk"),
+                                             new_w)
+                node.attrs["pads"] = pads
+                node.attrs.pop("auto_pad", None)
+                if "kernel_shape" in node.attrs:
+                    node.attrs["kernel_shape"] = list(new_w.shape[2:])
+                if any(crop_lo) or any(crop_hi):
+                    axes = [a + 2 for a in range(sd) if crop_lo[a] or crop_hi[a]]
+                    starts = [crop_lo[a - 2] for a in axes]
+                    ends = [-crop_hi[a - 2] if crop_hi[a - 2] else np.iinfo(np.int64).max
+                            for a in axes]
+                    x = node.inputs[0]
+                    out = gs.Variable(unique_name(graph, f"{x.name}_cropped"), dtype=x.dtype)
+                    graph.nodes.append(gs.Node(
+                        "Slice", name=unique_name(graph, f"{name}_crop"),
+                        inputs=[x, gs.Constant(unique_name(graph, f"{name}.crop_starts"),
+                                               np.array(starts, dtype=np.int64)),
+                                gs.Constant(unique_name(graph, f"{name}.crop_ends"),
+                                            np.array(ends, dtype=np.int64)),
+                                gs.Constant(unique_name(graph, f"{name}.crop_axes"),
+                                            np.array(axes, dtype=np.int64))],
+                        outputs=[out]))
+                    node.inputs[0] = out
+                    cropped += 1
+                shrunk.append(name)
         clear_inner_shapes(graph)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(graph, ShrinkKernelsReport(tuple(shrunk), removed, cropped,

@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_ssl.graphutil import SharedAnalysis, require_unique_node_names
 from onnx_ssl.groups import Analysis, Group
+from onnx_ssl.io import tensor_map
 from onnx_ssl.pipeline import PassBase, PassResult, Report
 
 
@@ -61,7 +62,7 @@ class ZeroSmallGroupsPass(PassBase[ZeroSmallGroupsReport]):
     def call(self, graph: gs.Graph) -> PassResult[ZeroSmallGroupsReport]:
         analysis = self.shared.of(graph, self.kinds)  # checked against this graph
         graph = graph.copy()
-        tensors = graph.tensors()
+        tensors = tensor_map(graph)
         values = {n: np.array(t.values) for n, t in tensors.items() if isinstance(t, gs.Constant)}
         zeroed: Counter[str] = Counter()
         dirty: set[str] = set()
