@@ -18,7 +18,7 @@ An :class:`OpRule` holds everything the project knows about one ONNX op type:
 * ``creates_from``: the input whose ``out`` members are the only data of the channels the
   op creates (a layer's weight, an embedding's table);
 * ``training_lowering``: the exact composition that training uses instead of the op where
-  onnxruntime-training 1.19.2 has no gradient for it (:mod:`onnx_ssl.training.lowerings`).
+  onnxruntime-training 1.19.2 has no gradient for it (:mod:`onnx_ssl.decompositions`).
 
 Adding an op means adding one entry to :data:`onnx_ssl.rules.RULES`.
 """
@@ -36,7 +36,7 @@ from .graphutil import unique_name
 
 if TYPE_CHECKING:
     from .channels import Engine
-    from .training.lowerings import Lowering
+    from .decompositions import Lowering
 
 Shape = tuple[int, ...]
 # The positions deleted from each activation: tensor name -> (axis, positions).

@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import ops, permutation
+from . import decompositions, ops, permutation
 from .channels import (
     Dim,
     Engine,
@@ -58,7 +58,6 @@ from .channels import (
 )
 from .ops import OpRule
 from .permutation import match_shuffle
-from .training import lowerings
 
 
 def _why(node: gs.Node, text: str) -> str:
@@ -873,12 +872,12 @@ _UNARY = (
 RULES: dict[str, OpRule] = {
     **{op: OpRule(flow_unary) for op in _UNARY},
     "PRelu": OpRule(flow_binary, note="slope sliced with the channel", trained=(1,),
-                    training_lowering=lowerings.PRELU),
-    "HardSigmoid": OpRule(flow_unary, training_lowering=lowerings.HARD_SIGMOID),
-    "HardSwish": OpRule(flow_unary, training_lowering=lowerings.HARD_SWISH),
-    "Elu": OpRule(flow_unary, training_lowering=lowerings.ELU),
-    "Selu": OpRule(flow_unary, training_lowering=lowerings.SELU),
-    "Softplus": OpRule(flow_unary, training_lowering=lowerings.SOFTPLUS),
+                    training_lowering=decompositions.PRELU),
+    "HardSigmoid": OpRule(flow_unary, training_lowering=decompositions.HARD_SIGMOID),
+    "HardSwish": OpRule(flow_unary, training_lowering=decompositions.HARD_SWISH),
+    "Elu": OpRule(flow_unary, training_lowering=decompositions.ELU),
+    "Selu": OpRule(flow_unary, training_lowering=decompositions.SELU),
+    "Softplus": OpRule(flow_unary, training_lowering=decompositions.SOFTPLUS),
     "Dropout": OpRule(flow_unary, aux_outputs_unused=True),
     "Conv": OpRule(flow_conv, layer=ops.CONV, rewrite=ops.rewrite_conv, trained=(1, 2),
                    creates_from=1),
@@ -889,12 +888,12 @@ RULES: dict[str, OpRule] = {
     "BatchNormalization": OpRule(flow_norm, out_params=(1, 2), stat_params=(3, 4),
                                  aux_outputs_unused=True, trained=(1, 2)),
     "InstanceNormalization": OpRule(flow_norm, out_params=(1, 2), trained=(1, 2),
-                                    training_lowering=lowerings.INSTANCE_NORM),
+                                    training_lowering=decompositions.INSTANCE_NORM),
     **{op: OpRule(flow_binary, trained_operands=op in ("Add", "Sub", "Mul", "Div"))
        for op in "Add Sub Mul Div Pow Max Min Sum Mean".split()},
     **{op: OpRule(flow_pool, aux_outputs_unused=op == "MaxPool")
        for op in "MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool GlobalLpPool".split()},
-    "GlobalMaxPool": OpRule(flow_pool, training_lowering=lowerings.GLOBAL_MAX_POOL),
+    "GlobalMaxPool": OpRule(flow_pool, training_lowering=decompositions.GLOBAL_MAX_POOL),
     "Pad": OpRule(flow_pad),
     "Resize": OpRule(flow_resize, rewrite=ops.rewrite_resize),
     "Upsample": OpRule(flow_resize, rewrite=ops.rewrite_resize),
@@ -917,7 +916,7 @@ RULES: dict[str, OpRule] = {
     "Flatten": OpRule(flow_flatten),
     "LRN": OpRule(flow_block, note="LRN normalises each channel by its neighbours, so removing "
                                    "a channel changes the others", passthrough=True,
-                  training_lowering=lowerings.LRN),
+                  training_lowering=decompositions.LRN),
     "GroupNormalization": OpRule(flow_block, note="GroupNormalization mixes the channels of a "
                                                   "group", passthrough=True, trained=(1, 2)),
     "Shape": OpRule(flow_block, note="reads the tensor's shape (a dynamic shape that pruning "

@@ -11,10 +11,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_ssl.errors import UnsupportedModelError
+from onnx_ssl.io import ModelMeta, from_graph, shaped_graph, to_graph
 from onnx_ssl.runtime import session
 from onnx_ssl.training.artifacts import build_artifacts
 from onnx_ssl.training.data import Dataset
-from onnx_ssl.training.lowering import LOWERINGS, lower_for_training
+from onnx_ssl.training.lowering import LOWERINGS, LowerForTrainingPass
 from onnx_ssl.training.trainer import TrainConfig, Trainer
 
 SHAPE = (2, 6, 5, 5)
@@ -77,6 +78,15 @@ def _in_cnn(op: str, attrs: dict[str, Any], extra: dict[str, np.ndarray]) -> onn
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
+    graph = shaped_graph(model)
+    result = LowerForTrainingPass()(graph)
+    assert result.graph is graph  # in place
+    again = LowerForTrainingPass()(graph)
+    assert not again.modified  # nothing is left to lower
+    return from_graph(graph, ModelMeta.of(model)), list(result.report.lowered)
+
+
 def test_table_has_one_entry_per_op():
     assert sorted(LOWERINGS) == sorted({op for op, _, _ in CASES})
     assert all(lw.op_type == op and lw.math for op, lw in LOWERINGS.items())
@@ -86,7 +96,7 @@ def test_table_has_one_entry_per_op():
 @pytest.mark.parametrize(("op", "attrs", "extra"), CASES, ids=IDS)
 def test_lowering_matches_the_op(op, attrs, extra, opset):
     model = _single(op, attrs, extra, opset)
-    lowered, done = lower_for_training(model)
+    lowered, done = _lower(model)
     assert done == [("the_node", op)]
     assert op not in {n.op_type for n in lowered.graph.node}
     onnx.checker.check_model(lowered, full_check=True)
@@ -130,10 +140,13 @@ def test_rank_unknown_is_refused_with_the_node():
                     {"scale": np.ones(6, np.float32), "bias": np.zeros(6, np.float32)})
     model.graph.input[0].type.tensor_type.ClearField("shape")
     with pytest.raises(UnsupportedModelError, match="the_node.*InstanceNormalization.*rank"):
-        lower_for_training(model)
+        LowerForTrainingPass()(to_graph(model))
 
 
-def test_model_without_such_ops_is_returned_unchanged():
+def test_graph_without_such_ops_is_left_unchanged():
     model = _single("Relu", {}, {})
-    lowered, done = lower_for_training(model)
-    assert done == [] and lowered is model
+    graph = to_graph(model)
+    nodes = list(graph.nodes)
+    result = LowerForTrainingPass()(graph)
+    assert not result.modified and result.report.lowered == ()
+    assert graph.nodes == nodes and [n.op for n in graph.nodes] == ["Relu"]

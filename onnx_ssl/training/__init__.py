@@ -13,7 +13,8 @@ Modules:
   :mod:`~onnx_ssl.training.forms` (training and inference forms, export),
   :mod:`~onnx_ssl.training.loss_block` (the loss graph) and
   :mod:`~onnx_ssl.training.native` (the runtime's stderr, one-line errors);
-* :mod:`~onnx_ssl.training.lowering`: exact compositions of ops without a gradient;
+* :mod:`~onnx_ssl.training.lowering`: the pass replacing ops without a gradient by their
+  exact compositions (:mod:`onnx_ssl.decompositions`, in the core);
 * :mod:`~onnx_ssl.training.data`: ``.npz``, MNIST IDX folders, scikit-learn's digits;
 * :mod:`~onnx_ssl.training.trainer`: the training loop (Module, Optimizer, CheckpointState),
   proximal step, logs, resumable checkpoints, export;

@@ -35,6 +35,15 @@ The build is split by job: :mod:`.spec` (the folder's files, options and ``ssl.j
 initializers), :mod:`.forms` (training and inference forms, opset conversion, export of
 trained weights), :mod:`.loss_block` (the loss graph), :mod:`.native` (the runtime's stderr
 and one-line errors); :func:`build_artifacts` runs them in order.
+
+The forward graph is rewritten on onnx-graphsurgeon, the compiler's IR: the training base
+is imported once (:func:`onnx_ssl.io.shaped_graph`), put in training form and lowered in
+place (:class:`~onnx_ssl.training.forms.ToTrainingFormPass`,
+:class:`~onnx_ssl.training.lowering.LowerForTrainingPass`), and exported once, the door to
+onnxblock; the inference model is the prepared graph in inference form
+(:func:`~onnx_ssl.training.forms.export_template`). Protobuf is handled only at the doors:
+the opset conversion and the batch probes (ONNX Runtime sessions) before, onnxblock's loss
+graph and the models it hands back after.
 """
 
 
@@ -52,27 +61,36 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnx_ssl import analysis as _analysis
 from onnx_ssl.errors import InputError, OnnxSslError, UnsupportedModelError
 from onnx_ssl.groups import Analysis
-from onnx_ssl.io import current_umask, default_opset, write_text_atomic
+from onnx_ssl.io import (
+    ModelMeta,
+    current_umask,
+    default_opset,
+    from_graph,
+    shaped_graph,
+    to_graph,
+    write_text_atomic,
+)
 
 from . import _ort
 from .forms import (
+    ToTrainingFormPass,
     export_inference_model,
     export_template,
     fix_eval_model,
-    to_training_form,
     to_training_opset,
 )
 from .loss_block import LossSpec, make_training_block, target_spec
-from .lowering import lower_for_training
+from .lowering import LowerForTrainingPass
 from .native import native_stderr_captured, ort_error_line
 from .params import classify_parameters
 from .penalty import build_penalty
 from .probe import free_batch_literals, runs_with_batch, set_batch, static_batch
-from .proto import fix_ir, graph_inputs
+from .proto import fix_ir, graph_inputs, keep_initializer_order
 from .spec import (  # re-exported: scripts and benchmarks import these from here
     ARTIFACT_FILES,
     BATCH_PARAM,
@@ -135,27 +153,30 @@ def build_artifacts(
         forms.analysed, kinds=("depth",), name=name or model.graph.name, prepared=True
     )
     base = forms.base
+    # The training graph: imported once, put in training form and lowered on the graph,
+    # exported once to onnxblock (_training_graph).
+    graph = shaped_graph(base)
 
-    trainable, frozen = classify_parameters(base, loss_output)
+    trainable, frozen = classify_parameters(graph, loss_output)
     if not trainable:
         raise UnsupportedModelError(
             "the model has no trainable parameters (no float32 "
             "weights in Conv, Gemm, MatMul, normalisation or bias "
             "slots)"
         )
-    shapes = {t.name: tuple(int(d) for d in t.dims) for t in base.graph.initializer}
+    shapes = {n: tuple(int(d) for d in t.shape) for n, t in graph.tensors().items()
+              if isinstance(t, gs.Constant)}
     penalty = build_penalty(
         an, opts.lambdas, {n: shapes[n] for n in trainable}, scale_by_size=opts.scale_by_size
     )
     for line in (f"{t.structure} {t.label}: {t.groups} groups" for t in penalty.active_terms):
         log.debug("penalty term %s", line)
-    train_base, stats = _training_graph(base, frozen)
+    taken = set(graph.tensors())
+    train_base, stats = _training_graph(graph, base, frozen)
 
     in_specs = tuple(TensorSpec.of(i) for i in graph_inputs(base))
     out_specs = tuple(TensorSpec.of(o) for o in base.graph.output)
     loss_spec_out = next(o for o in out_specs if o.name == loss_output)
-    taken = {i.name for i in base.graph.input} | {o.name for o in base.graph.output}
-    taken |= {t.name for t in base.graph.initializer}
     target = target_spec(opts.loss, loss_spec_out, taken)
     classes = loss_spec_out.shape[-1] if opts.loss == "cross-entropy" else None
     decay = [la.weight for la in an.layers if la.weight in set(trainable)]
@@ -171,12 +192,14 @@ def build_artifacts(
         opset,
     )
     models, params = _generate(ob, train_base, spec, trainable, frozen, opts.optimizer)
-    fix_eval_model(models[EVAL_MODEL], {s for s, _ in stats})
+    models[EVAL_MODEL] = keep_initializer_order(
+        fix_eval_model(models[EVAL_MODEL], {s for s, _ in stats}), models[EVAL_MODEL])
     for m in models.values():
         fix_ir(m)
 
-    template = export_template(model, forms.prepared, dynamic_ok=forms.fixed_batch is None)
-    models[INFERENCE_MODEL] = fix_ir(template)
+    template = export_template(model, to_graph(forms.prepared), ModelMeta.of(forms.prepared),
+                               dynamic_ok=forms.fixed_batch is None)
+    models[INFERENCE_MODEL] = fix_ir(keep_initializer_order(template, forms.prepared))
     fingerprint = _fingerprint(
         in_specs,
         {n: shapes[n] for n in (*trainable, *frozen)},
@@ -292,17 +315,20 @@ def _batch_forms(model: onnx.ModelProto, fallback_batch: int) -> _BatchForms:
 
 
 def _training_graph(
-    base: onnx.ModelProto, frozen: Sequence[str]
+    graph: gs.Graph, base: onnx.ModelProto, frozen: Sequence[str]
 ) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
-    """The forward graph the gradient is built on: training form, lowered, shapes inferred;
-    and the (running-statistic output, parameter) pairs of its BatchNorms."""
-    train_base, stats = to_training_form(base, frozen)
+    """The forward graph the gradient is built on: ``graph`` (imported from ``base``, with
+    its shapes) put in training form and lowered in place, then exported, the door to
+    onnxblock, with its shapes inferred and ``base``'s initializer order; and the
+    (running-statistic output, parameter) pairs of its BatchNorms."""
+    stats = ToTrainingFormPass(frozen)(graph).report.stats
     # Ops without a gradient in the training runtime train as exact compositions; the
     # inference model (built from the prepared model) keeps the original ops.
-    train_base, lowered = lower_for_training(train_base)
-    for node_name, op_type in lowered:
+    for node_name, op_type in LowerForTrainingPass()(graph).report.lowered:
         log.info("node %s (%s) is lowered for training", node_name, op_type)
-    return fix_ir(onnx.shape_inference.infer_shapes(train_base)), stats
+    model = from_graph(graph, ModelMeta.of(base))
+    model = onnx.shape_inference.infer_shapes(keep_initializer_order(model, base))
+    return fix_ir(model), list(stats)
 
 
 def _generate(
@@ -344,7 +370,9 @@ def _generate(
 
 
 def _layers_json(an: Analysis) -> tuple[dict[str, Any], ...]:
-    """The analysis' layers as ``ssl.json`` records them."""
+    """The analysis' layers as ``ssl.json`` records them; ``bypassed``: the layer lies in a
+    residual branch, so a shortcut carries the signal around it."""
+    in_branch = {n for b in an.branches for n in b.layers}
     return tuple(
         {
             "node": la.node,
@@ -356,6 +384,7 @@ def _layers_json(an: Analysis) -> tuple[dict[str, Any], ...]:
             "weight_shape": list(la.weight_shape),
             "params": la.params,
             "macs": la.macs,
+            "bypassed": la.node in in_branch,
         }
         for la in an.layers
     )

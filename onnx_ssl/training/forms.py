@@ -1,133 +1,204 @@
 """The training and inference forms of a model, and the opset it trains at.
 
-:func:`to_training_form` puts BatchNorm in ``training_mode=1`` with its running-statistics
-outputs (frozen parameters the trainer updates from them), gives Dropout its
-``training_mode`` input and mask output, and LayerNormalization its Mean and InvStdDev
-outputs (its gradient needs them). :func:`to_inference_form` and :func:`fix_eval_model`
-undo that for the inference and eval models; :func:`export_inference_model` writes trained
-weights into the inference model. :func:`to_training_opset` converts a model newer than the
-training runtime runs.
+The forms are in-place passes on onnx-graphsurgeon graphs (the IR of the compiler):
+:class:`ToTrainingFormPass` puts BatchNorm in ``training_mode=1`` with its
+running-statistics outputs (frozen parameters the trainer updates from them), gives Dropout
+its ``training_mode`` input and mask output, and LayerNormalization its Mean and InvStdDev
+outputs (its gradient needs them). :class:`ToInferenceFormPass` undoes that, for the
+inference model (:func:`export_template`) and for the eval model that onnxblock hands back
+(:func:`fix_eval_model`, which also drops the running statistics from the outputs).
+
+:func:`to_training_opset` converts a model newer than the training runtime runs and
+:func:`export_inference_model` writes trained weights into the inference model's
+initializers: both stay on the protobuf at the door (:func:`onnx_ssl.io.convert_opset`,
+loading and writing a model file), since neither rewrites the graph.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+from onnx_graphsurgeon.importers.onnx_importer import (
+    get_onnx_tensor_dtype,
+    get_onnx_tensor_shape,
+)
 
 from onnx_ssl import env
 from onnx_ssl.errors import InputError, UnsupportedModelError
-from onnx_ssl.io import convert_opset, default_opset
+from onnx_ssl.io import ModelMeta, convert_opset, default_opset, from_graph, to_graph
+from onnx_ssl.pipeline import PassBase, PassResult, Report
 
-from .proto import drop_unused_initializers, fix_ir
+from .proto import fix_ir
 from .spec import Artifacts
 
 log = logging.getLogger(__name__)
 
 
-def to_training_form(
-    model: onnx.ModelProto, frozen: Sequence[str]
-) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
+def _fresh(taken: set[str], base: str) -> str:
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def _is_true_flag(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Constant) and t.values.dtype == np.bool_ and bool(t.values)
+
+
+@dataclass(frozen=True)
+class TrainingFormReport(Report):
+    """The nodes :class:`ToTrainingFormPass` put in training form, and (``info``, the same
+    on every run) the (running-statistic output, parameter) pairs of the BatchNorms whose
+    running statistics are frozen parameters."""
+
+    batchnorms: tuple[str, ...] = ()
+    dropouts: tuple[str, ...] = ()
+    layernorms: tuple[str, ...] = ()
+    stats: tuple[tuple[str, str], ...] = field(default=(), metadata={"info": True})
+
+
+class ToTrainingFormPass(PassBase[TrainingFormReport]):
     """BatchNorm in training mode with its running-statistics outputs, Dropout with its
-    training-mode input and mask, LayerNormalization with Mean and InvStdDev outputs.
+    training-mode input (one shared constant ``True``) and mask, LayerNormalization with its
+    Mean and InvStdDev outputs; in place. ``frozen`` names the initializers that are frozen
+    parameters: a BatchNorm running statistic among them is reported with the output that
+    updates it."""
 
-    Returns the model and the (running-statistic output, parameter) pairs.
-    """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    frozen_set = set(frozen)
-    stats: list[tuple[str, str]] = []
-    opset = default_opset(m)
-    used = {o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input}
-    used |= {t.name for t in m.graph.initializer}
+    name = "to-training-form"
+    in_place = True
 
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in used:
-            k += 1
-            name = f"{base}_{k}"
-        used.add(name)
-        return name
+    def __init__(self, frozen: Collection[str]) -> None:
+        self.frozen = frozenset(frozen)
 
-    train_flag = None
-    for node in m.graph.node:
-        if node.op_type == "BatchNormalization":
-            if opset < 14:
-                raise UnsupportedModelError(
-                    f"node {node.name or '?'} (BatchNormalization): opset {opset} < 14 has no "
-                    f"training mode; convert the model to opset >= 14"
-                )
-            attr = next((a for a in node.attribute if a.name == "training_mode"), None)
-            if attr is None:
-                attr = node.attribute.add()
-                attr.name = "training_mode"
-                attr.type = onnx.AttributeProto.INT
-            attr.i = 1
-            while len(node.output) < 3:
-                node.output.append(
-                    fresh(
-                        f"{node.name or node.output[0]}.ssl_running_"
-                        f"{'mean' if len(node.output) == 1 else 'var'}"
+    def call(self, graph: gs.Graph) -> PassResult[TrainingFormReport]:
+        opset = int(graph.opset)
+        taken = set(graph.tensors().keys())
+        stats: list[tuple[str, str]] = []
+        changed: dict[str, list[str]] = {"bn": [], "drop": [], "ln": []}
+        train_flag: gs.Constant | None = None
+        for node in graph.nodes:
+            if node.op == "BatchNormalization":
+                if opset < 14:
+                    raise UnsupportedModelError(
+                        f"node {node.name or '?'} (BatchNormalization): opset {opset} < 14 has "
+                        f"no training mode; convert the model to opset >= 14"
                     )
-                )
-            for k in (1, 2):
-                if node.output[k] == "":
-                    node.output[k] = fresh(f"{node.name or node.output[0]}.ssl_running_{k}")
-                if node.input[k + 2] in frozen_set:
-                    stats.append((node.output[k], node.input[k + 2]))
-        elif node.op_type == "Dropout" and opset >= 12:
-            if train_flag is None:
-                train_flag = fresh("ssl_dropout_training")
-                m.graph.initializer.append(numpy_helper.from_array(np.array(True), train_flag))
-            while len(node.input) < 2:
-                node.input.append("")
-            if len(node.input) < 3:
-                node.input.append(train_flag)
-            else:
-                node.input[2] = train_flag
-            if len(node.output) < 2:
-                node.output.append(fresh(f"{node.output[0]}.ssl_mask"))
-        elif node.op_type == "LayerNormalization":
-            while len(node.output) < 3:
-                node.output.append(fresh(f"{node.output[0]}.ssl_ln_{len(node.output)}"))
-    return m, stats
+                if self._batchnorm(node, taken):
+                    changed["bn"].append(node.name)
+                for k in (1, 2):
+                    if node.inputs[k + 2].name in self.frozen:
+                        stats.append((node.outputs[k].name, node.inputs[k + 2].name))
+            elif node.op == "Dropout" and opset >= 12:
+                if len(node.inputs) > 2 and _is_true_flag(node.inputs[2]) \
+                        and len(node.outputs) > 1:
+                    continue
+                if train_flag is None:
+                    train_flag = gs.Constant(_fresh(taken, "ssl_dropout_training"),
+                                             np.array(True))
+                while len(node.inputs) < 2:
+                    node.inputs.append(gs.Variable.empty())
+                if len(node.inputs) < 3:
+                    node.inputs.append(train_flag)
+                else:
+                    node.inputs[2] = train_flag
+                if len(node.outputs) < 2:
+                    node.outputs.append(
+                        gs.Variable(_fresh(taken, f"{node.outputs[0].name}.ssl_mask")))
+                changed["drop"].append(node.name)
+            elif node.op == "LayerNormalization" and len(node.outputs) < 3:
+                while len(node.outputs) < 3:
+                    node.outputs.append(gs.Variable(_fresh(
+                        taken, f"{node.outputs[0].name}.ssl_ln_{len(node.outputs)}")))
+                changed["ln"].append(node.name)
+        report = TrainingFormReport(tuple(changed["bn"]), tuple(changed["drop"]),
+                                    tuple(changed["ln"]), tuple(stats))
+        return PassResult(graph, report)
+
+    @staticmethod
+    def _batchnorm(node: gs.Node, taken: set[str]) -> bool:
+        """Training mode with three named outputs; whether anything changed."""
+        changed = node.attrs.get("training_mode") != 1
+        node.attrs["training_mode"] = 1
+        base = node.name or node.outputs[0].name
+        while len(node.outputs) < 3:
+            what = "mean" if len(node.outputs) == 1 else "var"
+            node.outputs.append(gs.Variable(_fresh(taken, f"{base}.ssl_running_{what}")))
+            changed = True
+        for k in (1, 2):
+            if node.outputs[k].name == "":
+                node.outputs[k] = gs.Variable(_fresh(taken, f"{base}.ssl_running_{k}"))
+                changed = True
+        return changed
 
 
-def to_inference_form(model: onnx.ModelProto) -> onnx.ModelProto:
-    """BatchNorm with ``training_mode=0`` and one output; Dropout without its training input."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    consumed = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-    for node in m.graph.node:
-        if node.op_type == "BatchNormalization":
-            for a in node.attribute:
-                if a.name == "training_mode":
-                    a.i = 0
-            if not any(o in consumed for o in node.output[1:]):
-                del node.output[1:]
-        elif node.op_type == "Dropout" and len(node.input) > 2:
-            del node.input[2:]
-            while node.input and node.input[-1] == "":
-                del node.input[-1]
-    drop_unused_initializers(m)
-    return m
+@dataclass(frozen=True)
+class InferenceFormReport(Report):
+    """The nodes :class:`ToInferenceFormPass` put back in inference form, and the graph
+    outputs it removed."""
+
+    batchnorms: tuple[str, ...] = ()
+    dropouts: tuple[str, ...] = ()
+    outputs_removed: tuple[str, ...] = ()
 
 
-def fix_eval_model(m: onnx.ModelProto, stat_outputs: set[str]) -> None:
-    """Inference-form BatchNorm (one output) and no running-statistics graph outputs."""
-    for node in m.graph.node:
-        if node.op_type == "BatchNormalization" and any(o in stat_outputs for o in node.output):
-            del node.output[1:]
-        elif node.op_type == "Dropout":
-            while len(node.input) > 1 and node.input[-1] == "":
-                del node.input[-1]
-    keep = [o for o in m.graph.output if o.name not in stat_outputs]
-    del m.graph.output[:]
-    m.graph.output.extend(keep)
-    drop_unused_initializers(m)
+class ToInferenceFormPass(PassBase[InferenceFormReport]):
+    """BatchNorm with ``training_mode=0`` and one output (when nothing reads the others),
+    Dropout without its training-mode input; in place. ``stat_outputs`` (the BatchNorm
+    running-statistics outputs that training adds to the graph outputs, as in the eval model)
+    are removed from the graph outputs first. Constants no node reads any more are not
+    exported (onnx-graphsurgeon exports only the tensors the graph uses)."""
+
+    name = "to-inference-form"
+    in_place = True
+
+    def __init__(self, stat_outputs: Collection[str] = ()) -> None:
+        self.stat_outputs = frozenset(stat_outputs)
+
+    def call(self, graph: gs.Graph) -> PassResult[InferenceFormReport]:
+        removed = tuple(t.name for t in graph.outputs if t.name in self.stat_outputs)
+        if removed:
+            graph.outputs = [t for t in graph.outputs if t.name not in self.stat_outputs]
+        graph_outputs = {t.name for t in graph.outputs}
+        bns: list[str] = []
+        drops: list[str] = []
+        for node in graph.nodes:
+            if node.op == "BatchNormalization":
+                changed = False
+                if node.attrs.get("training_mode", 0) != 0:
+                    node.attrs["training_mode"] = 0
+                    changed = True
+                if len(node.outputs) > 1 and not any(
+                        o.outputs or o.name in graph_outputs for o in node.outputs[1:]):
+                    while len(node.outputs) > 1:
+                        node.outputs.pop()
+                    changed = True
+                if changed:
+                    bns.append(node.name)
+            elif node.op == "Dropout":
+                n = len(node.inputs)
+                while len(node.inputs) > 2:
+                    node.inputs.pop()
+                while len(node.inputs) > 1 and node.inputs[-1].name == "":
+                    node.inputs.pop()
+                if len(node.inputs) != n:
+                    drops.append(node.name)
+        return PassResult(graph, InferenceFormReport(tuple(bns), tuple(drops), removed))
+
+
+def fix_eval_model(model: onnx.ModelProto, stat_outputs: Collection[str]) -> onnx.ModelProto:
+    """The eval model onnxblock built, in inference form (BatchNorm with one output, Dropout
+    without its training input) and without the running-statistics graph outputs."""
+    graph = to_graph(model)
+    ToInferenceFormPass(stat_outputs)(graph)
+    return from_graph(graph, ModelMeta.of(model))
 
 
 def to_training_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int | None]:
@@ -143,23 +214,31 @@ def to_training_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int | No
                 source, top.max_opset, top.name, top.version)
     return fix_ir(converted), source
 
+
+
 def export_template(
-    original: onnx.ModelProto, prepared: onnx.ModelProto, *, dynamic_ok: bool
+    original: onnx.ModelProto, prepared: gs.Graph, meta: ModelMeta, *, dynamic_ok: bool
 ) -> onnx.ModelProto:
-    """The model trained weights are written into: the prepared model in inference form,
-    with the original's input and output declarations when its batch is free."""
-    t = to_inference_form(prepared)
+    """The model trained weights are written into: the prepared graph in inference form
+    (changed in place), with the original's input and output declarations when its batch is
+    free, and no inner shapes; exported with the prepared model's ``meta``."""
+    ToInferenceFormPass()(prepared)
     if dynamic_ok:
         decl = {vi.name: vi for vi in (*original.graph.input, *original.graph.output)}
-        for vi in (*t.graph.input, *t.graph.output):
-            if vi.name in decl:
-                vi.type.CopyFrom(decl[vi.name].type)
-    del t.graph.value_info[:]
-    return t
+        for t in (*prepared.inputs, *prepared.outputs):
+            if t.name in decl and isinstance(t, gs.Variable):
+                t.dtype = get_onnx_tensor_dtype(decl[t.name])
+                t.shape = get_onnx_tensor_shape(decl[t.name])
+    io = {t.name for t in (*prepared.inputs, *prepared.outputs)}
+    for name, t in prepared.tensors().items():
+        if isinstance(t, gs.Variable) and name not in io:
+            t.dtype, t.shape = None, None
+    return from_graph(prepared, meta)
 
 
 def export_inference_model(art: Artifacts, params: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """The inference model with ``params`` (name -> array) as its initializers."""
+    """The inference model with ``params`` (name -> array) as its initializers (on the
+    protobuf it is loaded as: only initializer values change)."""
     m = onnx.load(str(art.inference_model))
     names = {t.name for t in m.graph.initializer}
     missing = [n for n in params if n not in names]

@@ -32,3 +32,18 @@ def fix_ir(m: onnx.ModelProto) -> onnx.ModelProto:
     if m.ir_version == 0:
         m.ir_version = max_ir_version()
     return clamp_ir(m)
+
+
+def keep_initializer_order(m: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelProto:
+    """Put (in place) ``m``'s initializers in the order ``reference`` has them, new ones
+    last. onnx-graphsurgeon exports them in the order its graph walk meets them; onnxblock
+    orders the trainable parameters (the training model's inputs and gradient buffers) by
+    this list, so the artifacts keep the source model's order."""
+    rank = {t.name: k for k, t in enumerate(reference.graph.initializer)}
+    inits = list(m.graph.initializer)
+    ordered = sorted(range(len(inits)), key=lambda k: (rank.get(inits[k].name, len(rank)), k))
+    if ordered != list(range(len(inits))):
+        keep = [inits[k] for k in ordered]
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(keep)
+    return m
