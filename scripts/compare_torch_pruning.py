@@ -1,8 +1,11 @@
-"""SSL (onnx-ssl) against Torch-Pruning 1.6.1 at equal MACs: LeNet on real MNIST images.
+"""SSL (onnx-ssl) against Torch-Pruning 1.6.1 at equal MACs: LeNet and ResNet-20 on real MNIST.
 
     python scripts/compare_torch_pruning.py --out-dir out/tp --plots docs/figures/torch_pruning \\
         --ssl-lambda 0.03 0.01
+    python scripts/compare_torch_pruning.py --model resnet20 --out-dir out/tp_resnet20 \\
+        --plots docs/figures/torch_pruning_resnet20
     python scripts/compare_torch_pruning.py --fast --out-dir /tmp/tp     # the CI variant
+    python scripts/compare_torch_pruning.py --model resnet20 --fast --out-dir /tmp/tpr
 
 One base model, three ways to shrink it to the same MAC fractions (default 50%, 30%, 15%):
 
@@ -23,9 +26,18 @@ One base model, three ways to shrink it to the same MAC fractions (default 50%, 
 
 Every fine-tuning is AdamW without weight decay at onnx-ssl's fine-tuning learning rate, with
 a cosine schedule, batch 64, on the same images. Every method prunes the same structures:
-conv1's and conv2's filters (with the input channels and fc1 columns they feed); fc1's 500
-neurons and the classifier are kept by both tools (``ignored_layers`` in Torch-Pruning,
-filter and channel lambdas only in onnx-ssl).
+
+- ``--model lenet`` (28x28 images): conv1's and conv2's filters (with the input channels and
+  fc1 columns they feed); fc1's 500 neurons and the classifier are kept by both tools
+  (``ignored_layers`` in Torch-Pruning, filter and channel lambdas only in onnx-ssl).
+- ``--model resnet20`` (the CIFAR ResNet-20 of scripts/reproduce_resnet_depth.py, 1 input
+  channel, images resized to 14x14 as there): every conv's filters, the channels of each
+  stage's residual stream as one coupled group (Torch-Pruning's dependency graph, onnx-ssl's
+  analysis), and the FC's input columns; the classifier's 10 outputs are kept. The
+  BatchNorms train: the baseline is trained in torch (train-mode BatchNorm); onnx-ssl gets it
+  exported in training mode without constant folding (BatchNorm stays a node with the
+  running statistics, as in the README's "Exporting from PyTorch for training"), every final
+  model is exported in eval mode (BatchNorm folded into the convs).
 
 **Measured the same way for every model**: each final model is an ONNX file (the torch models
 exported with the TorchScript exporter, static batch 1, opset 17); its MACs and params are
@@ -56,6 +68,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +92,51 @@ def lenet(seed: int = 0) -> Any:
     )
 
 
-def export(net: Any, path: Path) -> onnx.ModelProto:
-    """``net`` exported with a static batch of 1 (TorchScript exporter, opset 17)."""
+def resnet20(seed: int = 0) -> Any:
+    """The CIFAR ResNet-20 with one input channel (scripts/reproduce_resnet_depth.py's)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from reproduce_resnet_depth import torch_resnet
+
+    return torch_resnet(20, 16, 1, seed)
+
+
+@dataclass(frozen=True)
+class Net:
+    """What differs between the compared networks."""
+
+    make: Callable[[], Any]
+    size: int  # image side
+    baseline_lr: float
+    ignored: Callable[[Any], list[Any]]  # the layers whose outputs both tools keep
+    batch_norm: bool  # onnx-ssl gets a training-mode export (BatchNorm trains)
+
+
+NETS_DEFAULT = {"model": "lenet", "image_size": 28}  # results.json written before --model
+NETS = {
+    "lenet": Net(lenet, 28, 1e-3, lambda m: [m[5], m[7]], False),
+    "resnet20": Net(resnet20, 14, 2e-3, lambda m: [m.fc], True),
+}
+
+
+def export(net: Any, path: Path, size: int = 28, training: bool = False) -> onnx.ModelProto:
+    """``net`` exported with a static batch of 1 (TorchScript exporter, opset 17): in eval
+    mode (BatchNorm folded), or with ``training`` in training mode without constant folding,
+    the form in which onnx-ssl trains BatchNorm."""
+    import warnings
+
     import torch
 
+    kw: dict[str, Any] = {}
+    if training:
+        net.train()
+        kw = {"training": torch.onnx.TrainingMode.TRAINING, "do_constant_folding": False}
+    else:
+        net.eval()
+    with warnings.catch_warnings():  # "Removing mutation ... num_batches_tracked": expected
+        warnings.simplefilter("ignore", UserWarning)
+        torch.onnx.export(net, (torch.zeros(1, 1, size, size),), str(path), dynamo=False,
+                          opset_version=17, input_names=["x"], output_names=["logits"], **kw)
     net.eval()
-    torch.onnx.export(net, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False,
-                      opset_version=17, input_names=["x"], output_names=["logits"])
     return load_model(path)
 
 
@@ -103,8 +154,27 @@ def filters(model: onnx.ModelProto) -> list[int]:
     return [dims[n.input[1]][0] for n in model.graph.node if n.op_type == "Conv"]
 
 
+def layers(model: onnx.ModelProto) -> int:
+    """Layers counted as the paper counts a ResNet's: convs on the main path (not the 1x1
+    projection shortcuts, named ``downsample`` by both exporters) plus the FC layers."""
+    return sum(1 for n in model.graph.node if n.op_type in ("Gemm", "MatMul")
+               or (n.op_type == "Conv" and "downsample" not in n.name))
+
+
+def stage_filters(model: onnx.ModelProto) -> list[int]:
+    """A ResNet's conv filters summed per part: the stem, then each ``layer{s}`` by node name
+    (both exporters name a block's nodes ``/layer{s}/layer{s}.{i}/...``)."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    parts = [0, 0, 0, 0]
+    for n in model.graph.node:
+        if n.op_type == "Conv":
+            s = next((k for k in (1, 2, 3) if f"layer{k}" in n.name), 0)
+            parts[s] += dims[n.input[1]][0]
+    return parts
+
+
 def fit_torch(net: Any, data: Any, epochs: int, optimizer: str, lr: float, seed: int,
-              after_backward: Callable[[], None] | None = None) -> None:
+              after_backward: Callable[[], None] | None = None, size: int = 28) -> None:
     """Train ``net`` like onnx-ssl's trainer: batch 64 reshuffled each epoch (seed + epoch),
     cross-entropy, a cosine learning rate over all steps, AdamW without weight decay or plain
     SGD."""
@@ -125,7 +195,7 @@ def fit_torch(net: Any, data: Any, epochs: int, optimizer: str, lr: float, seed:
         for xb, yb in data.batches(cfg.batch_size, shuffle=True, seed=seed + epoch):
             for g in opt.param_groups:
                 g["lr"] = cfg.lr_at(step, total)
-            x = torch.from_numpy(xb["x"]).reshape(-1, 1, 28, 28)
+            x = torch.from_numpy(xb["x"]).reshape(-1, 1, size, size)
             loss = F.cross_entropy(net(x), torch.from_numpy(yb))
             opt.zero_grad()
             loss.backward()
@@ -137,7 +207,7 @@ def fit_torch(net: Any, data: Any, epochs: int, optimizer: str, lr: float, seed:
 
 
 def prune_to_macs(net: Any, make_pruner: Callable[[Any, float], Any], target: float,
-                  macs0: int, tmp: Path) -> tuple[Any, float]:
+                  macs0: int, tmp: Path, size: int = 28) -> tuple[Any, float]:
     """A pruned copy of ``net`` at the smallest pruning ratio on a 0.01 grid whose MACs
     (onnx-ssl's count of the export) are at most ``target`` x ``macs0``, and the ratio. (A
     scan, not a bisection: global pruning skips a layer it would empty, so the MACs are not
@@ -148,7 +218,7 @@ def prune_to_macs(net: Any, make_pruner: Callable[[Any, float], Any], target: fl
         make_pruner(m, k / 100).step()
         key = tuple(int(p.shape[0]) for p in m.parameters() if p.dim() == 4)
         if key not in seen:
-            seen[key] = count(export(m, tmp / "probe.onnx"))[0]
+            seen[key] = count(export(m, tmp / "probe.onnx", size))[0]
         if seen[key] <= target * macs0:
             return m, k / 100
     raise RuntimeError(f"Torch-Pruning reaches no ratio with {target:.0%} of the MACs")
@@ -163,7 +233,9 @@ def row(method: str, target: float | None, model: onnx.ModelProto, val: Any,
     macs, params = count(model)
     err = evaluate_model(model, val)[1]
     return {"method": method, "target": target, "macs": macs, "mac_fraction": macs / macs0,
-            "params": params, "error": err, "filters": filters(model), "model": path.name,
+            "params": params, "error": err, "filters": filters(model),
+            "stage_filters": stage_filters(model), "layers": layers(model),
+            "model": path.name,
             "seconds": round(seconds, 1), **extra}
 
 
@@ -175,8 +247,8 @@ def merged(path: Path, setup: dict[str, Any], rows: list[dict[str, Any]]
         return rows
     old = json.loads(path.read_text())
     same = ("data", "train_samples", "val_samples", "baseline_epochs", "sparse_epochs",
-            "finetune_epochs", "batch_size", "targets", "baseline_macs")
-    diff = [k for k in same if old["setup"].get(k) != setup[k]]
+            "finetune_epochs", "batch_size", "targets", "baseline_macs", "model", "image_size")
+    diff = [k for k in same if old["setup"].get(k, NETS_DEFAULT.get(k)) != setup[k]]
     if diff:
         raise SystemExit(f"{path}: another setup ({', '.join(diff)}); use another --out-dir")
     if old["rows"][0]["error"] != rows[0]["error"]:
@@ -188,12 +260,18 @@ def merged(path: Path, setup: dict[str, Any], rows: list[dict[str, Any]]
     return [rows[0], *sorted(keep + rows[1:], key=lambda r: -r["target"])]
 
 
-def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| method | MAC target | MACs (measured) | params | filters (conv1 - conv2) | "
-             "held-out error |", "|---|---|---|---|---|---|"]
+def markdown(rows: Sequence[dict[str, Any]], model: str = "lenet") -> str:
+    what = ("filters (conv1 - conv2)" if model == "lenet" else
+            "layers | conv filters (stem - stage 1 - 2 - 3)")
+    lines = [f"| method | MAC target | MACs (measured) | params | {what} | "
+             "held-out error |", "|---|---|---|---|---|---|" + ("---|" if model != "lenet"
+                                                               else "")]
     for r in rows:
         t = "-" if r["target"] is None else f"{r['target']:.0%}"
-        f = " - ".join(str(x) for x in r["filters"])
+        f = " - ".join(str(x) for x in (r["filters"] if model == "lenet"
+                                        else r["stage_filters"]))
+        if model != "lenet":
+            f = f"{r['layers']} | {f}"
         lines.append(f"| {r['method']} | {t} | {r['macs']:,} ({r['mac_fraction']:.1%}) | "
                      f"{r['params']:,} | {f} | {100 * r['error']:.2f}% |")
     return "\n".join(lines)
@@ -231,7 +309,9 @@ def plot(rows: Sequence[dict[str, Any]], setup: dict[str, Any], path: Path) -> N
                     label=m)
     ax.set_xlabel("MACs of the final model, % of the baseline (onnx-ssl's count of the ONNX)")
     ax.set_ylabel(f"held-out error, % (ORT, {n} images; bars: 1 s.e.)")
-    ax.set_title(f"LeNet, MNIST ({setup['train_samples']} training / {n} held-out images): "
+    title = ("LeNet, MNIST" if setup.get("model", "lenet") == "lenet"
+             else f"ResNet-20, MNIST at {setup['image_size']}x{setup['image_size']}")
+    ax.set_title(f"{title} ({setup['train_samples']} training / {n} held-out images): "
                  f"{setup['sparse_epochs']} sparse + {setup['finetune_epochs']} fine-tuning "
                  f"epochs", fontsize=10)
     ax.grid(alpha=0.3)
@@ -245,7 +325,7 @@ def plot(rows: Sequence[dict[str, Any]], setup: dict[str, Any], path: Path) -> N
 def write_report(setup: dict[str, Any], rows: list[dict[str, Any]], out: Path,
                  fig: Path) -> None:
     """results.json, results.md (the table) and the figure."""
-    table = markdown(rows)
+    table = markdown(rows, setup.get("model", "lenet"))
     (out / "results.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1)
                                       + "\n")
     (out / "results.md").write_text(table + "\n")
@@ -258,14 +338,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mnist"))
     ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--model", choices=sorted(NETS), default="lenet",
+                    help="the network (default lenet)")
     ap.add_argument("--plots", default=None, help="figure folder (default OUT_DIR)")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3, 0.15],
                     help="MAC fractions of the baseline")
     ap.add_argument("--limit", type=int, default=0, help="use the first N images only")
-    ap.add_argument("--baseline-epochs", type=int, default=10)
-    ap.add_argument("--epochs", type=int, default=20,
-                    help="sparse-training epochs (onnx-ssl SSL, GroupNormPruner)")
-    ap.add_argument("--finetune-epochs", type=int, default=10)
+    ap.add_argument("--baseline-epochs", type=int, default=None,
+                    help="default 10 (lenet), 8 (resnet20)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="sparse-training epochs (onnx-ssl SSL, GroupNormPruner); default 20 "
+                    "(lenet), 6 (resnet20)")
+    ap.add_argument("--finetune-epochs", type=int, default=None,
+                    help="default 10 (lenet), 3 (resnet20)")
     ap.add_argument("--tp-reg", type=float, nargs="+", default=[1e-3, 1e-2],
                     help="GroupNormPruner's regularization coefficients (reg; its default "
                     "1e-4 barely shrinks in this many steps): one sparse training and one "
@@ -273,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ssl-lambda", type=float, nargs="+", default=None,
                     help="onnx-ssl's starting filter and channel lambdas (default: ssl's, "
                     "0.03): one curve each")
+    ap.add_argument("--ssl-lambda-scale", action="append", default=[],
+                    metavar="STRUCTURE:LAYER=X",
+                    help="per-term lambda multipliers for onnx-ssl (ssl's --lambda-scale; the "
+                    "layer names are the export's, e.g. filter:/2/Conv=2.5); its rows are "
+                    "named 'onnx-ssl scaled'")
     ap.add_argument("--methods", nargs="+", choices=("ssl", "groupnorm", "magnitude"),
                     default=["groupnorm", "magnitude", "ssl"],
                     help="what to run; with a subset, the other methods' rows are kept from "
@@ -283,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="CI variant: 400 images, 5 baseline epochs, 1 epoch per later phase, "
                     "the 50%% target and the last --tp-reg only")
     args = ap.parse_args(argv)
+    spec = NETS[args.model]
+    for k, v in zip(("baseline_epochs", "epochs", "finetune_epochs"),
+                    (10, 20, 10) if args.model == "lenet" else (8, 6, 3), strict=True):
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.fast:
         args.limit, args.baseline_epochs, args.epochs, args.finetune_epochs = 400, 5, 1, 1
         args.targets, args.tp_reg = [0.5], args.tp_reg[-1:]
@@ -290,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     fig = Path(args.plots or out) / "error_vs_macs.png"
     if args.report_only:
         res = json.loads((out / "results.json").read_text())
+        for r in res["rows"]:  # counts added since the run: from the model files it wrote
+            if "layers" not in r or "stage_filters" not in r:
+                m = load_model(out / r["model"])
+                r.update(layers=layers(m), stage_filters=stage_filters(m))
         write_report(res["setup"], res["rows"], out, fig)
         return 0
 
@@ -304,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_model,
         run_ssl,
     )
-    from onnx_ssl.training.data import load_idx_folder
+    from onnx_ssl.training.data import Dataset, load_idx_folder, resize_bilinear
     from onnx_ssl.training.penalty import Lambdas
 
     torch.set_num_threads(1)
@@ -312,23 +411,30 @@ def main(argv: list[str] | None = None) -> int:
     data = load_idx_folder(Path(args.data))
     if args.limit:
         data = data.subset(np.arange(args.limit), f"{data.name}[:{args.limit}]")
+    size = spec.size
+    if size != 28:
+        data = Dataset({"x": resize_bilinear(data.x["x"], size, size)}, data.y,
+                       f"{data.name}@{size}x{size}")
     train, val = data.split(0.2, seed=0)  # run_ssl's split (val_fraction 0.2, seed 0)
     print(f"{len(train)} training and {len(val)} held-out images from {args.data}", flush=True)
-    ex = torch.zeros(1, 1, 28, 28)
+    ex = torch.zeros(1, 1, size, size)
     rows: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="tp-compare-"))
 
     t = time.perf_counter()
-    base_net = lenet()
-    fit_torch(base_net, train, args.baseline_epochs, "adamw", 1e-3, seed=0)
-    base = export(base_net, out / "baseline.onnx")
+    base_net = spec.make()
+    fit_torch(base_net, train, args.baseline_epochs, "adamw", spec.baseline_lr, seed=0,
+              size=size)
+    base = export(base_net, out / "baseline.onnx", size)
     macs0, _ = count(base)
     rows.append(row("baseline", None, base, val, macs0, out / "baseline.onnx",
                     time.perf_counter() - t))
+    # onnx-ssl starts from the same weights; with BatchNorm, in the form that trains it
+    ssl_base = export(base_net, tmp / "train.onnx", size, training=True) if spec.batch_norm \
+        else base
     print(f"baseline: error {100 * rows[0]['error']:.2f}%, {macs0:,} MACs", flush=True)
 
-    def ignored(m: Any) -> list[Any]:
-        return [m[5], m[7]]  # fc1 and the classifier keep their outputs
+    ignored = spec.ignored
 
     def magnitude(m: Any, ratio: float) -> Any:
         return tp.pruner.MagnitudePruner(
@@ -349,13 +455,14 @@ def main(argv: list[str] | None = None) -> int:
         net = copy.deepcopy(base_net)
         regularizer = group_norm(reg)(net, 0.5)
         fit_torch(net, train, args.epochs, "sgd", DEFAULT_SSL_LR, seed=0,
-                  after_backward=functools.partial(regularizer.regularize, net))
+                  after_backward=functools.partial(regularizer.regularize, net), size=size)
         secs = time.perf_counter() - t
-        err = evaluate_model(export(net, tmp / "sparse.onnx"), val)[1]
+        err = evaluate_model(export(net, tmp / "sparse.onnx", size), val)[1]
         print(f"GroupNormPruner sparse training, reg {reg:g}: error {100 * (err or 0):.2f}% "
               f"({secs:.0f}s)", flush=True)
         sparse.append((f"TP GroupNormPruner reg {reg:g}", net, group_norm(reg), secs))
 
+    scales = tuple(Lambdas.parse_scale(x) for x in args.ssl_lambda_scale)
     for target in args.targets:
         tag = f"{round(100 * target)}"
         runs = [(m, net, make, args.finetune_epochs, secs) for m, net, make, secs in sparse]
@@ -364,10 +471,10 @@ def main(argv: list[str] | None = None) -> int:
                          args.epochs + args.finetune_epochs, 0.0))
         for i, (method, start, make, epochs, before) in enumerate(runs):
             t = time.perf_counter()
-            net, ratio = prune_to_macs(start, make, target, macs0, tmp)
-            fit_torch(net, train, epochs, "adamw", DEFAULT_FINETUNE_LR, seed=0)
+            net, ratio = prune_to_macs(start, make, target, macs0, tmp, size)
+            fit_torch(net, train, epochs, "adamw", DEFAULT_FINETUNE_LR, seed=0, size=size)
             name = f"groupnorm{i}" if i < len(sparse) else "magnitude"
-            rows.append(row(method, target, export(net, tmp / "final.onnx"), val, macs0,
+            rows.append(row(method, target, export(net, tmp / "final.onnx", size), val, macs0,
                             out / f"tp_{name}_{tag}.onnx", time.perf_counter() - t + before,
                             pruning_ratio=ratio, finetune_epochs=epochs))
             print(f"{method} {target:.0%}: {rows[-1]['mac_fraction']:.1%} MACs, error "
@@ -375,15 +482,19 @@ def main(argv: list[str] | None = None) -> int:
 
         for lam in (args.ssl_lambda or [DEFAULT_LAMBDA]) if "ssl" in args.methods else []:
             t = time.perf_counter()
-            opts = SslOptions(lambdas=Lambdas(filter=lam, channel=lam), epochs=args.epochs,
+            lambdas = Lambdas(filter=lam, channel=lam, scales=scales)
+            opts = SslOptions(lambdas=lambdas, epochs=args.epochs,
                               finetune_epochs=args.finetune_epochs, target_macs=target,
                               batch_size=64, val_fraction=0.2, seed=0)
-            res = run_ssl(base, data, opts, name="lenet")
+            res = run_ssl(ssl_base, data, opts, name=args.model)
             rep = res.report
             assert (rep.train_samples, rep.val_samples) == (len(train), len(val))
             method = "onnx-ssl" if lam == DEFAULT_LAMBDA else f"onnx-ssl lambda {lam:g}"
+            if scales:
+                method = method.replace("onnx-ssl", "onnx-ssl scaled")
             rows.append(row(method, target, res.model, val, macs0,
-                            out / f"ssl_{lam:g}_{tag}.onnx", time.perf_counter() - t,
+                            out / f"ssl{'_scaled' if scales else ''}_{lam:g}_{tag}.onnx",
+                            time.perf_counter() - t, lambda_scales=dict(scales),
                             budget_met=rep.budget_met, lambda_start=lam,
                             lambda_scale=round(rep.lambda_scale, 4),
                             threshold_used=rep.threshold_used,
@@ -392,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * rows[-1]['error']:.2f}%", flush=True)
 
     setup = {
-        "data": str(args.data), "train_samples": len(train), "val_samples": len(val),
+        "data": str(args.data), "model": args.model, "image_size": size,
+        "train_samples": len(train), "val_samples": len(val),
         "baseline_epochs": args.baseline_epochs, "sparse_epochs": args.epochs,
         "finetune_epochs": args.finetune_epochs, "batch_size": 64,
         "ssl_lr": DEFAULT_SSL_LR, "finetune_lr": DEFAULT_FINETUNE_LR,

@@ -78,3 +78,63 @@ def test_compare_torch_pruning_fast_variant(tmp_path):
         assert f"{100 * x['error']:.2f}%" in line
     png = (tmp_path / "error_vs_macs.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def conv_fc_macs(path: Path) -> int:
+    """MACs of every Conv and Gemm of the ONNX file, by hand from its weight shapes and the
+    conv output sizes that onnx's shape inference gives (an oracle apart from onnx-ssl's
+    accounting)."""
+    import onnx
+
+    m = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    dims = {t.name: list(t.dims) for t in m.graph.initializer}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(m.graph.value_info) + list(m.graph.output)}
+    total = 0
+    for n in m.graph.node:
+        w = dims.get(n.input[1]) if len(n.input) > 1 else None
+        if n.op_type == "Conv":
+            total += int(np.prod(w)) * int(np.prod(shapes[n.output[0]][2:]))
+        elif n.op_type == "Gemm":
+            total += int(np.prod(w))
+    return total
+
+
+@pytest.mark.training
+@pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None,
+                    reason="needs torch-pruning (and torch), the [export] extra")
+@pytest.mark.skipif(not MNIST.exists(), reason="needs the MNIST folder")
+def test_compare_torch_pruning_resnet20_fast_variant(tmp_path):
+    """ResNet-20 (BatchNorm, residual streams coupled across blocks) on 14x14 MNIST: the
+    three methods each meet the 50% budget, counted apart from onnx-ssl's accounting."""
+    r = subprocess.run(
+        [sys.executable, "-W", "ignore", str(REPO / "scripts" / "compare_torch_pruning.py"),
+         "--model", "resnet20", "--fast", "--data", str(MNIST), "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    setup, rows = res["setup"], res["rows"]
+    assert (setup["model"], setup["image_size"]) == ("resnet20", 14)
+    assert [x["method"] for x in rows] == [
+        "baseline", "TP GroupNormPruner reg 0.01", "TP MagnitudePruner", "onnx-ssl"]
+    macs0 = setup["baseline_macs"]
+    # the CIFAR ResNet-20 at 14x14 with 1 input channel, projections included
+    assert rows[0]["stage_filters"] == [16, 96, 224, 448] and rows[0]["layers"] == 20
+    assert macs0 == conv_fc_macs(tmp_path / "baseline.onnx")
+
+    from onnxruntime import InferenceSession
+
+    from onnx_ssl.training.data import load_idx_folder, resize_bilinear
+
+    data = load_idx_folder(MNIST)
+    _, val = data.subset(np.arange(400)).split(0.2, seed=0)
+    images = resize_bilinear(val.x["x"], 14, 14)
+    for x in rows:
+        path = tmp_path / x["model"]
+        assert x["macs"] == conv_fc_macs(path), x
+        assert sum(x["stage_filters"]) == sum(x["filters"])
+        sess = InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        pred = np.array([sess.run(None, {"x": img[None, None]})[0].argmax() for img in images])
+        assert x["error"] == pytest.approx(float(np.mean(pred != val.y))), x
+        if x["method"] != "baseline":
+            assert x["macs"] <= 0.5 * macs0 and x["mac_fraction"] >= 0.25, x

@@ -116,6 +116,25 @@ def test_collapse_reasons():
     assert "whole model" in collapse_reason((("filter:a", 1.0), ("channel:b", 1.0)), [0.1], 10)
     assert collapse_reason((), [0.9, 0.9], 10) is None
     assert "chance" in collapse_reason((), [0.1, 0.9, 0.88, 0.9], 10)
+    # a layer inside a residual branch may lose every group: its shortcut carries the signal
+    assert collapse_reason(zero, [0.1], 10, bypassed={"c1"}) is None
+    assert "layer c2" in collapse_reason(zero + (("filter:c2", 1.0),), [0.1], 10, {"c1"})
+    assert "whole model" in collapse_reason((("filter:a", 1.0), ("channel:b", 1.0)), [0.1], 10,
+                                            bypassed={"a", "b"})
+
+
+def test_branch_layers_are_marked_bypassed(tmp_path):
+    """ssl.json marks the layers of residual branches, the ones the collapse check lets go
+    to zero: the convs inside the blocks, not the stem, the projections or the FC."""
+    from onnx_ssl import models
+
+    art = build_artifacts(models.build("resnet20"), tmp_path / "a")
+    marks = {la["node"]: la["bypassed"] for la in art.info.layers}
+    convs = [la for la in art.info.layers if la["op_type"] == "Conv"]
+    assert len(convs) == 21 and sum(marks.values()) == 18, marks  # 9 blocks x 2 convs
+    assert not marks[convs[0]["node"]]
+    assert not any(v for k, v in marks.items()
+                   if next(la for la in art.info.layers if la["node"] == k)["op_type"] != "Conv")
 
 
 def test_lambda_scale_survives_resume(tmp_path):

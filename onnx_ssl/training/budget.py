@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -221,13 +221,18 @@ def collapse_reason(
     zero_groups: Sequence[tuple[str, float]],
     val_errors: Sequence[float | None],
     classes: int | None,
+    bypassed: Collection[str] = (),
 ) -> str | None:
     """Why training collapsed, or None. ``zero_groups`` is an epoch's (structure:layer,
-    fraction of zero groups) list; ``val_errors`` the held-out errors so far."""
+    fraction of zero groups) list; ``val_errors`` the held-out errors so far. A layer in
+    ``bypassed`` (inside a residual branch: its shortcut carries the signal around it) may
+    lose every group: that empties the branch, which pruning folds or removes, and cuts
+    nothing."""
     cut = [k.split(":", 1) for k, v in zero_groups
            if v >= 1.0 and k.split(":", 1)[0] in _CUTTING]
     if cut and len(cut) == len([k for k, _ in zero_groups if k.split(":", 1)[0] in _CUTTING]):
         return "the whole model lost every group (all its weights are zero)"
+    cut = [c for c in cut if c[1] not in bypassed]
     if cut:
         s, layer = cut[0]
         return f"layer {layer} lost every {s} group (its weight is all zero)"

@@ -577,10 +577,11 @@ def _epoch_hook(
     """After each SSL epoch: the projected cost of pruning now, the collapse check, and the
     budget controller's next lambda multiplier."""
     errors: list[float | None] = []
+    bypassed = {la["node"] for la in art.info.layers if la.get("bypassed")}
 
     def hook(tr: Trainer, stats: EpochStats) -> dict[str, float]:
         errors.append(stats.val_error)
-        reason = collapse_reason(stats.zero_groups, errors, art.info.classes)
+        reason = collapse_reason(stats.zero_groups, errors, art.info.classes, bypassed)
         if reason is not None and opts.stop_on_collapse:
             raise CollapseError(
                 f"training collapsed in SSL epoch {stats.epoch}: {reason}; use a smaller "
