@@ -1,6 +1,8 @@
 """Reproduce the LeNet rows of Table 1 of Wen et al. 2016 on real MNIST images.
 
     python scripts/reproduce_lenet_mnist.py [--data ../shared/data/mnist] [--out-dir out/lenet]
+    python scripts/reproduce_lenet_mnist.py --limit 600 --baseline-epochs 2 --epochs 2 \\
+        --finetune-epochs 1 --lambdas 0.05 --out-dir /tmp/t1    # the test's fast variant
 
 Data: the folder of MNIST IDX files (only the 10,000-image test split is available offline
 here): a seeded shuffle puts 8,000 images in training and 2,000 in the held-out set every
@@ -25,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from onnx_ssl import models
 from onnx_ssl.io import save_model
@@ -56,15 +60,22 @@ def main(argv: list[str] | None = None) -> int:
         default="0.02,0.04",
         help="filter and channel lambda of each SSL run (default 0.02,0.04)",
     )
+    ap.add_argument("--lambda-scale", action="append", default=[], metavar="STRUCTURE:LAYER=X",
+                    help="multiply one term's lambda by X in every SSL run (as ssl's option), "
+                    "e.g. filter:conv2=2")
     ap.add_argument("--baseline-epochs", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=SslOptions().epochs, help="SSL epochs")
     ap.add_argument("--finetune-epochs", type=int, default=SslOptions().finetune_epochs)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=0, help="use the first N images only (the "
+                    "test's fast variant)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     t0 = time.perf_counter()
     data = load_idx_folder(Path(args.data))
+    if args.limit:
+        data = data.subset(np.arange(args.limit), f"{data.name}[:{args.limit}]")
     val_fraction = 0.2
     out_dir = Path(args.out_dir) if args.out_dir else None
     if out_dir:
@@ -95,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir:
         save_model(baseline, out_dir / "lenet_baseline.onnx")
 
+    scales = tuple(Lambdas.parse_scale(x) for x in args.lambda_scale)
     rows = [("LeNet 1 (baseline)", base_err, None)]
     summary: dict[str, object] = {"baseline_error": base_err, "runs": []}
     for k, lam in enumerate(float(v) for v in args.lambdas.split(",")):
         opts = SslOptions(
-            lambdas=Lambdas(filter=lam, channel=lam),
+            lambdas=Lambdas(filter=lam, channel=lam, scales=scales),
             epochs=args.epochs,
             finetune_epochs=args.finetune_epochs,
             val_fraction=val_fraction,

@@ -72,3 +72,19 @@ def test_a_choice_outside_the_library_list_is_refused(capsys):
         parse("ssl", "m", "-o", "o", "--schedule", "linear")
     assert e.value.code == 2
     assert "invalid choice: 'linear'" in capsys.readouterr().err
+
+
+def test_lambda_scale_options_reach_the_lambdas():
+    from onnx_ssl.cli._training import lambdas
+    from onnx_ssl.errors import InputError
+
+    args = parse("ssl", "m.onnx", "-o", "o.onnx", "--lambda-scale", "filter:conv2=2",
+                 "--lambda-scale", "channel:/a/b:c=0.5")
+    assert ssl_options(args, {"filter": 0.03, "channel": 0.03}).lambdas == Lambdas(
+        filter=0.03, channel=0.03, scales=(("filter:conv2", 2.0), ("channel:/a/b:c", 0.5)))
+    args = parse("artifacts", "m", "-o", "d", "--lambda-filter", "0.1",
+                 "--lambda-scale", "filter:c1=0")
+    assert lambdas(args, {}) == Lambdas(filter=0.1, scales=(("filter:c1", 0.0),))
+    for bad in ("filter:conv2", "filter:conv2=x", "=2"):
+        with pytest.raises(InputError, match="STRUCTURE:LAYER=X"):
+            lambdas(parse("ssl", "m", "-o", "o", "--lambda-scale", bad), {})

@@ -196,3 +196,55 @@ def test_no_trainable_parameters(tmp_path):
     """)
     with pytest.raises(UnsupportedModelError, match="no trainable parameters"):
         build_artifacts(model, tmp_path / "a")
+
+
+def test_lambda_scales_multiply_one_term():
+    """``Lambdas.scales`` multiplies one term's lambda (key ``structure:layer``): its value and
+    its proximal step change by that factor, every other term is untouched, the scales survive
+    JSON and the budget's scaling, and a key the model lacks is a one-line error."""
+    from onnx_ssl.errors import InputError
+
+    model = models.build("lenet")
+    an = _analysis(model)
+    prepared = analysis.prepare(model)
+    rng = np.random.default_rng(0)
+    params = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64)
+              + rng.standard_normal(tuple(t.dims)) * 0.01
+              for t in prepared.graph.initializer if len(t.dims) >= 2}
+    shapes = {k: v.shape for k, v in params.items()}
+    plain = build_penalty(an, Lambdas(filter=0.02, channel=0.01), shapes)
+    keys = [f"{t.structure}:{t.label}" for t in plain.active_terms]
+    conv = [k for k in keys if k.startswith("filter:")]
+    assert len(conv) == 2, keys
+    c0 = "channel:" + conv[0].split(":", 1)[1]  # the first conv's other term on its weight
+    assert c0 in keys
+    lam = Lambdas(filter=0.02, channel=0.01,
+                  scales=((conv[1], 3.0), (conv[0], 0.0), (c0, 0.0)))
+    pen = build_penalty(an, lam, shapes)
+    by_key = {f"{t.structure}:{t.label}": t for t in pen.terms}
+    for t in plain.terms:
+        k = f"{t.structure}:{t.label}"
+        want = {conv[1]: 3.0, conv[0]: 0.0, c0: 0.0}.get(k, 1.0) * t.lam
+        assert by_key[k].lam == pytest.approx(want), k
+    # value: the scaled term counts 3 times, the zeroed one not at all
+    v = {f"{t.structure}:{t.label}": float(np.sum(plain.weights(t)
+                                                  * np.sqrt(t.sumsq(params) + plain.eps)))
+         for t in plain.active_terms}
+    want = sum(v.values()) + 2 * v[conv[1]] - v[conv[0]] - v[c0]
+    assert pen.value(params) == pytest.approx(want, rel=1e-12)
+    # the proximal step leaves the zero-scaled layer's weights alone
+    w0 = by_key[conv[0]].tensor
+    p2 = {k: x.copy() for k, x in params.items()}
+    pen.prox(p2, step=1.0)
+    np.testing.assert_array_equal(p2[w0], params[w0])
+    assert not np.array_equal(p2[by_key[conv[1]].tensor], params[by_key[conv[1]].tensor])
+    # JSON and the budget controller's scaling keep the scales
+    assert Penalty.from_json(pen.to_json()).value(params) == pytest.approx(pen.value(params))
+    assert lam.scaled(2.0).scales == lam.scales
+    assert conv[1] in lam.describe()
+    with pytest.raises(InputError, match="no such term; its terms are"):
+        build_penalty(an, Lambdas(filter=0.02, scales=(("filter:nope", 2.0),)), shapes)
+    with pytest.raises(InputError, match="STRUCTURE:LAYER"):
+        Lambdas(scales=(("conv2", 2.0),))
+    with pytest.raises(InputError, match=">= 0"):
+        Lambdas(scales=(("filter:conv2", -1.0),))

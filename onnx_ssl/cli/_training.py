@@ -46,16 +46,20 @@ def add_lambdas(p: argparse.ArgumentParser, defaults: dict[str, float]) -> None:
                        help=f"{LAMBDA_HELP[s]} (default {d:g})")
     g.add_argument("--scale-by-size", action="store_true",
                    help="multiply each group's term by sqrt(its number of weights)")
+    g.add_argument("--lambda-scale", action="append", default=[], metavar="STRUCTURE:LAYER=X",
+                   help="multiply one term's lambda by X, e.g. filter:conv2=2 (the layer is "
+                   "its node name, as `ssl`'s reports list it); repeat for more terms")
 
 
 def lambdas(args: argparse.Namespace, defaults: dict[str, float]) -> Any:
-    """The --lambda-* options given, or ``defaults`` when none is."""
+    """The --lambda-* options given, or ``defaults`` when none is; --lambda-scale either way."""
     from onnx_ssl.training.penalty import Lambdas
 
+    scales = [Lambdas.parse_scale(item) for item in getattr(args, "lambda_scale", None) or []]
     given = {s: getattr(args, f"lambda_{s}") for s in LAMBDA_FLAGS}
     if any(v is not None for v in given.values()):
-        return Lambdas(**{s: float(v or 0.0) for s, v in given.items()})
-    return Lambdas(**defaults)
+        return Lambdas(**{s: float(v or 0.0) for s, v in given.items()}, scales=tuple(scales))
+    return Lambdas(**defaults, scales=tuple(scales))
 
 
 def _chain_opts() -> tuple[Opt, ...]:

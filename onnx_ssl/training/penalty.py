@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -76,7 +76,11 @@ FC_OPS = tuple(op for op, r in RULES.items() if r.layer is not None and r.layer.
 
 @dataclass(frozen=True)
 class Lambdas:
-    """The per-structure strengths ``lambda_g`` of equation (1) (0 disables a structure)."""
+    """The per-structure strengths ``lambda_g`` of equation (1) (0 disables a structure), and
+    per-term multipliers: ``scales`` maps a term's key ``structure:layer`` (``filter:conv2``;
+    the layer is the node name, a coupled term's space id, a depth term's branch) to a factor
+    on that term's lambda, like the per-layer multipliers of the paper's Caffe solvers. The
+    key is the one ``ssl``'s reports list zero groups under."""
 
     filter: float = 0.0
     channel: float = 0.0
@@ -85,32 +89,63 @@ class Lambdas:
     neuron: float = 0.0
     depth: float = 0.0
     coupled: float = 0.0
+    scales: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
+        for f in STRUCTURES:
+            v = getattr(self, f)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise InputError(f"lambda for {f.name} must be a finite number >= 0, got {v!r}")
+                raise InputError(f"lambda for {f} must be a finite number >= 0, got {v!r}")
+        for k, v in self.scales:
+            if k.split(":", 1)[0] not in STRUCTURES or ":" not in k:
+                raise InputError(f"lambda scale {k!r}: the key must be STRUCTURE:LAYER with "
+                                 f"STRUCTURE one of {', '.join(STRUCTURES)}")
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise InputError(f"lambda scale {k}: must be a finite number >= 0, got {v!r}")
 
     def get(self, s: str) -> float:
         return float(getattr(self, s))
 
+    @staticmethod
+    def parse_scale(item: str) -> tuple[str, float]:
+        """``"filter:conv2=2"`` -> ``("filter:conv2", 2.0)`` (one ``scales`` entry)."""
+        key, eq, value = item.rpartition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            eq = ""
+        if not eq or not key:
+            raise InputError(f"lambda scale {item!r}: write STRUCTURE:LAYER=X, e.g. "
+                             f"filter:conv2=2")
+        return key, factor
+
+    def for_term(self, structure: str, label: str) -> float:
+        """The lambda of one term: its structure's, times the term's scale if given."""
+        return self.get(structure) * dict(self.scales).get(f"{structure}:{label}", 1.0)
+
     def active(self) -> tuple[str, ...]:
         return tuple(s for s in STRUCTURES if self.get(s) > 0)
 
-    def to_json(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items()}
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {s: self.get(s) for s in STRUCTURES}
+        if self.scales:
+            d["scales"] = {k: float(v) for k, v in self.scales}
+        return d
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> Lambdas:
-        return Lambdas(**{s: float(d.get(s, 0.0)) for s in STRUCTURES})
+        return Lambdas(**{s: float(d.get(s, 0.0)) for s in STRUCTURES},
+                       scales=tuple((str(k), float(v)) for k, v in d.get("scales", {}).items()))
 
     def scaled(self, factor: float) -> Lambdas:
-        return Lambdas(**{s: self.get(s) * factor for s in STRUCTURES})
+        return Lambdas(**{s: self.get(s) * factor for s in STRUCTURES}, scales=self.scales)
 
     def describe(self) -> str:
         act = [f"{s}={self.get(s):g}" for s in self.active()]
-        return ", ".join(act) if act else "none"
+        out = ", ".join(act) if act else "none"
+        if self.scales:
+            out += " (" + ", ".join(f"{k} x{v:g}" for k, v in self.scales) + ")"
+        return out
 
 
 # --- terms ---------------------------------------------------------------------------------
@@ -485,7 +520,8 @@ def build_penalty(
                 ("rows" if keep == (la.out_axis,) else "columns") if structure == "neuron" else ""
             )
             terms.append(
-                AxisTerm(structure, la.node, la.weight, shape, keep, lambdas.get(structure), side)
+                AxisTerm(structure, la.node, la.weight, shape, keep,
+                         lambdas.for_term(structure, la.node), side)
             )
     if lambdas.coupled > 0:
         for sp in analysis.spaces:
@@ -506,7 +542,8 @@ def build_penalty(
                 if r.is_weight and r.role in ("out", "in") and r.tensor in trainable
             )
             if parts:
-                terms.append(CoupledTerm("coupled", sp.id, sp.channels, parts, lambdas.coupled))
+                terms.append(CoupledTerm("coupled", sp.id, sp.channels, parts,
+                                         lambdas.for_term("coupled", sp.id)))
     if lambdas.depth > 0:
         depth_groups = [g for g in analysis.groups if g.kind == "depth"]
         if not depth_groups and analysis.branches:
@@ -527,15 +564,22 @@ def build_penalty(
                 )
             )
             if names:
+                label = g.id.rsplit("/depth", 1)[0]
                 terms.append(
                     DepthTerm(
                         "depth",
-                        g.id.rsplit("/depth", 1)[0],
+                        label,
                         names,
                         tuple(tuple(int(d) for d in trainable[n]) for n in names),
-                        lambdas.depth,
+                        lambdas.for_term("depth", label),
                     )
                 )
+    keys = {f"{t.structure}:{t.label}" for t in terms}
+    unknown = [k for k, _ in lambdas.scales if k not in keys]
+    if unknown:
+        raise InputError(
+            f"lambda scale for {unknown[0]}: the model has no such term; its terms are "
+            f"{', '.join(sorted(keys)[:12])}{', ...' if len(keys) > 12 else ''}")
     for s in lambdas.active():
         if not any(t.structure == s and t.lam > 0 for t in terms):
             log.warning("lambda-%s is set but the model has no %s groups", s, s)
@@ -546,7 +590,14 @@ def build_penalty(
 
 
 class GraphWriter:
-    """Appends nodes and initializers to a graph (protobuf messages built directly)."""
+    """Appends nodes and initializers to a graph (protobuf messages built directly).
+
+    This is the one writer that stays on protobuf: it writes the loss graph inside
+    onnxblock's ``Block.build``, where onnxblock hands over its own ``ModelProto`` (the door
+    to ONNX Runtime's training API; the loss nodes are part of the model onnxblock then
+    differentiates). The forward graph reaches onnxblock already rewritten on
+    onnx-graphsurgeon (:mod:`onnx_ssl.training.forms`, :mod:`onnx_ssl.decompositions`).
+    """
 
     def __init__(self, graph: onnx.GraphProto, opset: int, prefix: str = "ssl") -> None:
         if opset < 11:
