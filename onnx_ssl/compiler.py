@@ -180,15 +180,18 @@ class PruneReport:
             rows.append((s.node, s.op, f"{s.filters_before} -> {s.filters_after}",
                          f"{s.channels_before} -> {s.channels_after}",
                          f"{s.params_before} -> {s.params_after}",
-                         f"{s.macs_before} -> {s.macs_after}", f"{s.mac_fraction:.1%}"))
+                         f"{s.macs_before} -> {s.macs_after}" if s.macs_before else "-",
+                         f"{s.mac_fraction:.1%}" if s.macs_before else "-"))
         lines = format_table(rows)
         frac = self.macs_after / self.macs_before if self.macs_before else 0.0
         pfrac = self.params_after / self.params_before if self.params_before else 0.0
+        macs = (f"MACs {self.macs_before} -> {self.macs_after} ({frac:.1%}, "
+                f"{1 / frac if frac else float('inf'):.2f}x fewer)" if self.macs_before else
+                "MACs not static (a shape depends on the symbolic batch; `analyze` says which)")
         lines += [
             "",
             f"layers {self.layers_before} -> {self.layers_after}; params {self.params_before}"
-            f" -> {self.params_after} ({pfrac:.1%}); MACs {self.macs_before} -> "
-            f"{self.macs_after} ({frac:.1%}, {1 / frac if frac else float('inf'):.2f}x fewer)",
+            f" -> {self.params_after} ({pfrac:.1%}); {macs}",
         ]
         for name, r in self.passes:
             if r.modified:
@@ -307,6 +310,11 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
         release_memory()
     diffs = tuple(verify_outputs(reference, final, n=verify_n, seed=seed)) if verify_n else None
     after_layers = shaped if shaped is not None else model_layers(final)
+    if before.layers and not before.macs:
+        # The input's MACs are not static (a shape depends on a batch the analysis could not
+        # bind); the result's may be (prune folded what blocked it), but a count against an
+        # unknown is no comparison: both stay unknown (0), as `analyze` reports them.
+        after_layers = tuple(dataclasses.replace(la, macs=0) for la in after_layers)
     stats = tuple(dataclasses.replace(
         s, params_before=s.params_before + maps_before.get(s.node, 0),
         params_after=s.params_after + maps_after.get(s.node, 0))

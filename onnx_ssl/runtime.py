@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from . import env
 from .errors import InputError, UnsupportedModelError, VerificationError, one_line
@@ -54,9 +55,33 @@ class _ReferenceSession:
         return list(self._ref.run(list(names) if names is not None else None, dict(feeds)))
 
 
+# ONNX Runtime's default logger severity (it has no getter): 2, warnings and worse.
+_ORT_DEFAULT_SEVERITY = 2
+
+
+@contextlib.contextmanager
+def _fold_quietly(rt: Any | None) -> Iterator[None]:
+    """Keep onnx-graphsurgeon's fold from printing: its own warnings (a foldable node with a
+    large output, the missing ``colored`` module) and those of the sessions it opens (ONNX
+    Runtime's optimizers log every Unsqueeze they cannot remove, hundreds of lines on a
+    transformer). Ours set their severity themselves; the fold's take the default logger's,
+    which is set to errors for the fold and back to ONNX Runtime's default after it."""
+    logger = gs.logger.G_LOGGER
+    severity = logger.severity
+    logger.severity = max(severity, logger.ERROR)
+    if rt is not None:
+        rt.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        logger.severity = severity
+        if rt is not None:
+            rt.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
+
+
 @contextlib.contextmanager
 def folding_runtime() -> Iterator[None]:
-    """What onnx-graphsurgeon's ``fold_constants`` imports as ``onnxruntime``.
+    """What onnx-graphsurgeon's ``fold_constants`` imports as ``onnxruntime``, and quiet.
 
     With a runtime installed, the real one (torch-free through the shim). Without one
     (``analyze`` needs none), a stand-in module whose ``InferenceSession`` is onnx's
@@ -64,14 +89,16 @@ def folding_runtime() -> Iterator[None]:
     """
     if env.has_ort():
         env.install_shim()
-        yield
+        with _fold_quietly(ort()):
+            yield
         return
     stand_in = types.ModuleType("onnxruntime", "onnx-ssl's stand-in: onnx.reference")
     stand_in.InferenceSession = _ReferenceSession  # type: ignore[attr-defined]
     stand_in.__onnx_ssl_stand_in__ = True  # type: ignore[attr-defined]
     sys.modules["onnxruntime"] = stand_in
     try:
-        yield
+        with _fold_quietly(None):
+            yield
     finally:
         if sys.modules.get("onnxruntime") is stand_in:
             del sys.modules["onnxruntime"]

@@ -435,3 +435,32 @@ def test_dynamic_batch_prunes_exactly(case: tuple[str, str], side: str) -> None:
         for k, v in want.items():
             tol = runtime.ATOL + runtime.RTOL * float(np.max(np.abs(v)))
             np.testing.assert_allclose(got[k], v, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c == ("hf_swin", "ts_dynbatch")],
+                         ids=_id)
+def test_prune_prints_its_report_and_nothing_else(case: tuple[str, str], tmp_path) -> None:
+    """The sessions onnx-graphsurgeon's constant fold opens log a warning for every Unsqueeze
+    ONNX Runtime's optimisers cannot remove, and onnx-graphsurgeon warns of its own: on this
+    Swin that was 110 lines around prune's report (hundreds on a larger one)."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "m.onnx"
+    onnx.save(model(*case), str(src))
+    r = subprocess.run([sys.executable, "-m", "onnx_ssl", "prune", str(src), "-o",
+                        str(tmp_path / "o.onnx"), "--no-verify"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [ln for ln in r.stderr.splitlines() if not ln.startswith("wrote ")] == [], \
+        r.stderr[:2000]
+    assert r.stdout.startswith("layer ") and "[W]" not in r.stdout, r.stdout[:2000]
+
+
+def test_macs_that_are_not_static_are_reported_so() -> None:
+    from onnx_ssl.compiler import LayerStat, PruneReport
+
+    rep = PruneReport("m", (LayerStat("mm", "MatMul", 8, 8, 8, 8, 64, 64, 0, 0),), 1, 1, 64,
+                      64, 0, 0, ())
+    text = rep.to_text()
+    assert "MACs not static" in text and "inf" not in text and "(0.0%" not in text, text
