@@ -1113,8 +1113,10 @@ def format_table(a: Analysis) -> str:
     lines += [
         "",
         f"model {a.model}: {len(a.layers)} layers, params {_fmt_int(a.params)} "
-        f"({a.params}), MACs {_fmt_int(a.macs)} ({a.macs})"
-        + (" per sample" if a.macs_per_sample else ""),
+        + (f"({a.params}), MACs {_fmt_int(a.macs)} ({a.macs})"
+           + (" per sample" if a.macs_per_sample else "")
+           if a.macs or not a.layers
+           else f"({a.params}), MACs not static (a layer's shapes are not)"),
         f"channel spaces: {len(a.spaces)} ({n_prunable} prunable), channels {ch_total} "
         f"({ch_prunable} prunable)",
     ]

@@ -60,3 +60,41 @@ def test_report_counts_the_layers_of_the_model_it_hands_out(monkeypatch, side, s
     assert r.macs_after < r.macs_before
     assert {s.node: (s.params_after, s.macs_after) for s in r.layers if s.macs_after} == {
         la.node: (la.params + maps.get(la.node, 0), la.macs) for la in layers}
+
+
+def test_a_bias_map_behind_an_activation_matmul_is_no_layer_param():
+    """Attention adds a constant position-bias map to Q x K^T (Swin): that MatMul of two
+    activations is no layer, so the map counts in no layer's params and not in the total
+    (it added Swin-T's 223,293 bias-table values to the total but to no row)."""
+    m = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4, 8] x) => (float[1, 4, 4] y) <float[8, 8] w, float[4, 4] pos> {
+            q = MatMul(x, w)
+            kt = Transpose<perm = [0, 2, 1]>(q)
+            s = MatMul(q, kt)
+            y = Add(s, pos)
+        }""")
+    rng = np.random.default_rng(0)
+    for t, shape in (("w", (8, 8)), ("pos", (4, 4))):
+        m.graph.initializer.append(onnx.numpy_helper.from_array(
+            rng.standard_normal(shape).astype(np.float32), t))
+    rep = compiler.prune(m, verify=0).report
+    assert rep.params_before == rep.params_after == 64 == analyze(m).params
+    assert sum(s.params_before for s in rep.layers) == 64 and len(rep.layers) == 1
+
+
+def test_macs_of_a_model_with_dynamic_spatial_dims_are_not_static():
+    from onnx_ssl.analysis import format_table
+
+    m = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 2, H, W] x) => (float[1, 3, H, W] y) <float[3, 2, 1, 1] w> {
+            y = Conv(x, w)
+        }""")
+    m.graph.initializer.append(onnx.numpy_helper.from_array(
+        np.ones((3, 2, 1, 1), np.float32), "w"))
+    a = analyze(m)
+    assert a.macs == 0 and len(a.layers) == 1
+    assert "MACs not static" in format_table(a) and "MACs 0" not in format_table(a)
+    text = compiler.prune(m, verify=0).report.to_text()
+    assert "MACs not static" in text and "inf" not in text, text
