@@ -55,7 +55,7 @@ from .io import (
     tensor_map,
     to_graph,
 )
-from .rules import RULES, apply_rule
+from .rules import RULES, apply_rule, layer_weight
 from .runtime import folding_runtime
 from .text import format_table as text_table
 
@@ -853,14 +853,11 @@ def layers_of(graph: gs.Graph) -> tuple[Layer, ...]:
 def _layers(graph: gs.Graph, e: Engine | None, ids: dict[int, str]) -> tuple[Layer, ...]:
     layers = []
     for node in graph.nodes:
-        rule = RULES.get(node.op)
-        slots = rule.layer if rule is not None else None
-        if slots is None or len(node.inputs) <= slots.weight:
+        found = layer_weight(node)
+        if found is None:
             continue
+        slots, wv = found
         w = node.inputs[slots.weight]
-        wv = const_value(w)
-        if wv is None or (slots.weight_ndim is not None and wv.ndim != slots.weight_ndim):
-            continue
         b = slots.bias
         bias = (node.inputs[b] if b is not None and len(node.inputs) > b and node.inputs[b].name
                 else None)

@@ -325,10 +325,6 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
     kept: list[str] = []
     for _, r in passes:
         kept += list(getattr(r, "kept", ()))
-    # Maps behind a layer count as its params; an activation MatMul is no layer (Swin's
-    # relative position bias after Q x K^T is a map there, and no param of any layer).
-    maps_before = _of_layers(maps_before, before.layers)
-    maps_after = _of_layers(maps_after, after_layers)
     report = PruneReport(
         model=name or model.graph.name, layers=stats,
         layers_before=len(before.layers), layers_after=len(after_layers),
@@ -338,13 +334,6 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
         passes=tuple(passes), threshold=threshold,
         threshold_effect=effect, verification=diffs, kept=tuple(kept))
     return PruneResult(final, report)
-
-
-def _of_layers(maps: dict[str, int], layers: Sequence[Layer]) -> dict[str, int]:
-    """The bias maps behind ``layers`` (a lowered conv's pieces are ``<conv>.lowered...``)."""
-    names = {la.node for la in layers}
-    return {k: v for k, v in maps.items()
-            if k in names or k.split(".lowered", 1)[0] in names}
 
 
 def _shaped_layers(graph: gs.Graph) -> tuple[Layer, ...] | None:

@@ -251,14 +251,15 @@ def bias_maps(graph: gs.Graph) -> dict[str, int]:
 
     ``Add(layer(x), k)`` with a constant ``k`` of rank >= 2 is a per-position bias map (the
     channel pass adds one behind a padded convolution that read a removed constant channel):
-    params of the layer that its weight and bias do not show.
+    params of the layer that its weight and bias do not show. Only parameterised layers
+    count: a map after a MatMul of two activations (attention's position bias after
+    Q x K^T) belongs to no layer.
     """
-    from .rules import RULES  # the op table (rules -> ops -> graphutil: imported late)
+    from .rules import layer_weight  # the op table (rules -> ops -> graphutil: imported late)
 
     out: dict[str, int] = {}
     for node in graph.nodes:
-        rule = RULES.get(node.op)
-        if rule is None or rule.layer is None or not node.outputs:
+        if layer_weight(node) is None or not node.outputs:
             continue
         y = node.outputs[0]
         while len(y.outputs) == 1 and y.outputs[0].op == "Add" and y.outputs[0].outputs:

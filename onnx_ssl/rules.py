@@ -942,3 +942,17 @@ def apply_rule(e: Engine, node: gs.Node) -> None:
         flow_block(e, node, rule)
         return
     rule.flow(e, node, rule)
+
+
+def layer_weight(node: gs.Node) -> tuple[ops.LayerSlots, np.ndarray] | None:
+    """The layer slots of ``node`` and its constant weight, or None when the node is no
+    parameterised layer (an op without layer slots, or one whose weight is an activation, as
+    the Q x K^T MatMul of attention)."""
+    rule = RULES.get(node.op)
+    slots = rule.layer if rule is not None else None
+    if slots is None or len(node.inputs) <= slots.weight:
+        return None
+    wv = const_value(node.inputs[slots.weight])
+    if wv is None or (slots.weight_ndim is not None and wv.ndim != slots.weight_ndim):
+        return None
+    return slots, wv

@@ -78,6 +78,8 @@ import onnx
 from onnx_ssl.io import load_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from reproduce_resnet_depth import paper_layers  # noqa: E402  (the sibling script's count)
 
 
 def lenet(seed: int = 0) -> Any:
@@ -94,7 +96,6 @@ def lenet(seed: int = 0) -> Any:
 
 def resnet20(seed: int = 0) -> Any:
     """The CIFAR ResNet-20 with one input channel (scripts/reproduce_resnet_depth.py's)."""
-    sys.path.insert(0, str(REPO / "scripts"))
     from reproduce_resnet_depth import torch_resnet
 
     return torch_resnet(20, 16, 1, seed)
@@ -154,22 +155,13 @@ def filters(model: onnx.ModelProto) -> list[int]:
     return [dims[n.input[1]][0] for n in model.graph.node if n.op_type == "Conv"]
 
 
-def layers(model: onnx.ModelProto) -> int:
-    """Layers counted as the paper counts a ResNet's: convs on the main path (not the 1x1
-    projection shortcuts, named ``downsample`` by both exporters) plus the FC layers."""
-    return sum(1 for n in model.graph.node if n.op_type in ("Gemm", "MatMul")
-               or (n.op_type == "Conv" and "downsample" not in n.name))
-
-
 def stage_filters(model: onnx.ModelProto) -> list[int]:
     """A ResNet's conv filters summed per part: the stem, then each ``layer{s}`` by node name
     (both exporters name a block's nodes ``/layer{s}/layer{s}.{i}/...``)."""
-    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
     parts = [0, 0, 0, 0]
-    for n in model.graph.node:
-        if n.op_type == "Conv":
-            s = next((k for k in (1, 2, 3) if f"layer{k}" in n.name), 0)
-            parts[s] += dims[n.input[1]][0]
+    for n, k in zip(convs, filters(model), strict=True):
+        parts[next((s for s in (1, 2, 3) if f"layer{s}" in n.name), 0)] += k
     return parts
 
 
@@ -234,7 +226,7 @@ def row(method: str, target: float | None, model: onnx.ModelProto, val: Any,
     err = evaluate_model(model, val)[1]
     return {"method": method, "target": target, "macs": macs, "mac_fraction": macs / macs0,
             "params": params, "error": err, "filters": filters(model),
-            "stage_filters": stage_filters(model), "layers": layers(model),
+            "stage_filters": stage_filters(model), "layers": paper_layers(model),
             "model": path.name,
             "seconds": round(seconds, 1), **extra}
 
@@ -388,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in res["rows"]:  # counts added since the run: from the model files it wrote
             if "layers" not in r or "stage_filters" not in r:
                 m = load_model(out / r["model"])
-                r.update(layers=layers(m), stage_filters=stage_filters(m))
+                r.update(layers=paper_layers(m), stage_filters=stage_filters(m))
         write_report(res["setup"], res["rows"], out, fig)
         return 0
 

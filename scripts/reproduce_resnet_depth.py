@@ -151,11 +151,17 @@ def block_names(depth: int) -> list[tuple[int, int]]:
     return [(s, i) for s in range(1, STAGES + 1) for i in range(n)]
 
 
+def paper_layers(model: onnx.ModelProto) -> int:
+    """Layers counted as the paper counts a ResNet's: the convs on the main path (not the 1x1
+    projection shortcuts, named ``downsample`` by both exporters) plus the FC layers."""
+    return sum(1 for n in model.graph.node if n.op_type in ("Gemm", "MatMul")
+               or (n.op_type == "Conv" and "downsample" not in n.name))
+
+
 def structure(model: onnx.ModelProto, depth: int) -> dict[str, Any]:
     """Which residual blocks of ``model`` (a ResNet-``depth`` export, perhaps pruned) still
     have their branch, and the layer counts."""
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    fcs = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
     proj = [n for n in convs if "downsample" in n.name]
     kept: dict[int, int] = dict.fromkeys(range(1, STAGES + 1), 0)
     for s, i in block_names(depth):
@@ -165,7 +171,7 @@ def structure(model: onnx.ModelProto, depth: int) -> dict[str, Any]:
     return {
         "conv_layers": len(convs),
         "projection_convs": len(proj),
-        "layers": len(convs) - len(proj) + len(fcs),
+        "layers": paper_layers(model),
         "blocks_kept": [kept[s] for s in range(1, STAGES + 1)],
         "blocks_removed": [n - kept[s] for s in range(1, STAGES + 1)],
     }
