@@ -1,7 +1,8 @@
 """The coupled-group analysis of an ONNX graph.
 
 ``prepare`` makes the *working copy* the analysis and the prune passes work on: every node
-gets a unique name, a symbolic leading (batch) input dim is bound to ``BOUND_BATCH``, the
+gets a unique name, a symbolic leading (batch) input dim is bound to ``BOUND_BATCH`` (a model
+that does not run at another batch size is refused: its batch is not really dynamic), the
 shape arithmetic that static shapes make constant is folded (and Constant nodes become
 initializers), each reader of a merged constant gets its own copy, and shapes are inferred.
 ``analyze`` propagates channel layouts through the graph with the op rules of
@@ -30,7 +31,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .channels import Engine, Layout, RawRef, Seg, const_value, static_shape
+from .channels import Engine, Layout, Seg, const_value, static_shape
 from .errors import InputError, OnnxSslError, UnsupportedModelError, one_line
 from .graphutil import clear_inner_shapes, graph_key, unique_name
 from .groups import (
@@ -55,8 +56,10 @@ from .io import (
     tensor_map,
     to_graph,
 )
+from .names import fresh_name
+from .reasons import Reason, ReasonCode
 from .rules import RULES, apply_rule, layer_weight
-from .runtime import folding_runtime
+from .runtime import DYNAMIC_BATCH, fails_at_batch, folding_runtime
 from .text import format_table as text_table
 
 log = logging.getLogger(__name__)
@@ -75,8 +78,26 @@ PROBE_BATCH = 3
 
 Dim = int | str | None
 # (node, input index) -> ((position, factor), ...): entry `position` of that constant 1-D
-# vector is `factor` x the batch size.
+# vector (or of a 0-D one, position 0) is `factor` x the batch size.
 BatchSlots = Mapping[tuple[str, int], tuple[tuple[int, int], ...]]
+# Ops that the write-back of an affine per-sample constant uses (Range) exist from opset 11.
+RANGE_OPSET = 11
+
+
+@dataclass(frozen=True, eq=False)
+class BatchTile:
+    """A folded constant that is one block of its first ``rows`` rows (axis 0) once per
+    sample: the same block each time (``step`` None: a class token or an attention mask
+    expanded to the batch), or, for an integer tensor, sample i's block is sample 0's plus
+    i x ``step`` (an index computed from the batch, like ``Range(batch)[:, None] * T +
+    Range(T)`` that gathers each sample's rows of a flattened mask)."""
+
+    rows: int
+    step: np.ndarray | None = None
+
+
+# (node, input index) -> that constant's per-sample block (see BatchTile).
+BatchTiles = Mapping[tuple[str, int], BatchTile]
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -117,8 +138,9 @@ class WorkingCopy:
     original. ``allowed``: the input's initializers and Constant node outputs. ``prefold``:
     the model before constant folding (to trace folded constants back to the input's
     tensors). ``batch``: bound input -> its symbolic dim (a name, or None when unnamed);
-    ``outputs``: declared output shapes to restore; ``slots``: the folded constants that
-    depend on the batch.
+    ``outputs``: declared output shapes to restore; ``slots`` and ``tiles``: the folded
+    constants that depend on the batch (shape vectors and sizes computed from it; tensors
+    repeated once per sample, or growing by a constant step per sample: see BatchTile).
     """
 
     model: onnx.ModelProto | None
@@ -132,6 +154,7 @@ class WorkingCopy:
     outputs: Mapping[str, tuple[Dim, ...]] = dataclasses.field(default_factory=dict)
     slots: BatchSlots = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    tiles: BatchTiles = dataclasses.field(default_factory=dict)
 
     # --- back to the input model ---------------------------------------------------------
     def unbind(self, graph: gs.Graph) -> gs.Graph:
@@ -139,7 +162,8 @@ class WorkingCopy:
         again: graph inputs and outputs get the input's declarations back, and every folded
         constant that depends on the batch is written without it (a Reshape target with one
         batch entry gets -1 there; others are computed from the input's batch size at run
-        time). Inner shapes are forgotten (shape inference recomputes them)."""
+        time: a Tile of the per-sample block, or block + Range(batch) x step). Inner shapes
+        are forgotten (shape inference recomputes them)."""
         if not self.batch:
             return graph
         for t in graph.inputs:
@@ -150,25 +174,99 @@ class WorkingCopy:
                 t.shape = list(self.outputs[t.name])
         nodes = {n.name: n for n in graph.nodes}
         size: gs.Tensor | None = None  # the batch size as a 1-D int64 tensor, made once
-        for (name, i), pos in self.slots.items():
+        todo: list[tuple[str, int, tuple[tuple[int, int], ...] | BatchTile]] = [
+            *((name, i, pos) for (name, i), pos in self.slots.items()),
+            *((name, i, tile) for (name, i), tile in self.tiles.items())]
+        for name, i, how in todo:
             node = nodes.get(name)
             if node is None or i >= len(node.inputs) or not isinstance(node.inputs[i],
                                                                        gs.Constant):
                 continue  # removed, or no longer a folded constant
             v = np.asarray(node.inputs[i].values).copy()
-            if node.op == "Reshape" and i == 1 and len(pos) == 1 and not np.any(v == -1):
-                v[pos[0][0]] = -1
+            if (node.op == "Reshape" and i == 1 and isinstance(how, tuple) and len(how) == 1
+                    and not np.any(v == -1)):
+                v[how[0][0]] = -1
                 node.inputs[i] = gs.Constant(unique_name(graph, f"{name}.shape"), v)
                 continue
             made: list[gs.Node] = []
-            if size is None:
-                size = self._batch_size(graph, made)
-            node.inputs[i] = self._batch_vector(graph, name, v, pos, size, made)
+            if size is None:  # first in the graph: every later write-back reads it
+                first: list[gs.Node] = []
+                size = self._batch_size(graph, first)
+                graph.nodes[0:0] = first
+            if isinstance(how, BatchTile) and how.step is not None:
+                node.inputs[i] = self._batch_steps(graph, name, v[:how.rows], how.step, size,
+                                                   made)
+            elif isinstance(how, BatchTile):
+                node.inputs[i] = self._batch_tile(graph, name, v[:how.rows], size, made)
+            else:
+                node.inputs[i] = self._batch_vector(graph, name, v, how, size, made)
             # In graph order: right before the node (they read only the graph input).
             at = next(k for k, n in enumerate(graph.nodes) if n is node)
             graph.nodes[at:at] = made
         clear_inner_shapes(graph)
         return graph
+
+    @staticmethod
+    def _batch_tile(graph: gs.Graph, name: str, block: np.ndarray, size: gs.Tensor,
+                    made: list[gs.Node]) -> gs.Tensor:
+        """``Tile(block, [batch, 1, ...])``: ``block`` once per sample along axis 0; the
+        nodes that compute it go to ``made``."""
+        ones = gs.Constant(unique_name(graph, f"{name}.tile_ones"),
+                           np.ones(block.ndim - 1, dtype=np.int64))
+        reps = gs.Variable(unique_name(graph, f"{name}_tile_repeats"), dtype=np.int64)
+        made.append(gs.Node("Concat", name=unique_name(graph, f"{name}_tile_repeats"),
+                            attrs={"axis": 0}, inputs=[size, ones], outputs=[reps]))
+        out = gs.Variable(unique_name(graph, f"{name}_batch_tile"), dtype=block.dtype)
+        made.append(gs.Node("Tile", name=unique_name(graph, f"{name}_batch_tile"),
+                            inputs=[gs.Constant(unique_name(graph, f"{name}.per_sample"),
+                                                block), reps], outputs=[out]))
+        return out
+
+    @staticmethod
+    def _batch_steps(graph: gs.Graph, name: str, block: np.ndarray, step: np.ndarray,
+                     size: gs.Tensor, made: list[gs.Node]) -> gs.Tensor:
+        """``block + i x step`` for sample i = 0 .. batch-1, stacked along axis 0 (``Range``
+        over the batch, reshaped to broadcast, times ``step``, plus ``block``); the nodes
+        that compute it go to ``made``."""
+        if step.shape != block.shape:
+            raise OnnxSslError(f"{name}: the per-sample block of a constant computed from the "
+                               f"batch size was reshaped by the rewrite ({block.shape}, its "
+                               f"step {step.shape}); it cannot be written back")
+        used = ({n.name for n in made} | {t.name for n in made for t in n.outputs}
+                | set(tensor_map(graph)) | {n.name for n in graph.nodes})
+
+        def fresh(base: str) -> str:  # unique also among what is not in the graph yet
+            return fresh_name(used, base, start=1)
+
+        def node(op: str, base: str, inputs: list[gs.Tensor], dtype: Any = np.int64,
+                 **attrs: Any) -> gs.Tensor:
+            out = gs.Variable(fresh(f"{name}_{base}"), dtype=dtype)
+            made.append(gs.Node(op, name=fresh(f"{name}_{base}"), attrs=attrs, inputs=inputs,
+                                outputs=[out]))
+            return out
+
+        def const(base: str, v: np.ndarray) -> gs.Constant:
+            return gs.Constant(fresh(f"{name}.{base}"), v)
+
+        one_row = block.shape[0] == 1  # one row per sample: the samples are that axis
+        ndim = block.ndim if one_row else block.ndim + 1
+        n = node("Reshape", "batch_scalar",
+                 [size, const("scalar_shape", np.zeros(0, np.int64))])
+        i = node("Range", "sample_index", [const("zero", np.array(0, np.int64)), n,
+                                           const("one", np.array(1, np.int64))])
+        i = node("Reshape", "sample_column", [i, const("column_shape", np.array(
+            [-1, *(1,) * (ndim - 1)], np.int64))])
+        per = block if one_row else block[None]
+        grown = node("Mul", "batch_step", [i, const("step", (step if one_row else step[None])
+                                                    .astype(np.int64))])
+        out = node("Add", "batch_steps", [grown, const("per_sample", per.astype(np.int64))])
+        if not one_row:
+            out = node("Reshape", "batch_rows", [out, const("rows_shape", np.array(
+                [-1, *block.shape[1:]], np.int64))])
+        if block.dtype == np.int64:
+            return out
+        return node("Cast", "batch_steps_cast", [out], dtype=block.dtype,
+                    to=_INT_TYPES[block.dtype.type])
 
     def _batch_size(self, graph: gs.Graph, made: list[gs.Node]) -> gs.Tensor:
         x = next(t for t in graph.inputs if t.name in self.batch)
@@ -186,16 +284,15 @@ class WorkingCopy:
     def _batch_vector(graph: gs.Graph, name: str, v: np.ndarray,
                       pos: tuple[tuple[int, int], ...], size: gs.Tensor, made: list[gs.Node]
                       ) -> gs.Tensor:
-        """``v`` with entry ``p`` replaced by ``factor`` x the batch size, for each pair; the
-        nodes that compute it go to ``made``."""
-        used = {n.name for n in made} | {t.name for n in made for t in n.outputs}
+        """``v`` with entry ``p`` replaced by ``factor`` x the batch size, for each pair (a
+        0-D ``v``: its one entry); the nodes that compute it go to ``made``."""
+        used = ({n.name for n in made} | {t.name for n in made for t in n.outputs}
+                | set(tensor_map(graph)) | {n.name for n in graph.nodes})
+        scalar = v.ndim == 0
+        v = v.reshape(-1)
 
         def fresh(base: str) -> str:  # unique also among what is not in the graph yet
-            k, out = 1, unique_name(graph, base)
-            while out in used:
-                k, out = k + 1, unique_name(graph, f"{base}_{k}")
-            used.add(out)
-            return out
+            return fresh_name(used, base, start=1)
 
         parts: list[gs.Tensor] = []
         start = 0
@@ -215,6 +312,12 @@ class WorkingCopy:
         out = gs.Variable(fresh(f"{name}_batch_shape"), dtype=np.int64)
         made.append(gs.Node("Concat", name=fresh(f"{name}_batch_shape"), attrs={"axis": 0},
                             inputs=parts, outputs=[out]))
+        if scalar:
+            vec, out = out, gs.Variable(fresh(f"{name}_batch_scalar"), dtype=np.int64)
+            made.append(gs.Node("Reshape", name=fresh(f"{name}_batch_scalar"),
+                                inputs=[vec, gs.Constant(fresh(f"{name}.scalar_shape"),
+                                                         np.zeros(0, np.int64))],
+                                outputs=[out]))
         if v.dtype == np.int64:
             return out
         cast = gs.Variable(fresh(f"{name}_batch_shape_cast"), dtype=v.dtype)
@@ -230,20 +333,27 @@ class WorkingCopy:
         Every member names an initializer or a Constant node output of the input: a copy made
         by :func:`unshare_constants` is its original (same slice); a folded constant is the
         slice of the input tensor(s) it was computed from (a reshape, transpose, gather, ...
-        of them), traced by folding again with the input's elements numbered. One input
-        tensor reached through several copies is listed once per distinct slice. A member
-        that no slice of an input tensor stands for blocks its group (and its channel
-        space), with the reason.
+        of them), traced by folding again with the input's elements numbered (a chain of
+        transposes, reshapes, slices and casts of one tensor: by numpy, at any size). A
+        layer whose weight is such a permutation of one input tensor names that tensor, with
+        its shape and axes. One input tensor reached through several copies is listed once
+        per distinct slice. A member that no slice of an input tensor stands for blocks its
+        group (and its channel space), with the reason.
         """
-        mapped: list[tuple[Group, tuple[Member, ...], str | None]] = []
-        blocked: dict[str, str] = {}
-        traces = self._traces({self.copies.get(m.tensor, m.tensor) for g in a.groups
-                               for m in g.members} - self.allowed)
+        mapped: list[tuple[Group, tuple[Member, ...], Reason | None]] = []
+        blocked: dict[str, Reason] = {}
+        traces = self._traces(({self.copies.get(m.tensor, m.tensor) for g in a.groups
+                                for m in g.members}
+                               | {self.copies.get(la.weight, la.weight) for la in a.layers})
+                              - self.allowed)
+        permutations = frozenset(n for n, t in traces.items() if _is_permutation(t))
+        transposes = {n: p for n in permutations
+                      if (p := _transpose_axes(traces[n])) is not None}
         for g in a.groups:
             members: dict[tuple[str, Slice], Member] = {}
-            why = None
+            why: Reason | None = None
             for m in g.members:
-                got, w = self._member_in_input(m, traces)
+                got, w = self._member_in_input(m, traces, permutations, transposes)
                 why = why or w
                 for x in got:
                     members.setdefault((x.tensor, x.slice), x)
@@ -265,42 +375,78 @@ class WorkingCopy:
                 prunable, reason = False, reason or why
             groups.append(dataclasses.replace(g, prunable=prunable, reason=reason,
                                               members=kept))
-        layers = tuple(dataclasses.replace(
+        layers = tuple(self._layer_in_input(dataclasses.replace(
             la, weight=self.copies.get(la.weight, la.weight),
-            bias=None if la.bias is None else self.copies.get(la.bias, la.bias))
-            for la in a.layers)
+            bias=None if la.bias is None else self.copies.get(la.bias, la.bias)), traces,
+            permutations) for la in a.layers)
         return dataclasses.replace(a, spaces=spaces, groups=tuple(groups), layers=layers,
                                    notes=(*a.notes, *self.notes),
                                    macs_per_sample=bool(self.batch),
                                    key=None)  # it describes the input, no graph of ours
 
-    def _member_in_input(self, m: Member, traces: Mapping[str, Any]
-                         ) -> tuple[list[Member], str | None]:
+    def _layer_in_input(self, la: Layer, traces: Mapping[str, Any],
+                        permutations: frozenset[str]) -> Layer:
+        """``la`` with a weight folded from one input tensor by moving its elements (the
+        Transpose of a linear layer's weight, exported unfolded) named as that tensor, with
+        its shape and axes; ``la`` itself when its weight is no such tensor."""
+        if la.weight in self.allowed or la.weight not in permutations:
+            return la
+        codes, ((src, offset, shape),) = traces[la.weight]
+        axes = [_source_axis(codes - offset, a, shape) for a in (la.out_axis, la.in_axis)]
+        if axes[0] is None or axes[1] is None:
+            return la
+        return dataclasses.replace(la, weight=src, weight_shape=shape, out_axis=axes[0],
+                                   in_axis=axes[1])
+
+    def _member_in_input(self, m: Member, traces: Mapping[str, Any],
+                         permutations: frozenset[str],
+                         transposes: Mapping[str, tuple[int, ...]]
+                         ) -> tuple[list[Member], Reason | None]:
         name = self.copies.get(m.tensor, m.tensor)
         if name in self.allowed:
             return [Member(name, m.role, m.slice)], None
         trace = traces.get(name)
         if trace is None:
-            return [], f"weight {m.tensor} is not a tensor of the input model"
+            return [], Reason(ReasonCode.NOT_A_MODEL_SLICE,
+                              f"weight {m.tensor} is not a tensor of the input model",
+                              tensor=m.tensor)
         if isinstance(trace, str):
-            return [], f"weight {m.tensor} is {trace}"
+            return [], Reason(ReasonCode.NOT_A_MODEL_SLICE, f"weight {m.tensor} is {trace}",
+                              tensor=m.tensor)
         codes, sources = trace
-        mask = np.zeros(codes.shape, dtype=bool)
-        mask[m.index(codes.shape)] = True
-        picked = np.unique(codes[mask])
+        if name in transposes:  # axis a of the member is axis axes[a] of the source
+            src, _, shape = sources[0]
+            moved: list[tuple[int, ...] | None] = [None] * len(shape)
+            for a, d in enumerate(transposes[name]):
+                x = m.slice[a]
+                moved[d] = (None if x is None or len(set(x)) == shape[d]
+                            else tuple(sorted(set(x))))
+            return [Member(src, m.role, tuple(moved))], None
+        index = m.index(codes.shape)
+        picked = np.unique(codes[index])
+        # Of a permutation of one tensor, no element outside the member is in its slice: the
+        # check below, linear in the tensor's size for each member, is skipped.
+        mask = None if name in permutations else np.zeros(codes.shape, dtype=bool)
+        if mask is not None:
+            mask[index] = True
         out = []
         for src, offset, shape in sources:
             local = picked[(picked >= offset) & (picked < offset + math.prod(shape))] - offset
             if not local.size:
                 continue
-            coords = np.unravel_index(local, shape)
-            axes = [np.unique(c) for c in coords]
-            block = offset + np.ravel_multi_index(np.ix_(*axes), shape).reshape(-1)
+            if shape:
+                coords = np.unravel_index(local, shape)
+                axes = [np.unique(c) for c in coords]
+                block = offset + np.ravel_multi_index(np.ix_(*axes), shape).reshape(-1)
+            else:  # a scalar (GPT-2's causal mask is a Where of two): its one element
+                axes, block = [], np.array([offset])
             # The slice must hold exactly the picked elements, and zeroing it must touch
             # nothing of the folded constant outside the member.
-            if block.size != local.size or np.isin(codes[~mask], block).any():
-                return [], (f"folded from {src} by an op that mixes its elements, so that no "
-                            f"slice of {src} is the member")
+            if block.size != local.size or (mask is not None
+                                            and np.isin(codes[~mask], block).any()):
+                return [], Reason(ReasonCode.NOT_A_MODEL_SLICE,
+                                  f"folded from {src} by an op that mixes its elements, so "
+                                  f"that no slice of {src} is the member", tensor=m.tensor)
             sl = tuple(None if len(ax) == d else tuple(int(i) for i in ax)
                        for ax, d in zip(axes, shape, strict=True))
             out.append(Member(src, m.role, sl))
@@ -315,6 +461,51 @@ class WorkingCopy:
                 if isinstance(tensors.get(n), gs.Constant)}
         todo = {n: v for n, v in todo.items() if v.dtype.type in FLOAT_TYPES}
         return _trace_folded(self.prefold, self.meta, todo) if todo else {}
+
+
+def _is_permutation(trace: Any) -> bool:
+    """Whether a trace (see :func:`_trace_folded`) holds every element of one tensor once."""
+    if isinstance(trace, str):
+        return False
+    codes, sources = trace
+    if len(sources) != 1 or codes.size != math.prod(sources[0][2]):
+        return False
+    local = codes.reshape(-1) - sources[0][1]
+    if local.min() < 0 or local.max() >= local.size:
+        return False
+    seen = np.zeros(local.size, dtype=bool)  # n numbers in [0, n): all seen iff each once
+    seen[local] = True
+    return bool(seen.all())
+
+
+def _transpose_axes(trace: Any) -> tuple[int, ...] | None:
+    """``axes`` when a trace's codes are ``transpose(arange(n).reshape(shape), axes)`` of its
+    one source (a reshape-free chain of moves: a linear layer's transposed weight)."""
+    codes, ((_, offset, shape),) = trace
+    if codes.ndim != len(shape):
+        return None
+    found = [_source_axis(codes - offset, a, shape) for a in range(codes.ndim)]
+    axes = tuple(d for d in found if d is not None)
+    if sorted(axes) != list(range(len(shape))):
+        return None
+    full = np.arange(math.prod(shape), dtype=np.int64).reshape(shape) + offset
+    if not np.array_equal(codes, np.transpose(full, axes)):
+        return None
+    return axes
+
+
+def _source_axis(codes: np.ndarray, axis: int, shape: tuple[int, ...]) -> int | None:
+    """The axis of a tensor of ``shape`` that ``axis`` of ``codes`` (the flat indices into
+    it that a permutation of its elements holds) runs along, whole, or None."""
+    n = codes.shape[axis]
+    steps = np.unravel_index(np.moveaxis(codes, axis, 0).reshape(n, -1)[:, 0], shape)
+    moving = [d for d, c in enumerate(steps) if n > 1 and np.any(c != c[0])]
+    if len(moving) != 1 or shape[moving[0]] != n:
+        return None
+    d = moving[0]
+    if not np.array_equal(steps[d], np.arange(n)):
+        return None
+    return d
 
 
 _INT_TYPES = {np.int64: onnx.TensorProto.INT64, np.int32: onnx.TensorProto.INT32,
@@ -355,6 +546,16 @@ def _trace_folded(prefold: onnx.ModelProto, meta: ModelMeta, folded: dict[str, n
         sources[name] = sorted(found)
     graph = to_graph(prefold)
     tensors = tensor_map(graph)
+    # A constant that only moves one tensor's elements (a linear layer's Transpose of its
+    # weight where the exporter did not fold): numbered by numpy in int64, at any size.
+    for name in list(sources):
+        moved = _trace_moves(graph, tensors, name, folded[name])
+        if moved is not None:
+            idx, src = moved
+            out[name] = (idx, ((src, 0, tuple(int(d) for d in tensors[src].shape)),))
+            del sources[name]
+    if not sources:
+        return out
     offsets: dict[str, int] = {}
     values: dict[str, np.ndarray] = {}
     total = 0
@@ -362,8 +563,7 @@ def _trace_folded(prefold: onnx.ModelProto, meta: ModelMeta, folded: dict[str, n
         v = np.asarray(tensors[src].values)
         offsets[src], total = total, total + v.size
         values[src] = v
-        limit = 2 ** (np.finfo(v.dtype).nmant + 1)  # integers exact in the float type
-        if total > limit:
+        if total > _exact_integers(v.dtype):
             return {**out, **{n: "folded from tensors too large to trace" for n in sources}}
         tensors[src].values = (offsets[src] + np.arange(v.size)).reshape(v.shape).astype(
             v.dtype)
@@ -393,6 +593,101 @@ def _trace_folded(prefold: onnx.ModelProto, meta: ModelMeta, folded: dict[str, n
 
 
 _FLOAT_PROTO = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+# Ops that only move (or re-type) the elements of their first input; the other inputs are
+# constant shapes, axes or slice bounds.
+_MOVES = frozenset({"Transpose", "Reshape", "Slice", "Cast", "Identity", "Squeeze", "Unsqueeze",
+                    "Flatten"})
+
+
+def _exact_integers(dtype: np.dtype) -> int:
+    """How many element numbers (0, 1, ...) a float type holds exactly."""
+    return int(2 ** (np.finfo(dtype).nmant + 1))
+
+
+def _trace_moves(graph: gs.Graph, tensors: Mapping[str, gs.Tensor], name: str,
+                 value: np.ndarray) -> tuple[np.ndarray, str] | None:
+    """When ``name`` is computed from one float constant of ``graph`` (the input before
+    folding) by a chain of :data:`_MOVES` ops with constant parameters: for each of its
+    elements, the flat index of the source element it holds, and the source's name. The same
+    ops applied by numpy to the indices (int64, so exact at any size), checked against
+    ``value``, the folded constant. None otherwise (the numeric trace decides)."""
+    chain: list[gs.Node] = []
+    t = tensors.get(name)
+    while t is not None and not isinstance(t, gs.Constant):
+        if len(t.inputs) != 1 or t.inputs[0].op not in _MOVES or not t.inputs[0].inputs:
+            return None
+        chain.append(t.inputs[0])
+        t = t.inputs[0].inputs[0]
+    if t is None or not chain:
+        return None
+    src = np.asarray(t.values)
+    if src.dtype.type not in FLOAT_TYPES:
+        return None
+    codes: np.ndarray | None = np.arange(src.size, dtype=np.int64).reshape(src.shape)
+    for node in reversed(chain):
+        params: list[np.ndarray | None] = []
+        for x in node.inputs[1:]:
+            if x.name and not isinstance(x, gs.Constant):
+                return None  # a parameter computed at run time
+            params.append(np.asarray(x.values).astype(np.int64) if x.name else None)
+        assert codes is not None
+        codes = _move(node, codes, params)
+        if codes is None:
+            return None
+    assert codes is not None
+    if codes.shape != value.shape or not np.array_equal(
+            src.reshape(-1)[codes].astype(value.dtype), value, equal_nan=True):
+        return None
+    return codes, t.name
+
+
+def _move(node: gs.Node, x: np.ndarray, params: Sequence[np.ndarray | None]
+          ) -> np.ndarray | None:
+    """``node`` (one of :data:`_MOVES`) applied to ``x`` with its constant ``params``."""
+    a = node.attrs
+
+    def param(i: int, attr: str) -> list[int] | None:
+        if len(params) > i and params[i] is not None:
+            return [int(v) for v in np.asarray(params[i]).reshape(-1)]
+        return [int(v) for v in a[attr]] if attr in a else None
+
+    op = node.op
+    if op in ("Cast", "Identity"):
+        return x
+    if op == "Transpose":
+        perm = a.get("perm")
+        return np.transpose(x, None if perm is None else [int(p) for p in perm])
+    if op == "Reshape":
+        shape = param(0, "shape")
+        if shape is None:
+            return None
+        if not int(a.get("allowzero", 0)):
+            shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        try:
+            return x.reshape(shape)
+        except ValueError:
+            return None
+    if op == "Flatten":
+        axis = int(a.get("axis", 1))
+        axis += x.ndim if axis < 0 else 0
+        return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = param(0, "axes")
+        if op == "Unsqueeze":
+            return None if axes is None else np.expand_dims(x, tuple(axes))
+        return np.squeeze(x) if axes is None else np.squeeze(x, tuple(axes))
+    if op == "Slice":
+        starts, ends = param(0, "starts"), param(1, "ends")
+        if starts is None or ends is None:
+            return None
+        axes = param(2, "axes") or list(range(len(starts)))
+        steps = param(3, "steps") or [1] * len(starts)
+        index: list[slice] = [slice(None)] * x.ndim
+        # Python slicing clamps the bounds the way ONNX Slice does.
+        for s0, e0, ax, st in zip(starts, ends, axes, steps, strict=True):
+            index[ax % x.ndim] = slice(s0, e0, st)
+        return x[tuple(index)]
+    return None
 
 
 def _foldable(model: onnx.ModelProto) -> bool:
@@ -484,11 +779,7 @@ def _name_nodes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]
         if node.name and node.name not in seen:
             seen.add(node.name)
             continue
-        base = f"{node.name or node.op_type}_{i}"
-        new, k = base, 2
-        while new in taken:
-            new, k = f"{base}_{k}", k + 1
-        taken.add(new)
+        new = fresh_name(taken, f"{node.name or node.op_type}_{i}")
         renamed[new] = node.name
         node.name = new
     return m, renamed
@@ -532,39 +823,97 @@ def bind_batch(model: onnx.ModelProto, size: int) -> onnx.ModelProto:
     return m
 
 
-def _batch_slots(a: gs.Graph, b: gs.Graph) -> tuple[dict[tuple[str, int], tuple[tuple[int, int],
-                                                                               ...]], str | None]:
+def bind_batch_to(model: onnx.ModelProto, size: int | None) -> onnx.ModelProto:
+    """``model`` with its symbolic batch dim bound to ``size`` (the ``--bind-batch`` option):
+    for an export whose batch is declared dynamic but baked into its shapes, analysed and
+    pruned as the static model it is. ``model`` itself when ``size`` is None or its batch is
+    static."""
+    if size is None:
+        return model
+    if size < 1:
+        raise InputError(f"--bind-batch must be >= 1, got {size}")
+    return bind_batch(model, size) if symbolic_batch(model) else model
+
+
+def _batch_slots(a: gs.Graph, b: gs.Graph, affine: bool = True
+                 ) -> tuple[BatchSlots, BatchTiles, str | None]:
     """The folded constants of ``a`` (prepared at BOUND_BATCH) that differ in ``b`` (at
-    PROBE_BATCH), or why they cannot be written back batch-agnostic."""
+    PROBE_BATCH): shape vectors (and sizes) with entries that are multiples of the batch,
+    tensors that repeat one block of rows per sample, and (with ``affine``) integer tensors
+    whose block grows by a constant step per sample; or why they cannot be written back
+    batch-agnostic."""
     nb = {n.name: n for n in b.nodes}
     if set(nb) != {n.name for n in a.nodes}:
-        return {}, "constant folding leaves different nodes at different batch sizes"
+        return {}, {}, "constant folding leaves different nodes at different batch sizes"
     slots: dict[tuple[str, int], tuple[tuple[int, int], ...]] = {}
+    tiles: dict[tuple[str, int], BatchTile] = {}
     for n in a.nodes:
         o = nb[n.name]
         if len(o.inputs) != len(n.inputs):
-            return {}, f"{n.name} ({n.op}): its inputs differ at different batch sizes"
+            return {}, {}, f"{n.name} ({n.op}): its inputs differ at different batch sizes"
         for i, (x, y) in enumerate(zip(n.inputs, o.inputs, strict=True)):
             cx, cy = isinstance(x, gs.Constant), isinstance(y, gs.Constant)
             if cx != cy:
-                return {}, (f"{n.name} ({n.op}): input {i} is constant at some batch sizes "
-                            f"only")
+                return {}, {}, (f"{n.name} ({n.op}): input {i} is constant at some batch "
+                                f"sizes only")
             if not cx:
                 continue
             vx, vy = np.asarray(x.values), np.asarray(y.values)
             if vx.shape == vy.shape and np.array_equal(vx, vy):
                 continue
             where = f"{n.name} ({n.op}): input {i} is computed from the batch size"
-            if vx.ndim != 1 or vx.shape != vy.shape or vx.dtype.type not in _INT_TYPES:
-                return {}, f"{where}, and it is not a shape vector"
+            tile = _per_sample_rows(vx, vy, affine)
+            if tile is not None:
+                tiles[(n.name, i)] = tile
+                continue
+            if vx.ndim > 1 or vx.shape != vy.shape or vx.dtype.type not in _INT_TYPES:
+                grows = ("nor an integer tensor growing by a constant step per sample"
+                         if affine else f"(an index growing per sample needs opset >= "
+                                        f"{RANGE_OPSET})")
+                return {}, {}, (f"{where}, and it is neither a shape vector nor repeated per "
+                                f"sample {grows}")
             pos = []
-            for d in np.flatnonzero(vx != vy):
-                k = int(vx[d]) // BOUND_BATCH
-                if k < 1 or k * BOUND_BATCH != int(vx[d]) or k * PROBE_BATCH != int(vy[d]):
-                    return {}, f"{where}, not as a multiple of it"
+            fx, fy = vx.reshape(-1), vy.reshape(-1)
+            for d in np.flatnonzero(fx != fy):
+                k = int(fx[d]) // BOUND_BATCH
+                if k < 1 or k * BOUND_BATCH != int(fx[d]) or k * PROBE_BATCH != int(fy[d]):
+                    return {}, {}, f"{where}, not as a multiple of it"
                 pos.append((int(d), k))
             slots[(n.name, i)] = tuple(pos)
-    return slots, None
+    return slots, tiles, None
+
+
+def _per_sample_rows(vx: np.ndarray, vy: np.ndarray, affine: bool = True
+                     ) -> BatchTile | None:
+    """How ``vx`` (at BOUND_BATCH) and ``vy`` (at PROBE_BATCH) are one block of ``r`` rows
+    per sample along axis 0: repeated (a class token or a mask expanded to the batch), or,
+    with ``affine`` and integers, sample i's block = sample 0's + i x a constant step (an
+    index into a flattened per-sample tensor); None when neither."""
+    if vx.ndim < 1 or vy.ndim != vx.ndim or vx.shape[1:] != vy.shape[1:]:
+        return None
+    rows = vx.shape[0] // BOUND_BATCH
+    if rows < 1 or rows * BOUND_BATCH != vx.shape[0] or rows * PROBE_BATCH != vy.shape[0]:
+        return None
+    block = vx[:rows]
+    nan = vx.dtype.kind in "fc"
+    reps = (1,) * (vx.ndim - 1)
+    if (np.array_equal(vx, np.tile(block, (BOUND_BATCH, *reps)), equal_nan=nan)
+            and np.array_equal(vy, np.tile(block, (PROBE_BATCH, *reps)), equal_nan=nan)):
+        return BatchTile(rows)
+    if not affine or vx.dtype.kind not in "iu" or PROBE_BATCH < 2:
+        return None
+    # Exact in int64 (the values are indices or sizes); the progression is checked over all
+    # PROBE_BATCH samples, so the step is constant at least up to there.
+    x, y = vx.astype(np.int64), vy.astype(np.int64)
+    step = y[rows:2 * rows] - y[:rows]
+
+    def grows(v: np.ndarray, n: int) -> bool:
+        i = np.arange(n, dtype=np.int64).reshape(n, *(1,) * v.ndim)
+        return np.array_equal(v.reshape(n, *block.shape), x[:rows][None] + i * step[None])
+
+    if not (grows(x, BOUND_BATCH) and grows(y, PROBE_BATCH)):
+        return None
+    return BatchTile(rows, step)
 
 
 @dataclass(frozen=True)
@@ -599,11 +948,14 @@ def _prepare(model: onnx.ModelProto, keep: bool = True) -> WorkingCopy:
         st = _prepare_at(named, meta, None, keep)
         return WorkingCopy(st.model, st.graph, meta, renamed, st.copies, allowed, st.prefold)
     shown = ", ".join(f"'{n}'" for n in batch)
-    slots: dict[tuple[str, int], tuple[tuple[int, int], ...]] = {}
+    _check_batch_is_dynamic(named, shown)
+    slots: BatchSlots = {}
+    tiles: BatchTiles = {}
     try:
         st = _prepare_at(named, meta, BOUND_BATCH, keep)
         probe = _prepare_at(named, meta, PROBE_BATCH, keep=False)
-        slots, why = _batch_slots(st.graph, probe.graph)
+        slots, tiles, why = _batch_slots(st.graph, probe.graph,
+                                         meta.opset() >= RANGE_OPSET)
     except OnnxSslError as e:
         why = str(e)
     if why is not None:
@@ -618,7 +970,24 @@ def _prepare(model: onnx.ModelProto, keep: bool = True) -> WorkingCopy:
     note = (f"the batch dim of input(s) {shown} is symbolic: the analysis binds it to "
             f"{BOUND_BATCH} (MACs are per sample); pruned models keep it symbolic")
     return WorkingCopy(st.model, st.graph, meta, renamed, st.copies, allowed, st.prefold,
-                       batch, outputs, slots, (note,))
+                       batch, outputs, slots, (note,), tiles)
+
+
+def _check_batch_is_dynamic(model: onnx.ModelProto, shown: str) -> None:
+    """InputError (one line) when ``model``, whose inputs ``shown`` have a symbolic batch dim,
+    does not run at batch ``DYNAMIC_BATCH``: an export whose batch is declared dynamic but is
+    baked into its shapes, which no analysis at another batch size, and no pruned model that
+    keeps the batch symbolic, can be faithful to."""
+    why = fails_at_batch(model, DYNAMIC_BATCH)
+    if why is None:
+        return
+    runs = [b for b in (BOUND_BATCH, PROBE_BATCH) if fails_at_batch(model, b) is None]
+    fix = (f"it runs at batch {runs[0]}: rerun with --bind-batch {runs[0]}" if runs else
+           "rerun with --bind-batch N, N the batch it was exported at,")
+    raise InputError(
+        f"the input model does not run at batch {DYNAMIC_BATCH} ({why}), so the batch dim of "
+        f"input(s) {shown} is declared dynamic but is not; {fix} to bind it, or re-export the "
+        f"model with a dynamic batch axis")
 
 
 def unshare_constants(graph: gs.Graph) -> dict[str, str]:
@@ -651,11 +1020,8 @@ def unshare_constants(graph: gs.Graph) -> dict[str, str]:
         if values.dtype.type not in FLOAT_TYPES or values.size <= 1:
             continue
         for n in readers[1:]:
-            k = 1
-            while f"{t.name}.{k}" in names:
-                k += 1
-            copy = gs.Constant(f"{t.name}.{k}", values.copy())
-            names.add(copy.name)
+            copy = gs.Constant(fresh_name(names, t.name, sep=".", start=1, numbered=True),
+                               values.copy())
             for i, x in enumerate(n.inputs):
                 if x is t:
                     n.inputs[i] = copy
@@ -669,13 +1035,7 @@ def _space_ids(e: Engine) -> dict[int, str]:
     for i in range(len(e.spaces)):
         if e.find(i) != i:
             continue
-        base = e.spaces[i].label
-        sid, k = base, 1
-        while sid in used:
-            k += 1
-            sid = f"{base}#{k}"
-        used.add(sid)
-        ids[i] = sid
+        ids[i] = fresh_name(used, e.spaces[i].label, sep="#")
     return ids
 
 
@@ -688,10 +1048,11 @@ def _seed_inputs(e: Engine, graph: gs.Graph) -> None:
             continue
         c = int(shape[1])
         s = e.new_space(c, f"input:{t.name}", "input")
-        e.spaces[s].reasons.append(f"graph input '{t.name}': its channels are fixed by the "
-                                   f"caller")
+        e.spaces[s].reasons.append(Reason(
+            ReasonCode.GRAPH_INPUT, f"graph input '{t.name}': its channels are fixed by the "
+            f"caller", tensor=t.name))
         e.layouts[t.name] = Layout(1, 1, (Seg(s, 0, c),))
-        e.refs.append(RawRef(t.name, 1, "act", s, 0, 0, c, 1, "", False))
+        e.refs.append(ChannelRef(t.name, 1, "act", s, 0, 0, c, 1, "", False))
 
 
 def _subgraph_names(g: gs.Graph, bound: set[str], out: set[str]) -> None:
@@ -718,18 +1079,20 @@ def _block_control_flow(e: Engine, graph: gs.Graph) -> list[str]:
             for sub in v if isinstance(v, list) else [v]:
                 if isinstance(sub, gs.Graph):
                     _subgraph_names(sub, set(), names)
-        why = f"{node.name} ({node.op}): control flow; its subgraphs are not analysed"
+        why = Reason(ReasonCode.CONTROL_FLOW,
+                     f"{node.name} ({node.op}): control flow; its subgraphs are not analysed",
+                     node=node.name)
         for n in names | {t.name for t in node.inputs}:
             if n in tensors:
                 e.block(e.layout(tensors[n]), why)
-        notes.append(why)
+        notes.append(why.text)
     return notes
 
 
 def _check_weights(e: Engine, graph: gs.Graph) -> None:
     """Block spaces whose weights are shared with layers elsewhere or read by other ops."""
     tensors = tensor_map(graph)
-    by_tensor: dict[tuple[str, int], list[RawRef]] = defaultdict(list)
+    by_tensor: dict[tuple[str, int], list[ChannelRef[int]]] = defaultdict(list)
     for r in e.refs:
         if r.is_weight:
             by_tensor[(r.tensor, r.axis)].append(r)
@@ -737,7 +1100,7 @@ def _check_weights(e: Engine, graph: gs.Graph) -> None:
         roots = {e.find(r.space) for r in refs}
         users = e.weight_users.get(name, set())
         consumers = {n.name for n in tensors[name].outputs} if name in tensors else set()
-        why = None
+        why: Reason | None = None
         # The same positions claimed by different channels: a weight shared across spaces.
         # Intervals sorted by start; an overlap with a different (space, offset) is sharing.
         spans = sorted((r.tensor_start, r.tensor_start + r.length,
@@ -745,8 +1108,10 @@ def _check_weights(e: Engine, graph: gs.Graph) -> None:
         reach, reach_key = -1, None  # the furthest end so far, and whose it is
         for start, end, key in spans:
             if start < reach and key != reach_key:
-                why = (f"weight {name} (axis {axis}) is shared by layers in different "
-                       f"spaces: " + ", ".join(sorted(u.lstrip("!") for u in users)))
+                why = Reason(ReasonCode.SHARED_WEIGHT,
+                             f"weight {name} (axis {axis}) is shared by layers in different "
+                             f"spaces: " + ", ".join(sorted(u.lstrip("!") for u in users)),
+                             tensor=name)
                 break
             if end > reach:
                 reach, reach_key = end, key
@@ -754,9 +1119,11 @@ def _check_weights(e: Engine, graph: gs.Graph) -> None:
         if any(u.startswith("!") for u in users):
             outside += sorted(u[1:] for u in users if u.startswith("!"))
         if outside:
-            why = f"weight {name} is also read by {', '.join(outside)}"
+            why = Reason(ReasonCode.SHARED_WEIGHT,
+                         f"weight {name} is also read by {', '.join(outside)}", tensor=name)
         if name in e.graph_output_names:
-            why = f"weight {name} is a graph output"
+            why = Reason(ReasonCode.GRAPH_OUTPUT, f"weight {name} is a graph output",
+                         tensor=name)
         if why:
             for s in roots:
                 e.block_space(s, why)
@@ -772,17 +1139,18 @@ def _propagate(graph: gs.Graph) -> tuple[Engine, list[str]]:
     # After propagation, so that the layouts of what the subgraphs read are known.
     notes = _block_control_flow(e, graph)
     for t in graph.outputs:
-        e.block(e.layout(t), f"reaches graph output '{t.name}'")
+        e.block(e.layout(t), Reason(ReasonCode.GRAPH_OUTPUT, f"reaches graph output '{t.name}'",
+                                    tensor=t.name))
     _check_weights(e, graph)
     return e, notes
 
 
 def _build_spaces(e: Engine, ids: dict[int, str]) -> tuple[Space, ...]:
-    refs_by_root: dict[int, list[ChannelRef]] = defaultdict(list)
+    refs_by_root: dict[int, list[ChannelRef[str]]] = defaultdict(list)
     for r in e.refs:
         root = e.find(r.space)
         refs_by_root[root].append(ChannelRef(
-            tensor=r.tensor, axis=r.axis, role=r.role,  # type: ignore[arg-type]
+            tensor=r.tensor, axis=r.axis, role=r.role,
             space=ids[root], space_start=r.space_start, tensor_start=r.tensor_start,
             length=r.length, block=r.block, node=r.node, is_weight=r.is_weight,
             conv_groups=r.conv_groups))
@@ -949,15 +1317,19 @@ def _branches(graph: gs.Graph, e: Engine, weight_layers: set[str]) -> tuple[Bran
             k = 0 if len(sides[0][1]) > len(sides[1][1]) else 1
         t, nodes = sides[k]
         members = set(nodes)
-        reason = None
+        reason: Reason | None = None
         for n in nodes:
             bn = by_name[n]
             for out in bn.outputs:
                 if out.name in outputs:
-                    reason = f"{n} ({bn.op}): output {out.name} is a graph output"
+                    reason = Reason(ReasonCode.GRAPH_OUTPUT,
+                                    f"{n} ({bn.op}): output {out.name} is a graph output",
+                                    node=n, tensor=out.name)
                 for c in out.outputs:
                     if c.name not in members and c.name != node.name:
-                        reason = f"{n} ({bn.op}): output {out.name} is also read by {c.name}"
+                        reason = Reason(ReasonCode.READ_OUTSIDE_BRANCH,
+                                        f"{n} ({bn.op}): output {out.name} is also read by "
+                                        f"{c.name}", node=n, tensor=out.name)
         ordered = sorted(members, key=order.__getitem__)
         result.append(Branch(
             add=node.name, fork=fork, branch_output=t.name, nodes=tuple(ordered),
@@ -984,12 +1356,12 @@ def _depth_groups(branches: Sequence[Branch], graph: gs.Graph) -> list[Group]:
                 role = "stat" if node.op == "BatchNormalization" and i >= 3 else "out"
                 members.append(Member(t.name, role, (None,) * v.ndim))  # type: ignore[arg-type]
         groups.append(Group(f"{b.add}/depth", "depth", None, None, b.prunable, b.reason,
-                            tuple(members)))
+                            tuple(members), node=b.add))
     return groups
 
 
 def _weight_groups(layers: Sequence[Layer], kinds: Iterable[str],
-                   shared: dict[str, str]) -> list[Group]:
+                   shared: dict[str, Reason]) -> list[Group]:
     groups: list[Group] = []
     kinds = set(kinds)
     for la in layers:
@@ -1007,13 +1379,15 @@ def _weight_groups(layers: Sequence[Layer], kinds: Iterable[str],
                         for k in range(kw):
                             groups.append(Group(
                                 f"{la.node}/shape/{ci},{m},{k}", "shape", None, None, ok,
-                                reason, (Member(la.weight, "out", (None, (ci,), (m,), (k,))),)))
+                                reason, (Member(la.weight, "out", (None, (ci,), (m,), (k,))),),
+                                node=la.node))
             if "filter2d" in kinds:
                 for ni in range(n):
                     for ci in range(c):
                         groups.append(Group(
                             f"{la.node}/filter2d/{ni},{ci}", "filter2d", None, None, ok, reason,
-                            (Member(la.weight, "out", ((ni,), (ci,), None, None)),)))
+                            (Member(la.weight, "out", ((ni,), (ci,), None, None)),),
+                            node=la.node))
         if kind == "fc" and "neuron" in kinds:
             for role, axis in (("out", la.out_axis), ("in", la.in_axis)):
                 for j in range(shape[axis]):
@@ -1021,7 +1395,8 @@ def _weight_groups(layers: Sequence[Layer], kinds: Iterable[str],
                     sl[axis] = (j,)
                     groups.append(Group(
                         f"{la.node}/neuron/{role}/{j}", "neuron", None, j, ok, reason,
-                        (Member(la.weight, role, tuple(sl)),)))  # type: ignore[arg-type]
+                        (Member(la.weight, role, tuple(sl)),),  # type: ignore[arg-type]
+                        node=la.node))
     return groups
 
 
@@ -1067,12 +1442,14 @@ def analyze_graph(graph: gs.Graph, kinds: Sequence[str] = DEFAULT_KINDS, name: s
         groups += _channel_groups(spaces, shapes)
     if "depth" in kinds:
         groups += _depth_groups(branches, graph)
-    shared: dict[str, str] = {}
+    shared: dict[str, Reason] = {}
     for la in layers:
         users = tensors[la.weight].outputs
         if len(users) > 1:
             names = ", ".join(u.name for u in users)
-            shared[la.weight] = f"weight {la.weight} is shared by {names}"
+            shared[la.weight] = Reason(ReasonCode.SHARED_WEIGHT,
+                                       f"weight {la.weight} is shared by {names}",
+                                       tensor=la.weight)
     groups += _weight_groups(layers, kinds, shared)
     return Analysis(model=name or graph.name, spaces=spaces, groups=tuple(groups), layers=layers,
                     branches=branches, kinds=tuple(kinds), notes=tuple(notes),  # type: ignore
@@ -1089,6 +1466,55 @@ def _fmt_int(n: int) -> str:
     return str(n)
 
 
+class SharedAnalysis:
+    """The channel analysis of the graph a pipeline's passes last saw, reused while it
+    matches.
+
+    Every analysis carries the key (:func:`~onnx_ssl.graphutil.graph_key`) of the graph it
+    was computed on; :meth:`of` hands out the one it holds only when the graph it is asked
+    about has that key (the graph unchanged, or a copy of it, or one whose float weights
+    alone changed), and analyses the graph afresh otherwise: an analysis handed in is
+    checked, never trusted. ``computed`` counts the analyses it ran.
+    """
+
+    def __init__(self, analysis: Analysis | None = None) -> None:
+        self._analysis = analysis
+        self.computed = 0
+
+    def of(self, graph: gs.Graph, kinds: Sequence[str] = ()) -> Analysis:
+        """The analysis of ``graph`` with at least the group ``kinds`` given."""
+        a = self._analysis
+        key = graph_key(graph)
+        if a is None or a.key != key or not set(kinds) <= set(a.kinds):
+            a = self._analysis = analyze_graph(graph, kinds=tuple(kinds), key=key)
+            self.computed += 1
+        return a
+
+
+def bias_maps(graph: gs.Graph) -> dict[str, int]:
+    """Layer node -> float elements of the constant maps added right after it.
+
+    ``Add(layer(x), k)`` with a constant ``k`` of rank >= 2 is a per-position bias map (the
+    channel pass adds one behind a padded convolution that read a removed constant channel):
+    params of the layer that its weight and bias do not show. Only parameterised layers
+    count: a map after a MatMul of two activations (attention's position bias after
+    Q x K^T) belongs to no layer.
+    """
+    out: dict[str, int] = {}
+    for node in graph.nodes:
+        if layer_weight(node) is None or not node.outputs:
+            continue
+        y = node.outputs[0]
+        while len(y.outputs) == 1 and y.outputs[0].op == "Add" and y.outputs[0].outputs:
+            add = y.outputs[0]
+            k = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
+            if k is None or len(k.shape) < 2 or np.dtype(k.dtype).kind != "f":
+                break
+            out[node.name] = out.get(node.name, 0) + int(np.prod(k.shape))
+            y = add.outputs[0]
+    return out
+
+
 def format_table(a: Analysis) -> str:
     spaces = {s.id: s for s in a.spaces}
 
@@ -1098,7 +1524,7 @@ def format_table(a: Analysis) -> str:
         s = spaces[sid]
         return f"{sid} ({s.channels}) {'prunable' if s.prunable else 'blocked'}"
 
-    rows = [("layer", "op", "weight", "out space", "in space", "params", "MACs")]
+    rows = [("layer", "op", "weight", "out space", "in space", "params (W+b)", "MACs")]
     for la in a.layers:
         rows.append((la.node, la.op_type, "x".join(map(str, la.weight_shape)),
                      desc(la.out_space), desc(la.in_space), _fmt_int(la.params),
@@ -1109,7 +1535,8 @@ def format_table(a: Analysis) -> str:
     ch_prunable = sum(s.channels for s in a.spaces if s.prunable)
     lines += [
         "",
-        f"model {a.model}: {len(a.layers)} layers, params {_fmt_int(a.params)} "
+        f"model {a.model}: {len(a.layers)} layers, layer params (their weights and biases) "
+        f"{_fmt_int(a.params)} "
         + (f"({a.params}), MACs {_fmt_int(a.macs)} ({a.macs})"
            + (" per sample" if a.macs_per_sample else "")
            if a.macs or not a.layers
@@ -1121,7 +1548,7 @@ def format_table(a: Analysis) -> str:
     if blocked:
         lines.append("blocked spaces:")
         for s in blocked:
-            lines.append(f"  {s.id} ({s.channels} ch): {s.reason}")
+            lines.append(f"  {s.id} ({s.channels} ch): {s.reason.text if s.reason else ''}")
     constrained = [s for s in a.spaces if s.prunable and s.constraint]
     if constrained:
         lines.append("prunable with a constraint:")
@@ -1132,7 +1559,7 @@ def format_table(a: Analysis) -> str:
         lines.append(f"residual branches: {len(a.branches)} ({ok} prunable as depth groups)")
         for b in a.branches:
             if not b.prunable:
-                lines.append(f"  {b.add}: {b.reason}")
+                lines.append(f"  {b.add}: {b.reason.text if b.reason else ''}")
     counts: dict[str, int] = defaultdict(int)
     for g in a.groups:
         counts[g.kind] += 1

@@ -19,6 +19,9 @@ from functools import cached_property
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .groups import ChannelRef, RefRole
+from .reasons import Reason, ReasonCode
+
 
 @dataclass(frozen=True)
 class Seg:
@@ -81,7 +84,7 @@ class RawSpace:
     length: int
     name: str
     origin: str  # "producer" | "input" | "opaque"
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[Reason] = field(default_factory=list)
     partitions: list[int] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)
     # A piece of a space that a partial residual split (see Engine.split): its channels are
@@ -95,21 +98,6 @@ class RawSpace:
             else self.name
 
 
-@dataclass(frozen=True)
-class RawRef:
-    tensor: str
-    axis: int
-    role: str  # out | in | stat | act
-    space: int
-    space_start: int
-    tensor_start: int
-    length: int
-    block: int
-    node: str
-    is_weight: bool
-    conv_groups: int = 1
-
-
 class Engine:
     """Mutable propagation state used by the op rules."""
 
@@ -118,7 +106,7 @@ class Engine:
         self.parent: list[int] = []
         self.spaces: list[RawSpace] = []
         self.layouts: dict[str, Layout] = {}
-        self.refs: list[RawRef] = []
+        self.refs: list[ChannelRef[int]] = []
         self.weight_users: dict[str, set[str]] = {}
         self.graph_output_names: set[str] = {t.name for t in graph.outputs}
         self.opset: int = int(graph.opset or 17)
@@ -153,7 +141,7 @@ class Engine:
             sk.origin = sg.origin if sk.origin == "producer" else sk.origin
         return keep
 
-    def block(self, layout: Layout | None, reason: str) -> None:
+    def block(self, layout: Layout | None, reason: Reason) -> None:
         if layout is None:
             return
         for s in self.resolve(layout).segs:
@@ -161,7 +149,7 @@ class Engine:
             if reason not in r:
                 r.append(reason)
 
-    def block_space(self, space: int, reason: str) -> None:
+    def block_space(self, space: int, reason: Reason) -> None:
         r = self.spaces[self.find(space)].reasons
         if reason not in r:
             r.append(reason)
@@ -214,7 +202,7 @@ class Engine:
             tails.append(t)
         for t in tails[1:]:
             self.union(tails[0], t)
-        refs: list[RawRef] = []
+        refs: list[ChannelRef[int]] = []
         for r in self.refs:
             if r.space not in self.cuts or self.cuts[r.space][0][1] not in tails or (
                     r.space_start + r.length <= at):
@@ -262,7 +250,9 @@ class Engine:
         slice, a concatenation added to one tensor), the space is split first (:meth:`split`),
         unless a grouped convolution reads or writes it (its groups must stay equal)."""
         ok = a.block == b.block and a.channels == b.channels
-        why = f"{node.name} ({node.op}): joins channel layouts that do not line up"
+        why = Reason(ReasonCode.LAYOUT_MISMATCH,
+                     f"{node.name} ({node.op}): joins channel layouts that do not line up",
+                     node=node.name)
         while ok:
             a, b = self.resolve(a), self.resolve(b)
             cut = self._cut(a, b)
@@ -270,8 +260,9 @@ class Engine:
                 break
             space, at = cut
             if self.spaces[self.find(space)].partitions:
-                why = (f"{node.name} ({node.op}): ties part of the channels of a grouped "
-                       f"convolution's space to other channels")
+                why = Reason(ReasonCode.LAYOUT_MISMATCH,
+                             f"{node.name} ({node.op}): ties part of the channels of a grouped "
+                             f"convolution's space to other channels", node=node.name)
                 ok = False
             else:
                 self.split(space, at)
@@ -283,20 +274,20 @@ class Engine:
             self.union(sa.space, sb.space)
         return True
 
-    def opaque(self, length: int, node: gs.Node, why: str) -> Layout:
+    def opaque(self, length: int, node: gs.Node, why: Reason) -> Layout:
         """A blocked space for channels whose origin is not tracked."""
         s = self.new_space(length, f"opaque:{node.name}", "opaque")
         self.spaces[s].reasons.append(why)
         return Layout(0, 1, (Seg(s, 0, length),))
 
     # --- refs -------------------------------------------------------------------------
-    def add_refs(self, tensor: gs.Tensor, axis: int, role: str, layout: Layout, node: gs.Node,
+    def add_refs(self, tensor: gs.Tensor, axis: int, role: RefRole, layout: Layout, node: gs.Node,
                  *, is_weight: bool, block: int | None = None, conv_groups: int = 1) -> None:
         pos = 0
         blk = layout.block if block is None else block
         layout = self.resolve(layout)
         for s in layout.segs:
-            self.refs.append(RawRef(tensor.name, axis, role, s.space, s.start, pos, s.length,
+            self.refs.append(ChannelRef(tensor.name, axis, role, s.space, s.start, pos, s.length,
                                     blk, node.name, is_weight, conv_groups))
             pos += s.length
         if is_weight:
@@ -309,8 +300,10 @@ class Engine:
             d = shape[layout.axis] if 0 <= layout.axis < len(shape) else -1
             # A dim that is not static (a named or unknown dim) is not checked here.
             if isinstance(d, int) and d != layout.size:
-                self.block(layout, f"{node.name} ({node.op}): output {tensor.name} has shape "
-                                   f"{list(shape)}, which does not match its channel layout")
+                self.block(layout, Reason(
+                    ReasonCode.LAYOUT_MISMATCH, f"{node.name} ({node.op}): output "
+                    f"{tensor.name} has shape {list(shape)}, which does not match its channel "
+                    f"layout", node=node.name, tensor=tensor.name))
         self.layouts[tensor.name] = layout
         self.add_refs(tensor, layout.axis, "act", layout, node, is_weight=False)
 

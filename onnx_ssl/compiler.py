@@ -1,14 +1,29 @@
 """``onnx-ssl prune``: the compiler pipeline that turns zero groups into a smaller model.
 
 Pipeline: prepare the working copy (unique node names, a symbolic batch bound, constant
-shape arithmetic folded) -> [ZeroSmallGroupsPass, only with a threshold: changes the
-function, reported separately] -> CollapseResidualPass -> RemoveZeroChannelsPass ->
-ShrinkKernelsPass -> [LowerSparseConvPass, with --lower] -> CleanupPass -> the batch made
-symbolic again -> finish (sort, shape inference, checker, ORT load) -> numeric check
-against the model it read (or the thresholded one) -> write. Nodes keep the names of the
+shape arithmetic folded) -> [ZeroSmallGroupsPass with a threshold, or ZeroGroupsToBudgetPass
+with a MAC or param budget: changes the function, reported separately] ->
+CollapseResidualPass -> RemoveZeroChannelsPass -> ShrinkKernelsPass -> [LowerSparseConvPass,
+with --lower] -> CleanupPass -> the batch made symbolic again -> finish (sort, shape
+inference, checker, ORT load) -> numeric check against the model it read (or the zeroed
+one) -> write. Nodes keep the names of the
 working copy: the input's, and the generated name of a node that was unnamed or shared its
 name (see ``analysis.name_nodes``), which the report's layers use too. MACs are per sample
 when the batch is symbolic.
+
+**A budget** (``target_macs``/``target_params``, fractions of the input's counts): the groups
+are scored (:mod:`onnx_ssl.importance`), :class:`ZeroGroupsToBudgetPass` zeroes the least
+important ones until its estimate meets the budget, and the exact passes then run on a copy
+to count what the prune really leaves (the report's accounting). Where that count misses the
+window ``[F - LANDING, F]``, the pass runs again with its aim moved by the estimate's error
+(``aim <- F - (real - estimate) - LANDING / 4``), at most ``TRIALS`` times in all; the last
+trial's rewrite is the result (the exact passes do not run a second time). With
+``lower``, the budget is met before the lowering, which only lowers the count further.
+
+**Rounding** (``round_to`` N or ``"auto"``): RemoveZeroChannelsPass keeps zero channels so that
+the kept counts land on multiples of N (or on counts measured faster), which is exact; with a
+budget and a fixed N the selection itself lands on rounded counts
+(:mod:`onnx_ssl.passes.round_channels`, :mod:`onnx_ssl.passes.zero_to_budget`).
 """
 
 from __future__ import annotations
@@ -16,20 +31,30 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .analysis import analyze_graph, layers_of, model_layers, name_nodes, working_copy
+from .analysis import (
+    SharedAnalysis,
+    analyze_graph,
+    bias_maps,
+    layers_of,
+    model_layers,
+    name_nodes,
+    working_copy,
+)
+from .calibration import Calibration, check_calibration, input_specs, read_calibration
 from .channels import static_shape
 from .errors import InputError
-from .graphutil import SharedAnalysis, bias_maps
-from .groups import Layer
-from .io import ModelMeta, weight_bytes
+from .groups import Analysis, Layer
+from .importance import IMPORTANCES, activation, magnitude
+from .io import ModelMeta, from_graph, weight_bytes
 from .ops import LayerSlots
 from .passes.cleanup import CleanupPass
 from .passes.collapse_residual import CollapseResidualPass
@@ -37,11 +62,15 @@ from .passes.lower_sparse_conv import MARKER as LOWERED
 from .passes.lower_sparse_conv import STRATEGIES as LOWER_STRATEGIES
 from .passes.lower_sparse_conv import LowerSparseConvPass
 from .passes.remove_channels import RemoveZeroChannelsPass
+from .passes.round_channels import RoundChannelCounts, parse_round_to
 from .passes.shrink_kernels import ShrinkKernelsPass
 from .passes.zero_small_groups import ZeroSmallGroupsPass
+from .passes.zero_to_budget import Budget, ZeroGroupsToBudgetPass, ZeroToBudgetReport
 from .pipeline import (
     FixpointPass,
     PassManager,
+    PassResult,
+    PipelineReport,
     Report,
     finish,
     gc_paused,
@@ -58,6 +87,10 @@ log = logging.getLogger(__name__)
 # Above this many bytes of weights, prune hands the working copy's memory back before the
 # export and the numeric check (see pipeline.release_memory).
 RELEASE_BYTES = 64 << 20
+# A budget F is met when the pruned count lies in [F - LANDING, F] (fractions of the input's).
+LANDING = 0.02
+# Real prunes a budget may take to land there (the first from the estimate alone).
+TRIALS = 4
 
 
 @dataclass(frozen=True)
@@ -120,9 +153,27 @@ class PruneReport:
     macs_after: int
     passes: tuple[tuple[str, Report], ...]
     threshold: float | None = None
-    threshold_effect: tuple[Difference, ...] = ()
+    # How the step that changes the function (threshold or budget) changed the outputs,
+    # measured on `effect_inputs` (calibration data, or the numeric check's random inputs).
+    effect: tuple[Difference, ...] = ()
     verification: tuple[Difference, ...] | None = None
     kept: tuple[str, ...] = field(default=())
+    target_macs: float | None = None
+    target_params: float | None = None
+    effect_inputs: str = ""
+
+    @property
+    def threshold_effect(self) -> tuple[Difference, ...]:
+        """The function change of the threshold step (the name from before budgets)."""
+        return self.effect
+
+    @property
+    def mac_fraction(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+    @property
+    def param_fraction(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
 
     @property
     def modified(self) -> bool:
@@ -131,31 +182,55 @@ class PruneReport:
     @property
     def removed(self) -> bool:
         """Whether the exact passes (all but the threshold step) changed the graph."""
-        return any(r.modified for n, r in self.passes if n != ZeroSmallGroupsPass.name)
+        return any(r.modified for n, r in self.passes if n not in _CHANGING)
 
-    def _threshold_line(self) -> str:
-        zero = next((r for n, r in self.passes if n == ZeroSmallGroupsPass.name), None)
+    def _zeroing(self) -> Report | None:
+        return next((r for n, r in self.passes if n in _CHANGING), None)
+
+    @property
+    def groups_zeroed(self) -> int:
+        """Groups the step that changes the function (threshold or budget) set to zero."""
+        return int(getattr(self._zeroing(), "groups_zeroed", 0))
+
+    def _step_text(self) -> str:
+        """What the step that changes the function did (threshold or budget)."""
+        zero = self._zeroing()
         n = getattr(zero, "groups_zeroed", 0)
         kinds = ", ".join(f"{k} {v}" for k, v in getattr(zero, "by_kind", ()))
-        step = (f"threshold {self.threshold:g} zeroed {n} group(s) with L2 norm <= "
+        if isinstance(zero, ZeroToBudgetReport):
+            reached = ", ".join(
+                f"{what} {getattr(self, 'target_' + what):.1%} -> {frac:.1%}"
+                for what, frac in (("macs", self.mac_fraction), ("params", self.param_fraction))
+                if getattr(self, "target_" + what) is not None)
+            return (f"budget (target -> reached, of the input's count): {reached}; zeroed {n} "
+                    f"group(s) by {zero.importance} importance" + (f" ({kinds})" if n else ""))
+        return (f"threshold {self.threshold:g} zeroed {n} group(s) with L2 norm <= "
                 f"{self.threshold:g} ({kinds})" if n else
                 f"threshold {self.threshold:g} zeroed no group (no nonzero prunable group has "
                 f"L2 norm <= {self.threshold:g})")
-        if not self.threshold_effect:
+
+    def _change_line(self) -> str:
+        step = self._step_text()
+        n = getattr(self._zeroing(), "groups_zeroed", 0)
+        if not self.effect:
             return step + ("; may have CHANGED the function" if n else
                            "; the function is unchanged") + (
                 " (output difference not measured: the numeric check was skipped)")
-        worst = max(d.relative for d in self.threshold_effect)
-        if not any(d.max_abs for d in self.threshold_effect):
-            return step + "; the outputs did not change (max output difference 0)"
+        worst = max(d.relative for d in self.effect)
+        on = f" on {self.effect_inputs}" if self.effect_inputs else ""
+        if not any(d.max_abs for d in self.effect):
+            return step + f"; the outputs did not change (max output difference 0){on}"
+        per = "; ".join(f"'{d.output}' {d.relative:.3g}" + (
+            f", top-1 agreement {d.agreement:.1%}" if d.agreement is not None else "")
+            for d in self.effect)
         return (step + f"; this CHANGED the function: max output difference {worst:.3g} "
-                       f"relative to max |output|")
+                       f"relative to max |output|{on} (per output: {per})")
 
     def to_json(self) -> dict[str, Any]:
         def diff(d: Difference) -> dict[str, Any]:
-            return {"output": d.output, "max_abs": d.max_abs, "ref_max_abs": d.ref_max_abs,
-                    "relative": d.relative}
+            return d.to_json()
 
+        zero = self._zeroing()
         return {
             "model": self.model,
             "modified": self.modified,
@@ -168,7 +243,19 @@ class PruneReport:
             "layers": [{**s.__dict__, "mac_fraction": s.mac_fraction} for s in self.layers],
             "passes": [{"name": n, **r.to_json()} for n, r in self.passes],
             "threshold": self.threshold,
-            "threshold_effect": [diff(d) for d in self.threshold_effect],
+            "target_macs": self.target_macs,
+            "target_params": self.target_params,
+            "mac_fraction": self.mac_fraction,
+            "param_fraction": self.param_fraction,
+            # The step that changed the function (threshold or budget) and by how much.
+            "function_change": None if zero is None else {
+                "step": "budget" if isinstance(zero, ZeroToBudgetReport) else "threshold",
+                "groups_zeroed": getattr(zero, "groups_zeroed", 0),
+                "by_kind": dict(getattr(zero, "by_kind", ())),
+                "importance": getattr(zero, "importance", None),
+                "inputs": self.effect_inputs,
+                "outputs": [diff(d) for d in self.effect]},
+            "threshold_effect": [diff(d) for d in self.effect],
             "verification": None if self.verification is None else {
                 "rtol": RTOL, "atol": ATOL, "outputs": [diff(d) for d in self.verification]},
             "kept": list(self.kept),
@@ -195,9 +282,8 @@ class PruneReport:
         ]
         for name, r in self.passes:
             if r.modified:
-                shown = {k: v for k, v in r.to_json().items()
-                         if k not in ("modified", "kept", "spaces", "lowered", "dense")
-                         and v not in ((), [], 0)}
+                shown = r.to_text(skip=("kept", "spaces", "lowered", "dense", "zeroed",
+                                        "rounded", "rounding"))
                 if shown:
                     lines.append(f"pass {name}: {shown}")
             for e in (*getattr(r, "lowered", ()), *getattr(r, "dense", ())):
@@ -205,8 +291,10 @@ class PruneReport:
                 lines.append(f"lowering {e.node}: {e.strategy}, MACs {e.macs_before} -> "
                              f"{e.macs_after}" + (f" (measured{' (cached)' if e.cached else ''}"
                                                  f": {times})" if times else ""))
-        if self.threshold is not None:
-            lines.append(self._threshold_line())
+        if self._zeroing() is not None:
+            lines.append(self._change_line())
+            for r in getattr(self._zeroing(), "rounding", ()):
+                lines.append(f"budget rounding: {r}")
         if not self.removed:
             lines.append("no change: nothing could be removed" + (
                 " (zero channels were kept for the reasons below)" if self.kept else
@@ -223,6 +311,10 @@ class PruneReport:
         return "\n".join(lines)
 
 
+# The passes that change the function (the explicit step before the exact passes).
+_CHANGING = (ZeroSmallGroupsPass.name, ZeroGroupsToBudgetPass.name)
+
+
 @dataclass(frozen=True)
 class PruneResult:
     model: onnx.ModelProto
@@ -232,15 +324,28 @@ class PruneResult:
 @gc_paused()  # linear in the graph's size (see pipeline.gc_paused)
 def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int = 3,
           seed: int = 0, name: str = "", lower: str = "off", provider: str = "cpu",
-          batch: int = 1, threads: int = 0, lower_cache: str | None = None) -> PruneResult:
+          batch: int = 1, threads: int = 0, lower_cache: str | None = None,
+          target_macs: float | None = None, target_params: float | None = None,
+          importance: str | None = None,
+          calib: str | Path | Mapping[str, np.ndarray] | Calibration | None = None,
+          round_to: int | str | None = None) -> PruneResult:
     """Remove zero groups from ``model``; the result computes the same outputs.
 
-    ``threshold`` first zeroes every prunable group with L2 norm <= threshold (this changes
-    the function; ``report.threshold_effect`` says by how much). ``verify_n`` seeded random
-    inputs are compared against the model read (0 skips the check). ``lower`` (auto, off or a
+    ``threshold`` first zeroes every prunable group with L2 norm <= threshold; a budget
+    (``target_macs``/``target_params``, fractions in (0, 1] of the input's MACs and params,
+    both held when both are given) first zeroes the least important groups until the pruned
+    model's count is at most the target and within ``LANDING`` of it (see the module doc).
+    Either changes the function; ``report.effect`` says by how much, on ``calib`` (an .npz
+    path or arrays, one per model input, checked against the model) or else on the numeric
+    check's seeded random inputs. ``importance``: ``magnitude`` or ``activation`` (needs
+    ``calib``; the default when it is given). ``verify_n`` seeded random inputs are compared
+    against the model read, or the zeroed one (0 skips the check). ``lower`` (auto, off or a
     strategy of ``LowerSparseConvPass``) lowers convs with zero fibers or 2D filters, chosen
     by timing on ``provider`` at ``batch`` and ``threads``; ``lower_cache`` is the folder of
     cached timings (default ~/.cache/onnx-ssl-lowering; "" disables the cache).
+    ``round_to`` (a multiple N >= 1 or ``"auto"``, timed like ``lower``) keeps zero channels
+    so that the kept counts land on multiples (:mod:`onnx_ssl.passes.round_channels`); with
+    a budget, the selection lands on such counts itself.
     """
     verify_n = verify
     if verify_n < 0:
@@ -250,44 +355,72 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
     if lower not in LOWER_STRATEGIES or batch < 1 or threads < 0:
         raise InputError(f"--lower must be one of {', '.join(LOWER_STRATEGIES)}, --batch >= 1 "
                          f"and --threads >= 0; got {lower!r}, {batch}, {threads}")
+    budget = _budget(target_macs, target_params, threshold)
+    rt = parse_round_to(round_to)
+    rounding = RoundChannelCounts(rt, provider=provider, batch=batch, threads=threads,
+                                  cache_dir=_cache_dir(lower_cache)) if rt is not None else None
+    cal = _calibration(calib, model)
+    if cal is not None and threshold is None and budget is None:
+        raise InputError("--data scores and measures the groups a budget or a threshold "
+                         "zeroes; give --target-macs, --target-params or --threshold")
+    if importance is not None and budget is None:
+        raise InputError("--importance ranks the groups of a budget; give --target-macs or "
+                         "--target-params")
+    method = importance or ("activation" if cal is not None else "magnitude")
+    if method not in IMPORTANCES:
+        raise InputError(f"--importance must be one of {', '.join(IMPORTANCES)}, got {method!r}")
+    if method == "activation" and cal is None:
+        raise InputError("--importance activation needs calibration inputs (--data CALIB)")
     meta = ModelMeta.of(model)
     # Unique node names and a bound batch; `wc.unbind` makes the result batch-agnostic.
     wc = working_copy(model)
     graph = wc.graph
-    # Groups are only needed to threshold them; the passes read spaces and branches.
-    before = analyze_graph(graph, kinds=("channel", "depth") if threshold is not None else (),
-                           name=name)
+    # Groups are only needed to zero them; the passes read spaces and branches.
+    zeroing = threshold is not None or budget is not None
+    before = analyze_graph(graph, kinds=("channel", "depth") if zeroing else (), name=name)
+    if budget is not None and budget.macs is not None and not before.macs:
+        raise InputError("--target-macs needs static MACs, and a layer's shapes are not "
+                         "(`analyze` notes why); use --target-params")
     # ONNX Runtime refuses two nodes of one name: the check runs the input uniquely named.
     model = name_nodes(model)
     reference = model
     passes: list[tuple[str, Report]] = []
     effect: tuple[Difference, ...] = ()
-    if threshold is not None:
-        res = ZeroSmallGroupsPass(threshold, before)(graph)
-        graph = res.graph
-        passes.append((ZeroSmallGroupsPass.name, res.report))
-        # finish() leaves `graph` as it is; unbind() changes it in place: it gets a copy, so
-        # that `graph` stays the one that `before` and the passes below describe.
-        reference = finish(wc.unbind(graph.copy()) if wc.batch else graph, meta)
-        if verify_n:
-            effect = tuple(compare(model, reference, n=verify_n, seed=seed))
-        del res
-    # The passes reuse `before` while the graph they get matches it (graph_key: thresholding
-    # zeroes float weights only), and analyse it afresh once a pass changed it.
+    effect_inputs = ""
     lowering = LowerSparseConvPass(
         lower, provider=provider, batch=batch, threads=threads,
         cache_dir=_cache_dir(lower_cache)) if lower != "off" else None
-    # Removing channels and branches enables more of both: they run to their fixpoint, in
-    # place (`graph` is this call's own, and nothing reads it after the passes: copying a
-    # large graph cost as much as a third of the channel pass).
+    landed: PassResult[PipelineReport] | None = None
+    if zeroing:
+        if budget is not None:
+            res: PassResult[Report]
+            res, landed = _zero_to_budget(graph, before, budget, method, cal, meta, seed,
+                                          reuse=lowering is None, rounding=rounding)
+        else:
+            assert threshold is not None
+            res = ZeroSmallGroupsPass(threshold, before)(graph)
+        graph = res.graph
+        passes.append((ZeroSmallGroupsPass.name if budget is None else
+                       ZeroGroupsToBudgetPass.name, res.report))
+        # finish() leaves `graph` as it is; unbind() changes it in place: it gets a copy, so
+        # that `graph` stays the one that `before` and the passes below describe.
+        reference = finish(wc.unbind(graph.copy()) if wc.batch else graph, meta)
+        if cal is not None:
+            effect = tuple(compare(model, reference, feeds=list(cal.batches())))
+            effect_inputs = f"{cal.source} ({cal.samples} samples)"
+        elif verify_n:
+            effect = tuple(compare(model, reference, n=verify_n, seed=seed))
+            effect_inputs = f"{verify_n} seeded random input(s) (seed {seed})"
+        del res
+    # The passes reuse `before` while the graph they get matches it (graph_key: zeroing
+    # changes float weights only), and analyse it afresh once a pass changed it.
     shared = SharedAnalysis(before)
-    pm = PassManager([FixpointPass([CollapseResidualPass(seed=seed, shared=shared, in_place=True),
-                                    RemoveZeroChannelsPass(seed=seed, shared=shared,
-                                                           in_place=True)]),
-                      ShrinkKernelsPass(), *([lowering] if lowering else []), CleanupPass()])
-    maps_before = bias_maps(graph)  # per-position bias maps count as their layer's params
+    maps_before = bias_maps(wc.graph)  # per-position bias maps count as their layer's params
     settle()  # the working copy and its analysis stay alive: no reason to collect garbage
-    out = pm(graph)
+    if landed is not None:
+        out = landed  # the budget's last trial ran these very passes on this graph
+    else:
+        out = _exact_passes(shared, seed, lowering, rounding)(graph)
     passes += list(out.report.results)
     maps_after = bias_maps(out.graph)
     lowered = out.report.get(lowering.name) if lowering is not None else None
@@ -298,7 +431,7 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
     # Only the rewrite is needed from here on: the working copy (its protos, and the weights
     # of the graph before the passes) goes before the export and the numeric check's
     # sessions, so that a large model's weights are not held several times at once.
-    del wc, graph, shared, pm, out
+    del wc, graph, shared, out, landed
     # A full collection costs time in proportion to the graph's nodes; it pays for large
     # weights (what it frees), not for a graph of many small layers.
     large = weight_bytes(model) >= RELEASE_BYTES
@@ -331,9 +464,101 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
         params_before=before.params + sum(maps_before.values()),
         params_after=sum(la.params for la in after_layers) + sum(maps_after.values()),
         macs_before=before.macs, macs_after=sum(la.macs for la in after_layers),
-        passes=tuple(passes), threshold=threshold,
-        threshold_effect=effect, verification=diffs, kept=tuple(kept))
+        passes=tuple(passes), threshold=threshold, effect=effect, verification=diffs,
+        kept=tuple(kept), target_macs=budget.macs if budget else None,
+        target_params=budget.params if budget else None, effect_inputs=effect_inputs)
     return PruneResult(final, report)
+
+
+def _exact_passes(shared: SharedAnalysis, seed: int, lowering: LowerSparseConvPass | None,
+                  rounding: RoundChannelCounts | None = None) -> PassManager:
+    """The passes that keep the function. Removing channels and branches enables more of
+    both: they run to their fixpoint, in place (the graph is the caller's own, and nothing
+    reads it after the passes: copying a large graph cost as much as a third of the channel
+    pass)."""
+    return PassManager([
+        FixpointPass([CollapseResidualPass(seed=seed, shared=shared, in_place=True),
+                      RemoveZeroChannelsPass(seed=seed, shared=shared, in_place=True,
+                                             rounding=rounding)]),
+        ShrinkKernelsPass(), *([lowering] if lowering else []), CleanupPass()])
+
+
+def _budget(target_macs: float | None, target_params: float | None,
+            threshold: float | None) -> Budget | None:
+    for flag, v in (("--target-macs", target_macs), ("--target-params", target_params)):
+        if v is not None and not (math.isfinite(v) and 0 < v <= 1):
+            raise InputError(f"{flag} must be a fraction of the input's count in (0, 1], "
+                             f"got {v:g}")
+    if target_macs is None and target_params is None:
+        return None
+    if threshold is not None:
+        raise InputError("--threshold and --target-macs/--target-params both choose the groups "
+                         "to zero; pick one")
+    return Budget(target_macs, target_params)
+
+
+def _calibration(calib: str | Path | Mapping[str, np.ndarray] | Calibration | None,
+                 model: onnx.ModelProto) -> Calibration | None:
+    if calib is None or isinstance(calib, Calibration):
+        return calib
+    if isinstance(calib, (str, Path)):
+        return read_calibration(calib, input_specs(model))
+    return check_calibration(calib, input_specs(model))
+
+
+def _count(out: PassResult[PipelineReport], before: Analysis, meta: ModelMeta,
+           maps_before: int) -> dict[str, float]:
+    """The MAC and param fractions of a rewrite, counted as the report counts them."""
+    layers = _shaped_layers(out.graph)
+    if layers is None:
+        layers = model_layers(from_graph(out.graph, meta))
+    params = sum(la.params for la in layers) + sum(bias_maps(out.graph).values())
+    p0 = before.params + maps_before
+    return {"macs": sum(la.macs for la in layers) / before.macs if before.macs else 1.0,
+            "params": params / p0 if p0 else 1.0}
+
+
+def _zero_to_budget(graph: gs.Graph, before: Analysis, budget: Budget, method: str,
+                    cal: Calibration | None, meta: ModelMeta, seed: int, reuse: bool,
+                    rounding: RoundChannelCounts | None = None
+                    ) -> tuple[PassResult[ZeroToBudgetReport], PassResult[PipelineReport] | None]:
+    """Zero groups of ``graph`` until the real prune lands in ``[F - LANDING, F]`` (see the
+    module doc). Returns the zeroing pass's result and, where ``reuse``, the exact passes'
+    result on (a copy of) its graph; the input graph is left as it is."""
+    scores = (activation(before, graph, cal) if method == "activation" and cal is not None
+              else magnitude(before, graph))
+    targets = dict(budget.items())
+    maps_before = sum(bias_maps(graph).values())
+    aim = dict(targets)
+    best: tuple[float, PassResult[ZeroToBudgetReport], PassResult[PipelineReport]] | None = None
+    tried: list[str] = []
+    seen: set[tuple[str, ...]] = set()
+    for trial in range(1, TRIALS + 1):
+        zero = ZeroGroupsToBudgetPass(budget, scores.by_group, before, method,
+                                      aim=Budget(aim.get("macs"), aim.get("params")),
+                                      round_to=rounding.multiple if rounding else None
+                                      )(graph)
+        out = _exact_passes(SharedAnalysis(before), seed, None, rounding)(zero.graph.copy())
+        real = _count(out, before, meta, maps_before)
+        est = {k: getattr(zero.report, "estimated_" + k) for k in targets}
+        under = min(targets[k] - real[k] for k in targets)
+        tried.append(", ".join(f"{k} {real[k]:.1%}" for k in targets))
+        log.info("budget trial %d: aim %s, estimate %s, pruned %s", trial, aim, est, real)
+        if under >= 0 and (best is None or under < best[0]):
+            best = (under, zero, out)
+        if 0 <= under <= LANDING:
+            break
+        if zero.report.zeroed in seen:
+            break  # the corrected aim chose the same groups: nothing closer to try
+        seen.add(zero.report.zeroed)
+        aim = {k: targets[k] - (real[k] - est[k]) - LANDING / 4 for k in targets}
+    if best is None:
+        wanted = ", ".join(f"{k} {v:.1%}" for k, v in targets.items())
+        raise InputError(f"the budget ({wanted} of the input's count) cannot be reached: the "
+                         f"prunable groups leave at least {tried[-1]} (`analyze` lists what "
+                         f"blocks the rest" + (f"; --round-to {rounding.round_to} allows only "
+                                               f"rounded counts" if rounding else "") + ")")
+    return best[1], best[2] if reuse else None
 
 
 def _shaped_layers(graph: gs.Graph) -> tuple[Layer, ...] | None:

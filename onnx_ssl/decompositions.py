@@ -44,6 +44,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import UnsupportedModelError
+from .names import fresh_name
 
 _DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
@@ -66,12 +67,7 @@ class Writer:
         self.nodes: list[gs.Node] = []
 
     def fresh(self, hint: str) -> str:
-        name, k = f"{self.base}.ssl_{hint}", 1
-        while name in self._taken:
-            k += 1
-            name = f"{self.base}.ssl_{hint}_{k}"
-        self._taken.add(name)
-        return name
+        return fresh_name(self._taken, f"{self.base}.ssl_{hint}")
 
     def const(self, value: float | np.ndarray, hint: str) -> gs.Constant:
         arr = np.asarray(value)

@@ -27,6 +27,7 @@ import functools
 import importlib
 import importlib.machinery
 import importlib.util
+import json
 import logging
 import sys
 import types
@@ -52,13 +53,53 @@ ORT_DISTRIBUTIONS = (
     "ort-nightly-gpu",
 )
 TRAINING_DISTRIBUTIONS = ("onnxruntime-training", "onnxruntime-training-cpu")
-# The extras of onnx-ssl that pick a runtime (pyproject.toml).
-INSTALL_HINT = ("pip install 'onnx-ssl[cpu]' (or 'onnx-ssl[gpu]' for CUDA, or 'onnx-ssl[train]' "
-                "in an environment of its own for training)")
 # onnxruntime-training's last release is 1.19.2 (September 2024), with wheels for 3.10-3.12.
 TRAINING_PYTHONS = ((3, 10), (3, 12))
-TRAIN_VENV_HINT = ("python3.12 -m venv .venv-train && .venv-train/bin/pip install "
-                   "'onnx-ssl[train]'")
+
+
+def checkout_dir() -> Path | None:
+    """The onnx-ssl checkout this package was installed from, or None when it is not known.
+
+    onnx-ssl is on no package registry, so every install comes from a checkout: the folder
+    above the package when it holds onnx-ssl's ``pyproject.toml`` (an editable install, or a
+    run from the clone), else the local folder a plain ``pip install DIR`` recorded in its
+    ``direct_url.json``.
+    """
+    root = Path(__file__).resolve().parent.parent
+    try:
+        project = root / "pyproject.toml"
+        if project.is_file() and 'name = "onnx-ssl"' in project.read_text(encoding="utf-8"):
+            return root
+    except OSError:
+        pass
+    try:
+        raw = metadata.distribution("onnx-ssl").read_text("direct_url.json")
+        url = json.loads(raw)["url"] if raw else ""
+    except (metadata.PackageNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    if url.startswith("file://") and Path(url[len("file://"):]).is_dir():
+        return Path(url[len("file://"):])
+    return None
+
+
+def pip_install(extras: str) -> str:
+    """The pip command that adds onnx-ssl's ``extras`` (``"train"``, ``"cpu,dev"``), from the
+    checkout it was installed from."""
+    root = checkout_dir()
+    if root is None:
+        return f"pip install -e '.[{extras}]' (from your onnx-ssl checkout)"
+    return f"pip install -e '{root}[{extras}]'"
+
+
+def install_hint() -> str:
+    """How to install a runtime with one of the extras that pick one (pyproject.toml)."""
+    return (f"{pip_install('cpu')} (or the [gpu] extra for CUDA, or [train] in an environment "
+            f"of its own for training)")
+
+
+def train_venv_hint() -> str:
+    """How to make an environment of its own for training."""
+    return f"python3.12 -m venv .venv-train && .venv-train/bin/{pip_install('train')}"
 
 
 def _normalise(name: str) -> str:
@@ -93,12 +134,13 @@ def mix_advice(dists: list[tuple[str, str]]) -> str:
     advice = (f"keep {keep} {versions[keep]}: pip uninstall -y {others} {keep} && "
               f"pip install {keep}=={versions[keep]}")
     if keep not in TRAINING_DISTRIBUTIONS and any(n in TRAINING_DISTRIBUTIONS for n in names):
-        advice += f"; train in an environment of its own: {TRAIN_VENV_HINT}"
+        advice += f"; train in an environment of its own: {train_venv_hint()}"
     return advice
 
 
-def check_runtime_environment() -> None:
-    """Raise EnvironmentProblem when several ONNX Runtime distributions share the module.
+def check_runtime_environment() -> list[tuple[str, str]]:
+    """The (name, version) of the one ONNX Runtime distribution installed, or none; raise
+    EnvironmentProblem when several share the module.
 
     No runtime at all is not a problem here: ``analyze`` needs none, and the commands that do
     say which extra to install when they import it (:func:`import_ort`).
@@ -110,6 +152,7 @@ def check_runtime_environment() -> None:
             f"several ONNX Runtime distributions are installed ({listed}); they overwrite "
             f"each other's files in the one 'onnxruntime' module and break both; "
             f"{mix_advice(dists)}")
+    return dists
 
 
 def has_ort() -> bool:
@@ -196,7 +239,7 @@ def import_ort(purpose: str = "this command") -> Any:
     check_runtime_environment()
     if not has_ort():
         raise EnvironmentProblem(f"{purpose} needs ONNX Runtime, and none is installed: "
-                                 f"{INSTALL_HINT}")
+                                 f"{install_hint()}")
     install_shim()
     try:
         _IMPORTED = importlib.import_module("onnxruntime")
@@ -276,9 +319,10 @@ def training_unavailable_reason(version: tuple[int, int] | None = None) -> str:
     if not supports_training_python(v):
         return (f"training needs onnxruntime-training, whose last release (1.19.2, September "
                 f"2024) has wheels for Python 3.10 to 3.12 only, and this is Python "
-                f"{v[0]}.{v[1]}; create an environment of its own: {TRAIN_VENV_HINT}")
+                f"{v[0]}.{v[1]}; create an environment of its own: {train_venv_hint()}")
     dists = installed_ort_distributions()
     have = (f"this environment has {dists[0][0]} {dists[0][1]}, an inference build"
             if dists else "this environment has no ONNX Runtime")
-    return (f"training needs onnxruntime-training and {have}; install 'onnx-ssl[train]' in "
-            f"an environment of its own (keeping your runtime here): {TRAIN_VENV_HINT}")
+    return (f"training needs onnxruntime-training and {have}; install onnx-ssl's [train] "
+            f"extra in an environment of its own (keeping your runtime here): "
+            f"{train_venv_hint()}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -12,9 +11,7 @@ import onnx_graphsurgeon as gs
 
 from . import runtime
 from .io import clamp_ir, dtype_to_onnx, export_skeleton, infer_shapes, tensor_map
-
-if TYPE_CHECKING:
-    from .groups import Analysis
+from .names import fresh_name
 
 
 def export(graph: gs.Graph) -> onnx.ModelProto:
@@ -219,59 +216,6 @@ def require_unique_node_names(graph: gs.Graph) -> None:
         seen.add(n.name)
 
 
-class SharedAnalysis:
-    """The channel analysis of the graph a pipeline's passes last saw, reused while it
-    matches.
-
-    Every analysis carries the key (:func:`graph_key`) of the graph it was computed on;
-    :meth:`of` hands out the one it holds only when the graph it is asked about has that
-    key (the graph unchanged, or a copy of it, or one whose float weights alone changed),
-    and analyses the graph afresh otherwise: an analysis handed in is checked, never
-    trusted. ``computed`` counts the analyses it ran.
-    """
-
-    def __init__(self, analysis: Analysis | None = None) -> None:
-        self._analysis = analysis
-        self.computed = 0
-
-    def of(self, graph: gs.Graph, kinds: Sequence[str] = ()) -> Analysis:
-        """The analysis of ``graph`` with at least the group ``kinds`` given."""
-        a = self._analysis
-        key = graph_key(graph)
-        if a is None or a.key != key or not set(kinds) <= set(a.kinds):
-            from .analysis import analyze_graph  # the analysis imports this module
-
-            a = self._analysis = analyze_graph(graph, kinds=tuple(kinds), key=key)
-            self.computed += 1
-        return a
-
-
-def bias_maps(graph: gs.Graph) -> dict[str, int]:
-    """Layer node -> float elements of the constant maps added right after it.
-
-    ``Add(layer(x), k)`` with a constant ``k`` of rank >= 2 is a per-position bias map (the
-    channel pass adds one behind a padded convolution that read a removed constant channel):
-    params of the layer that its weight and bias do not show. Only parameterised layers
-    count: a map after a MatMul of two activations (attention's position bias after
-    Q x K^T) belongs to no layer.
-    """
-    from .rules import layer_weight  # the op table (rules -> ops -> graphutil: imported late)
-
-    out: dict[str, int] = {}
-    for node in graph.nodes:
-        if layer_weight(node) is None or not node.outputs:
-            continue
-        y = node.outputs[0]
-        while len(y.outputs) == 1 and y.outputs[0].op == "Add" and y.outputs[0].outputs:
-            add = y.outputs[0]
-            k = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
-            if k is None or len(k.shape) < 2 or np.dtype(k.dtype).kind != "f":
-                break
-            out[node.name] = out.get(node.name, 0) + int(np.prod(k.shape))
-            y = add.outputs[0]
-    return out
-
-
 class _Names:
     """The names taken in one graph, and those handed out since (see :func:`fresh_names`)."""
 
@@ -300,16 +244,4 @@ def unique_name(graph: gs.Graph, base: str) -> str:
     active = next((a for a in reversed(_ACTIVE) if a.graph is graph), None)
     names = active.taken if active is not None else (
         set(tensor_map(graph)) | {n.name for n in graph.nodes})
-    out = _unique(names, base)
-    if active is not None:
-        active.taken.add(out)
-    return out
-
-
-def _unique(names: set[str], base: str) -> str:
-    if base not in names:
-        return base
-    k = 1
-    while f"{base}_{k}" in names:
-        k += 1
-    return f"{base}_{k}"
+    return fresh_name(names, base, start=1)  # adds it to the active set

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
+
+from .reasons import Reason, reason_json
 
 Role = Literal["out", "in", "stat"]
 # "act" marks an activation tensor's axis in ChannelRef (never a group member).
@@ -56,17 +58,14 @@ class Member:
             "slice": [None if s is None else list(s) for s in self.slice],
         }
 
-    @staticmethod
-    def from_json(d: Mapping[str, Any]) -> Member:
-        return Member(
-            tensor=str(d["tensor"]),
-            role=d["role"],
-            slice=tuple(None if s is None else tuple(int(i) for i in s) for s in d["slice"]),
-        )
+
+# A space by its id (``str``: in an analysis) or by its number while the channel
+# propagation (channels.Engine) still unites spaces (``int``).
+SpaceKey = TypeVar("SpaceKey", str, int)
 
 
 @dataclass(frozen=True)
-class ChannelRef:
+class ChannelRef(Generic[SpaceKey]):
     """Where a contiguous run of a space's channels sits along one axis of one tensor.
 
     Channels ``space_start .. space_start+length-1`` of ``space`` occupy positions
@@ -80,7 +79,7 @@ class ChannelRef:
     tensor: str
     axis: int
     role: RefRole
-    space: str
+    space: SpaceKey
     space_start: int
     tensor_start: int
     length: int
@@ -102,15 +101,15 @@ class Space:
     id: str
     channels: int
     prunable: bool
-    reason: str | None
+    reason: Reason | None
     nodes: tuple[str, ...]
     origin: Literal["producer", "input"] = "producer"
     # Conv group counts whose groups must keep equal sizes (grouped convolutions).
     partitions: tuple[int, ...] = ()
     # The channel refs of every tensor axis in the space (weights and activations).
-    refs: tuple[ChannelRef, ...] = ()
+    refs: tuple[ChannelRef[str], ...] = ()
     # Reasons beyond the first, for the report.
-    all_reasons: tuple[str, ...] = ()
+    all_reasons: tuple[Reason, ...] = ()
 
     @property
     def constraint(self) -> str | None:
@@ -135,7 +134,7 @@ class Space:
             "id": self.id,
             "channels": self.channels,
             "prunable": self.prunable,
-            "reason": self.reason,
+            **reason_json(self.reason),
             "nodes": list(self.nodes),
             "conv_groups": list(self.partitions),
             "constraint": self.constraint,
@@ -149,8 +148,11 @@ class Group:
     space: str | None
     index: int | None
     prunable: bool
-    reason: str | None
+    reason: Reason | None
     members: tuple[Member, ...]
+    # The node the group is of: the Add that joins a depth group's branch, the layer of a
+    # shape, filter2d or neuron group; None for a channel group (its space says where).
+    node: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -159,21 +161,9 @@ class Group:
             "space": self.space,
             "index": self.index,
             "prunable": self.prunable,
-            "reason": self.reason,
+            **reason_json(self.reason),
             "members": [m.to_json() for m in self.members],
         }
-
-    @staticmethod
-    def from_json(d: Mapping[str, Any]) -> Group:
-        return Group(
-            id=str(d["id"]),
-            kind=d["kind"],
-            space=d.get("space"),
-            index=d.get("index"),
-            prunable=bool(d["prunable"]),
-            reason=d.get("reason"),
-            members=tuple(Member.from_json(m) for m in d["members"]),
-        )
 
 
 @dataclass(frozen=True)
@@ -205,7 +195,7 @@ class Branch:
     nodes: tuple[str, ...]
     layers: tuple[str, ...]
     prunable: bool
-    reason: str | None
+    reason: Reason | None
 
 
 @dataclass(frozen=True)
@@ -220,7 +210,7 @@ class Analysis:
     # The model's batch is symbolic: layer MACs are per sample (the analysis binds it to 1).
     macs_per_sample: bool = False
     # graphutil.graph_key of the graph analysed: a pass handed this analysis uses it only
-    # for a graph with the same key (see graphutil.SharedAnalysis). None: not known.
+    # for a graph with the same key (see analysis.SharedAnalysis). None: not known.
     key: int | None = field(default=None, compare=False, repr=False)
 
     @property

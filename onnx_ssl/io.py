@@ -337,6 +337,11 @@ def infer_shapes(model: onnx.ModelProto, strict: bool = True, copy: bool = True
     return out
 
 
+def onnx_to_dtype(elem_type: int) -> np.dtype:
+    """The numpy dtype of an ONNX element type."""
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
 def dtype_to_onnx(dtype: Any) -> int:
     """The ONNX element type of a numpy dtype (onnx-graphsurgeon's mapping)."""
     from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx as convert
@@ -607,6 +612,18 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     """The bytes of ``model``'s initializers (without serialising the model, which
     ``ModelProto.ByteSize()`` does, holding a second copy of every weight meanwhile)."""
     return sum(tensor_bytes(t) for t in model.graph.initializer)
+
+
+def initializer_elements(model: onnx.ModelProto) -> int:
+    """The elements of every initializer of ``model``'s main graph (every parameter it
+    stores, embeddings and norms included; Constant nodes are not counted)."""
+    total = 0
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        total += n
+    return total
 
 
 def write_external(model: onnx.ModelProto, path: str | os.PathLike[str], location: str,

@@ -121,6 +121,7 @@ def _conv_transpose_macs(node: gs.Node, w: Shape, x: Shape | None, y: Shape | No
 
 
 def _gemm_axes(node: gs.Node) -> tuple[int, int]:
+    """(out axis, in axis) of a Gemm's weight B: [K, N], or [N, K] with ``transB``."""
     return (0, 1) if int(node.attrs.get("transB", 0)) else (1, 0)
 
 

@@ -30,16 +30,17 @@ import ctypes
 import gc
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import onnx
 import onnx_graphsurgeon as gs
 
+from .analysis import SharedAnalysis
 from .errors import OnnxSslError, PassError
 from .errors import one_line as _one_line
-from .graphutil import SharedAnalysis, require_unique_node_names
+from .graphutil import require_unique_node_names
 from .io import ModelMeta, from_graph, infer_shapes
 
 if TYPE_CHECKING:
@@ -97,6 +98,63 @@ class Report:
         """``(pass name, report)`` pairs for a pipeline's results (a nested pipeline gives
         those of its passes)."""
         return ((name, self),)
+
+    def to_text(self, skip: Collection[str] = ()) -> str:
+        """The report in one line for people: each field that holds something, by its name
+        in words, for example ``branches removed 3 (a, b, c), layers removed 48``. A count of
+        0, an empty tuple, False, None and the fields in ``skip`` are left out ("" when
+        nothing is left)."""
+        parts = []
+        for f in fields(self):
+            if f.name.startswith("_") or f.name in skip:
+                continue
+            text = _describe(getattr(self, f.name))
+            if text is not None:
+                words = f.name.replace("_", " ")
+                parts.append(f"{words} {text}" if text else words)
+        return ", ".join(parts)
+
+
+# Items of a tuple a report line names before it says "..." (the count says how many).
+_SHOWN_ITEMS = 5
+
+
+def _describe(v: Any) -> str | None:
+    """A report field's value in words for :meth:`Report.to_text` ("" for a flag that is
+    set; None to leave the field out)."""
+    if v is None or v is False or (isinstance(v, (int, float, str)) and not v):
+        return None
+    if v is True:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, (int, str)):
+        return str(v)
+    if isinstance(v, dict):
+        v = tuple(v.items())
+    if isinstance(v, (tuple, list, set, frozenset)):
+        if not v:
+            return None
+        items = sorted(v) if isinstance(v, (set, frozenset)) else list(v)
+        named = [_describe_item(x) for x in items[:_SHOWN_ITEMS]]
+        if any(x is None for x in named):  # items without words of their own: the count
+            return str(len(items))
+        more = ", ..." if len(items) > _SHOWN_ITEMS else ""
+        if all(isinstance(x, tuple) for x in items):  # (name, count) pairs
+            return f"({', '.join(n for n in named if n)}{more})"
+        return f"{len(items)} ({', '.join(n for n in named if n)}{more})"
+    return None
+
+
+def _describe_item(x: Any) -> str | None:
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    if isinstance(x, (int, str)):
+        return str(x)
+    if (isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+            and isinstance(x[1], (int, float, str))):
+        return f"{x[0]} {_describe_item(x[1])}"
+    return None
 
 
 def _jsonable(v: Any) -> Any:
@@ -203,7 +261,7 @@ class AnalysedPass(PassBase[R]):
     residual pass), with the constructor and contract they share.
 
     ``analysis`` is used only for a graph it matches (see
-    :class:`~onnx_ssl.graphutil.SharedAnalysis`); any other graph is analysed afresh.
+    :class:`~onnx_ssl.analysis.SharedAnalysis`); any other graph is analysed afresh.
     ``shared`` hands the analysis on between the passes of a pipeline (and the rounds of a
     fixpoint) instead. ``seed`` seeds the random inputs on which constants are evaluated.
     ``in_place``: rewrite the graph handed in rather than a copy of it (for a caller that
@@ -250,6 +308,11 @@ class PipelineReport(Report):
 
     def flatten(self, name: str) -> tuple[tuple[str, Report], ...]:
         return self.results
+
+    def to_text(self, skip: Collection[str] = ()) -> str:
+        """The passes that changed something, each as ``name: its report``, joined by "; "."""
+        return "; ".join(f"{n}: {r.to_text(skip)}" for n, r in self.results
+                         if r.modified and r.to_text(skip))
 
     def get(self, name: str) -> Report:
         """The report of the pass called ``name`` (KeyError when none ran)."""

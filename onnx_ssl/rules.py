@@ -39,7 +39,7 @@ same reason.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -56,12 +56,16 @@ from .channels import (
     rank,
     static_shape,
 )
+from .groups import RefRole
 from .ops import OpRule
 from .permutation import match_shuffle
+from .reasons import Reason, ReasonCode
 
 
-def _why(node: gs.Node, text: str) -> str:
-    return f"{node.name} ({node.op}): {text}"
+def _why(node: gs.Node, text: str, code: ReasonCode = ReasonCode.OP_CONSTRAINT,
+         tensor: gs.Tensor | None = None) -> Reason:
+    return Reason(code, f"{node.name} ({node.op}): {text}", node=node.name,
+                  tensor=None if tensor is None else tensor.name)
 
 
 def _attr(node: gs.Node, name: str, default: object) -> object:
@@ -81,14 +85,6 @@ def _untracked(t: gs.Tensor) -> str:
     src = t.inputs[0] if t.inputs else None
     where = f" (made by {src.name} ({src.op}))" if src is not None else ""
     return f"{t.name}{where} carries channels that are not tracked"
-
-
-def _first_layout(e: Engine, node: gs.Node) -> tuple[int, Layout] | None:
-    for i, t in enumerate(node.inputs):
-        lay = e.layout(t)
-        if lay is not None:
-            return i, lay
-    return None
 
 
 def _check_aux_outputs(e: Engine, node: gs.Node, lay: Layout | None, graph_outputs: set[str]
@@ -112,7 +108,8 @@ def _layout_and_rank(e: Engine, node: gs.Node) -> tuple[Layout, int] | None:
 
 
 def flow_block(e: Engine, node: gs.Node, rule: OpRule | None) -> None:
-    why = _why(node, rule.note if rule and rule.note else "no channel rule for this op")
+    why = (_why(node, rule.note) if rule and rule.note
+           else _why(node, "no channel rule for this op", ReasonCode.UNKNOWN_OP))
     for t in node.inputs:
         e.block(e.layout(t), why)
     # Weights read by an op without a rule are not free to change either.
@@ -152,8 +149,9 @@ def flow_norm(e: Engine, node: gs.Node, rule: OpRule) -> None:
         e.block(lay, _why(node, "normalises axis 1, which is not the channel axis here"))
         _pass_blocked(e, node, lay)
         return
-    for idx, role in [(i, "out") for i in rule.out_params] + [(i, "stat") for i in
-                                                               rule.stat_params]:
+    params: list[tuple[int, RefRole]] = ([(i, "out") for i in rule.out_params]
+                                         + [(i, "stat") for i in rule.stat_params])
+    for idx, role in params:
         if idx >= len(node.inputs) or not node.inputs[idx].name:
             continue
         p = node.inputs[idx]
@@ -220,7 +218,7 @@ def flow_binary(e: Engine, node: gs.Node, rule: OpRule) -> None:
             e.block(base, _why(node, f"operand {_untracked(t)}"))
             continue
         # A constant sliced with the channel: a divisor or exponent is never zeroed.
-        role = "stat" if node.op in ("Div", "Pow") and i == 1 else "out"
+        role: RefRole = "stat" if node.op in ("Div", "Pow") and i == 1 else "out"
         e.add_refs(t, a, role, base.with_axis(a), node, is_weight=True)
     e.touch(base, node)
     e.set_layout(node.outputs[0], base, node)
@@ -330,7 +328,8 @@ def flow_layernorm(e: Engine, node: gs.Node, rule: OpRule) -> None:
     lay, r = got
     axis = _norm_axis(int(_attr(node, "axis", -1)), r)  # type: ignore[call-overload]
     if lay.axis >= axis:
-        e.block(lay, _why(node, "normalises over the channel axis"))
+        e.block(lay, _why(node, "normalises over the channel axis",
+                          ReasonCode.LAYER_NORM_OVER_CHANNELS))
         _pass_blocked(e, node, lay)
         return
     _check_aux_outputs(e, node, lay, e.graph_output_names)  # type: ignore[attr-defined]
@@ -685,14 +684,15 @@ def flow_reshape(e: Engine, node: gs.Node, rule: OpRule) -> None:
         e.set_layout(shuffle.last.outputs[0], sel, shuffle.last)
         return
     if len(node.inputs) > 1 and not is_const(node.inputs[1]):
-        e.block(lay, _why(node, "target shape is computed at run time"))
+        e.block(lay, _why(node, "target shape is computed at run time",
+                               ReasonCode.RUNTIME_SHAPE, node.inputs[1]))
         return
     s, t = dims(node.inputs[0]), dims(node.outputs[0])
     if s is not None and (t is None or None in t):
         t = _reshape_target(node, s)
     if s is None or t is None:
         e.block(lay, _why(node, "input or output shape unknown: the reshape's channel mapping "
-                                "is unknown"))
+                                "is unknown", ReasonCode.RUNTIME_SHAPE))
         return
     _reshape_layout(e, node, lay, s, t)
 
@@ -827,8 +827,7 @@ def flow_gemm(e: Engine, node: gs.Node, rule: OpRule | None = None) -> None:
         e.block(lay, _why(node, f"weight {b.name} is not a constant"))
         e.block(e.layout(b), _why(node, "activation used as a weight"))
         return
-    trans_b = int(node.attrs.get("transB", 0))
-    in_axis, out_axis = (1, 0) if trans_b else (0, 1)
+    out_axis, in_axis = ops.GEMM.axes(node)  # the weight's axes, written once in ops
     if lay is not None:
         e.add_refs(b, in_axis, "in", lay.with_axis(in_axis), node, is_weight=True)
     out = _new_output(e, node, int(bv.shape[out_axis]), 1)
@@ -858,8 +857,6 @@ def flow_matmul(e: Engine, node: gs.Node, rule: OpRule | None = None) -> None:
     e.add_refs(b, 1, "out", out.with_axis(1), node, is_weight=True)
     e.set_layout(node.outputs[0], out, node)
 
-
-Handler = Callable[[Engine, gs.Node, OpRule], None]
 
 # --- the table -----------------------------------------------------------------------------
 

@@ -11,7 +11,9 @@ versions and the fix.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
 import sys
 import tempfile
 import types
@@ -24,7 +26,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import env
-from .errors import InputError, UnsupportedModelError, VerificationError, one_line
+from .errors import (
+    InputError,
+    OnnxSslError,
+    UnsupportedModelError,
+    VerificationError,
+    one_line,
+)
 from .io import clamp_ir, default_opset, weight_bytes, write_external
 
 # The tolerance the numeric check holds: max |pruned - reference| over each output must be
@@ -154,10 +162,11 @@ _NP_TYPES = {
 DYNAMIC_BATCH = 2
 
 
-def random_inputs(sess: Any, seed: int = 0) -> dict[str, np.ndarray]:
+def random_inputs(sess: Any, seed: int = 0, batch: int = DYNAMIC_BATCH
+                  ) -> dict[str, np.ndarray]:
     """Seeded inputs for every graph input.
 
-    A symbolic first dimension is taken as the batch and set to ``DYNAMIC_BATCH``; any other
+    A symbolic first dimension is taken as the batch and set to ``batch``; any other
     dynamic dimension is refused (its size cannot be guessed).
     """
     rng = np.random.default_rng(seed)
@@ -165,7 +174,7 @@ def random_inputs(sess: Any, seed: int = 0) -> dict[str, np.ndarray]:
     for i in sess.get_inputs():
         shape = list(i.shape)
         if shape and not (isinstance(shape[0], int) and shape[0] >= 0):
-            shape[0] = DYNAMIC_BATCH
+            shape[0] = batch
         if any(not isinstance(d, int) or d < 0 for d in shape):
             raise InputError(f"input '{i.name}' has a dynamic shape {i.shape}; the numeric "
                              f"check needs static sizes except the batch (or pass "
@@ -190,11 +199,47 @@ def run(model_or_session: Any, feeds: Mapping[str, np.ndarray],
     return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
 
 
+def fails_at_batch(model: onnx.ModelProto, batch: int) -> str | None:
+    """Why ``model`` does not run with its symbolic leading input dims set to ``batch`` (ONNX
+    Runtime's error, one line), on seeded random inputs. None when it runs, and when that
+    cannot be tried: no ONNX Runtime, one that cannot load the model, or an input with
+    another dynamic dim."""
+    if not env.has_ort():
+        return None
+    try:
+        sess = session(model)
+        feeds = random_inputs(sess, batch=batch)
+    except OnnxSslError:
+        return None
+    opts = ort().RunOptions()
+    opts.log_severity_level = 4  # the error comes back as the exception, not on stderr
+    try:
+        sess.run(None, feeds, opts)
+    except Exception as e:  # onnxruntime raises its own exception types
+        return _runtime_error(one_line(e))
+    return None
+
+
+def _runtime_error(text: str) -> str:
+    """ONNX Runtime's kernel error without its source path and C++ signature: ``node (Op):
+    message``."""
+    m = re.search(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)$", text)
+    if m is None:
+        return text
+    msg = re.sub(r"^\S+:\d+ .*?\) ", "", m.group(3))
+    return f"{m.group(2)} ({m.group(1)}): {msg}"
+
+
 @dataclass(frozen=True)
 class Difference:
+    """The worst difference on one output over the inputs compared. ``agreement``: for an
+    output that looks like logits (see :func:`looks_like_logits`), the fraction of samples
+    whose top-1 class is the reference's; None for any other output."""
+
     output: str
     max_abs: float
     ref_max_abs: float
+    agreement: float | None = None
 
     @property
     def relative(self) -> float:
@@ -204,17 +249,33 @@ class Difference:
     def within_tolerance(self) -> bool:
         return self.max_abs <= ATOL + RTOL * self.ref_max_abs
 
+    def to_json(self) -> dict[str, Any]:
+        return {"output": self.output, "max_abs": self.max_abs,
+                "ref_max_abs": self.ref_max_abs, "relative": self.relative,
+                "top1_agreement": self.agreement}
+
+
+def looks_like_logits(value: np.ndarray) -> bool:
+    """A float ``[batch, classes]`` output with more than one class: its argmax over the
+    last axis is a prediction."""
+    return value.dtype.kind == "f" and value.ndim == 2 and value.shape[1] > 1
+
 
 def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, n: int = 2,
-            seed: int = 0) -> list[Difference]:
-    """Run both models on ``n`` seeded random inputs; the worst difference per output."""
+            seed: int = 0, feeds: Sequence[Mapping[str, np.ndarray]] | None = None
+            ) -> list[Difference]:
+    """Run both models on ``feeds`` (default: ``n`` seeded random inputs); the worst
+    difference per output, and the top-1 agreement of the outputs that look like logits."""
     # One session at a time: a large model's weights are not held by two sessions at once.
     ref_s = session(reference)
-    feeds = [random_inputs(ref_s, seed + k) for k in range(n)]
+    feeds = (list(feeds) if feeds is not None else
+             [random_inputs(ref_s, seed + k) for k in range(n)])
     refs = [run(ref_s, f) for f in feeds]
     del ref_s
     cand_s = session(candidate)
     worst: dict[str, Difference] = {}
+    # output -> (samples whose top-1 class agrees, samples)
+    top1: dict[str, tuple[int, int]] = {}
     for f, a in zip(feeds, refs, strict=True):
         b = run(cand_s, f)
         for name, ref in a.items():
@@ -227,10 +288,15 @@ def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, n: int = 2,
             diff = float(np.max(np.abs(got.astype(np.float64) - ref))) if ref.size else 0.0
             if not np.all(np.isfinite(got)) and np.all(np.isfinite(ref)):
                 diff = float("inf")
+            if looks_like_logits(ref):
+                same, total = top1.get(name, (0, 0))
+                top1[name] = (same + int(np.sum(np.argmax(got, -1) == np.argmax(ref, -1))),
+                              total + ref.shape[0])
             d = Difference(name, diff, float(np.max(np.abs(ref))) if ref.size else 0.0)
             if name not in worst or d.max_abs > worst[name].max_abs:
                 worst[name] = d
-    return list(worst.values())
+    return [dataclasses.replace(d, agreement=top1[k][0] / top1[k][1])
+            if top1.get(k, (0, 0))[1] else d for k, d in worst.items()]
 
 
 def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, n: int = 2, seed: int = 0

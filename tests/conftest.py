@@ -2,7 +2,7 @@
 
 The compiler's tests run with any single ONNX Runtime (or, where marked, none); the training
 tests (``test_training_*.py`` and tests marked ``training``) need onnxruntime-training
-(``onnx-ssl[train]``, Python 3.10 to 3.12) and skip without it, giving the reason. CI sets
+(the ``[train]`` extra, Python 3.10 to 3.12) and skip without it, giving the reason. CI sets
 ``$ONNX_SSL_REQUIRE_TRAINING`` in its training environment, where a skip would hide a broken
 install, so that they fail instead.
 """
@@ -37,7 +37,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "training: needs onnxruntime-training (onnx-ssl[train])")
+    config.addinivalue_line("markers", "training: needs onnxruntime-training (the [train] extra)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

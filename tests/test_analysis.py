@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 from onnx_ssl import models
 from onnx_ssl.analysis import analyze, format_table
 from onnx_ssl.groups import Analysis, Member
+from onnx_ssl.reasons import ReasonCode
 from onnx_ssl.rules import RULES
 
 
@@ -49,9 +50,14 @@ def test_filter_of_one_layer_is_channel_of_next(rng, bias):
     assert members(a, "conv1", 2) == expected
     # The output space reaches the graph output: blocked, with the reason.
     out = space_of(a, "conv2")
-    assert not out.prunable and "graph output 'y'" in out.reason
+    assert not out.prunable and "graph output 'y'" in out.reason.text
+    assert out.reason.code is ReasonCode.GRAPH_OUTPUT and out.reason.tensor == "y"
+    assert out.to_json()["reason_code"] == "graph_output"
+    assert out.to_json()["reason"] == out.reason.text
+    assert s.to_json()["reason"] is None and s.to_json()["reason_code"] is None
     inp = space_of(a, "input:x")
-    assert not inp.prunable and "graph input" in inp.reason
+    assert not inp.prunable and "graph input" in inp.reason.text
+    assert inp.reason.code is ReasonCode.GRAPH_INPUT
 
 
 def test_grouped_conv_keeps_group_structure(rng):
@@ -170,7 +176,7 @@ def test_transpose_and_matmul_with_constant_weight():
 ])
 def test_blocked_spaces_say_why(name, reason):
     a = analyze(models.build(name))
-    blocked = [s for s in a.spaces if not s.prunable and s.reason and reason in s.reason]
+    blocked = [s for s in a.spaces if not s.prunable and s.reason and reason in s.reason.text]
     assert blocked, [(s.id, s.reason) for s in a.spaces]
     assert all(g.reason for g in a.groups if not g.prunable)
 
@@ -186,7 +192,8 @@ def test_unknown_op_is_never_elementwise(rng):
     ]
     model = make_model(nodes, [vi("x", [1, 3, 4, 4])], [vi("y", [1, 2, 4, 4])], inits, opset=18)
     s = space_of(analyze(model), "c1")
-    assert not s.prunable and s.reason == "lpn (LpNormalization): no channel rule for this op"
+    assert not s.prunable and s.reason.text == "lpn (LpNormalization): no channel rule for this op"
+    assert s.reason.code is ReasonCode.UNKNOWN_OP and s.reason.node == "lpn"
 
 
 def flatten_by_shape(rng, x_shape) -> onnx.ModelProto:
@@ -207,7 +214,7 @@ def flatten_by_shape(rng, x_shape) -> onnx.ModelProto:
 def test_dynamic_shape_blocks(rng):
     model = flatten_by_shape(rng, ["N", 1, "H", "W"])  # spatial dims only known at run time
     s = space_of(analyze(model), "conv")
-    assert not s.prunable and "not static" in s.reason
+    assert not s.prunable and "not static" in s.reason.text
 
 
 @pytest.mark.parametrize("batch", [2, "N"])
@@ -253,7 +260,7 @@ def test_control_flow_blocks_what_subgraphs_read(rng):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     a = analyze(model)
     s = space_of(a, "c1")
-    assert not s.prunable and "control flow" in s.reason
+    assert not s.prunable and "control flow" in s.reason.text
     assert any("control flow" in n for n in a.notes)
 
 
@@ -277,7 +284,7 @@ def test_lenet_layers_and_macs():
 
 def test_alexnet_lrn_blocks_and_groups():
     a = analyze(models.build("alexnet"))
-    assert "LRN" in space_of(a, "conv1").reason
+    assert "LRN" in space_of(a, "conv1").reason.text
     assert space_of(a, "conv3").prunable and space_of(a, "conv3").partitions == (2,)
 
 
@@ -294,10 +301,12 @@ def test_finer_kinds_and_json_contract(tmp_path):
     doc = json.loads(json.dumps(a.to_json()))
     assert set(doc) == {"model", "spaces", "groups"}
     for s in doc["spaces"]:
-        assert set(s) == {"id", "channels", "prunable", "reason", "nodes", "conv_groups",
+        assert set(s) == {"id", "channels", "prunable", "reason", "reason_code", "nodes",
+                          "conv_groups",
                           "constraint"}
     for g in doc["groups"]:
-        assert set(g) == {"id", "kind", "space", "index", "prunable", "reason", "members"}
+        assert set(g) == {"id", "kind", "space", "index", "prunable", "reason", "reason_code",
+                          "members"}
         for m in g["members"]:
             assert m["role"] in ("out", "in", "stat")
             assert all(x is None or all(isinstance(i, int) for i in x) for x in m["slice"])

@@ -16,8 +16,8 @@ from helpers import arrays, pick_groups, with_arrays, zero_groups
 
 from onnx_ssl import analysis as analysis_module
 from onnx_ssl import compiler, models
-from onnx_ssl.analysis import analyze, analyze_graph, prepare
-from onnx_ssl.graphutil import SharedAnalysis, graph_key
+from onnx_ssl.analysis import SharedAnalysis, analyze, analyze_graph, prepare
+from onnx_ssl.graphutil import graph_key
 from onnx_ssl.io import ModelMeta, to_graph
 from onnx_ssl.passes import zero_small_groups
 from onnx_ssl.passes.cleanup import CleanupPass

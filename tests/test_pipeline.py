@@ -16,7 +16,7 @@ from onnx_ssl.errors import PassError
 from onnx_ssl.io import to_graph
 from onnx_ssl.passes.cleanup import CleanupPass
 from onnx_ssl.passes.remove_channels import RemoveZeroChannelsPass
-from onnx_ssl.pipeline import FixpointPass, PassManager, PassResult, Report
+from onnx_ssl.pipeline import FixpointPass, PassManager, PassResult, PipelineReport, Report
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,33 @@ def test_modified_is_derived_from_the_report():
     assert CountReport(names=("a",)).modified
     assert CountReport(nodes_removed=1).to_json() == {"nodes_removed": 1, "names": [],
                                                       "modified": True}
+
+
+@dataclass(frozen=True)
+class WordsReport(Report):
+    branches_removed: tuple[str, ...] = ()
+    layers_removed: int = 0
+    by_kind: tuple[tuple[str, int], ...] = ()
+    threshold: float = 0.0
+    kept: tuple[str, ...] = field(default=(), metadata={"info": True})
+    aim: float | None = None
+    folded: bool = False
+
+
+def test_report_renders_as_one_line_of_words():
+    r = WordsReport(branches_removed=("a", "b", "c"), layers_removed=48,
+                    by_kind=(("channel", 3), ("depth", 1)), threshold=1e-3, kept=("x",),
+                    folded=True)
+    assert r.to_text(skip=("kept",)) == ("branches removed 3 (a, b, c), layers removed 48, "
+                                         "by kind (channel 3, depth 1), threshold 0.001, "
+                                         "folded")
+    # Empty, zero, None and False fields are left out; long tuples are cut after five.
+    many = WordsReport(branches_removed=tuple("abcdefg"))
+    assert many.to_text() == "branches removed 7 (a, b, c, d, e, ...)"
+    assert WordsReport().to_text() == ""
+    pipe = PipelineReport(results=(("collapse", WordsReport(layers_removed=2)),
+                                   ("idle", WordsReport())))
+    assert pipe.to_text() == "collapse: layers removed 2"
 
 
 def test_pass_manager_names_the_passes_that_ran_before():

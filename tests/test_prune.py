@@ -102,6 +102,14 @@ def test_zero_residual_branches_collapse(name, branches):
     assert result.report.layers_after == result.report.layers_before - 2 * len(branches)
     # The non-zero BatchNorm shifts of the deleted branch became a constant Add.
     assert rep.constant_adds == len(branches)
+    # The report says it in words, one line per pass, and no Python repr.
+    removed = ", ".join(rep.branches_removed)
+    line = next(x for x in result.report.to_text().splitlines()
+                if x.startswith("pass collapse-residual: "))
+    assert line == (f"pass collapse-residual: branches removed {len(branches)} ({removed}), "
+                    f"layers removed {2 * len(branches)}, constant adds {len(branches)}"), line
+    assert not [x for x in result.report.to_text().splitlines()
+                if x.startswith("pass ") and ("{" in x or "[" in x or "'" in x)]
 
 
 def test_near_miss_one_nonzero_element_blocks_removal():

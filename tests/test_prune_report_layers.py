@@ -13,8 +13,7 @@ import pytest
 from helpers import zero_groups
 
 from onnx_ssl import compiler
-from onnx_ssl.analysis import analyze, model_layers
-from onnx_ssl.graphutil import bias_maps
+from onnx_ssl.analysis import analyze, bias_maps, model_layers
 from onnx_ssl.io import to_graph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -71,19 +71,23 @@ def test_mixed_runtimes_are_refused_with_advice_that_keeps_the_users(monkeypatch
 
 
 def test_one_runtime_or_none_is_fine(monkeypatch):
-    monkeypatch.setattr(env, "installed_ort_distributions", lambda: [("onnxruntime", "1.17.0")])
-    env.check_runtime_environment()
-    monkeypatch.setattr(env, "installed_ort_distributions", lambda: [])
-    env.check_runtime_environment()
+    for dists in ([("onnxruntime", "1.17.0")], [("onnxruntime-training-cpu", "1.19.2")], []):
+        monkeypatch.setattr(env, "installed_ort_distributions", lambda d=dists: list(d))
+        assert env.check_runtime_environment() == dists
+    # The near miss: a second distribution of the same module is refused.
+    two = [("onnxruntime", "1.17.0"), ("onnxruntime-gpu", "1.17.0")]
+    monkeypatch.setattr(env, "installed_ort_distributions", lambda: list(two))
+    with pytest.raises(EnvironmentProblem, match="several ONNX Runtime distributions"):
+        env.check_runtime_environment()
 
 
 def test_training_reason_names_the_python_and_the_extra(monkeypatch):
     r313 = env.training_unavailable_reason((3, 13))
     assert "Python 3.10 to 3.12" in r313 and "this is Python 3.13" in r313
-    assert "onnx-ssl[train]" in r313
+    assert env.train_venv_hint() in r313 and "[train]'" in r313
     monkeypatch.setattr(env, "installed_ort_distributions", lambda: [("onnxruntime", "1.31.1")])
     r = env.training_unavailable_reason((3, 11))
-    assert "onnxruntime 1.31.1, an inference build" in r and "onnx-ssl[train]" in r
+    assert "onnxruntime 1.31.1, an inference build" in r and env.train_venv_hint() in r
     assert env.supports_training_python((3, 12)) and not env.supports_training_python((3, 13))
 
 
@@ -92,8 +96,30 @@ def test_training_without_a_training_build_is_one_line(monkeypatch):
 
     monkeypatch.setattr(env, "installed_ort_distributions", lambda: [("onnxruntime", "1.31.1")])
     monkeypatch.setattr(_ort, "_LOADED", None)
-    with pytest.raises(EnvironmentProblem, match=r"onnx-ssl\[train\]"):
+    with pytest.raises(EnvironmentProblem, match=r"pip install -e '.*\[train\]'"):
         _ort.load()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_install_advice_works_from_the_checkout(monkeypatch):
+    """onnx-ssl is on no registry: advice names the checkout it was installed from, never
+    `pip install 'onnx-ssl[...]'`, which would find nothing (or someone else's package)."""
+    assert env.checkout_dir() == ROOT
+    assert env.pip_install("train") == f"pip install -e '{ROOT}[train]'"
+    assert env.train_venv_hint().endswith(f".venv-train/bin/pip install -e '{ROOT}[train]'")
+    assert env.install_hint().startswith(f"pip install -e '{ROOT}[cpu]'")
+    monkeypatch.setattr(env, "checkout_dir", lambda: None)
+    assert env.pip_install("gpu") == "pip install -e '.[gpu]' (from your onnx-ssl checkout)"
+
+
+def test_no_message_suggests_installing_from_a_registry():
+    offenders = [f"{p.relative_to(ROOT)}:{i}"
+                 for p in sorted((ROOT / "onnx_ssl").rglob("*.py"))
+                 for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+                 if "install 'onnx-ssl[" in line or "install onnx-ssl[" in line]
+    assert offenders == []
 
 
 # --- limits read from the installed onnx and runtime -------------------------------------
@@ -230,7 +256,8 @@ def test_analyze_needs_no_runtime_and_prune_names_the_extra(tmp_path: Path):
     r = _cli("prune", str(tmp_path / "lenet.onnx"), "-o", str(tmp_path / "o.onnx"),
              block_ort=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "needs ONNX Runtime, and none is installed: pip install 'onnx-ssl[cpu]'" in r.stderr
+    assert ("needs ONNX Runtime, and none is installed: pip install -e '" in r.stderr
+            and "[cpu]'" in r.stderr)
     assert not (tmp_path / "o.onnx").exists()
 
 
@@ -249,4 +276,5 @@ def test_bench_on_cuda_without_a_cuda_build_names_the_extra():
         pytest.skip("this runtime has CUDA")
     r = _cli("bench", "builtin:lenet", "--provider", "cuda")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "CUDAExecutionProvider is not available" in r.stderr and "onnx-ssl[gpu]" in r.stderr
+    assert "CUDAExecutionProvider is not available" in r.stderr and "[gpu]'" in r.stderr
+    assert "pip install -e '" in r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,42 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def under_ci(environ: dict[str, str] | None = None) -> bool:
+    """Whether this is a CI run, where the [dev] extra is installed and a missing tool is a
+    failure: $CI set to anything but false/0 (as CI services set it), or one of the
+    variables that `.ci/run` sets for its test runs."""
+    e = os.environ if environ is None else environ
+    ci = e.get("CI", "").strip().lower()
+    return (ci not in ("", "0", "false", "no")
+            or any(e.get(v) for v in ("ONNX_SSL_REQUIRE_TRAINING", "ONNX_SSL_REQUIRE_EXPORTS")))
+
+
 def _tool(name: str) -> str:
     exe = Path(sys.executable).with_name(name)
     if not exe.exists():
-        pytest.skip(f"{name} is not installed (pip install -e '.[dev]')")
+        why = f"{name} is not installed (pip install -e '.[dev]' from the checkout)"
+        if under_ci():
+            pytest.fail(f"{why}; CI installs the [dev] extra, so it must be there")
+        pytest.skip(why)
     return str(exe)
+
+
+def test_a_missing_tool_fails_under_ci_and_skips_elsewhere():
+    assert under_ci({"CI": "true"}) and under_ci({"CI": "1"})
+    assert under_ci({"ONNX_SSL_REQUIRE_EXPORTS": "1"})
+    assert under_ci({"ONNX_SSL_REQUIRE_TRAINING": "1"})
+    assert not under_ci({}) and not under_ci({"CI": "false"}) and not under_ci({"CI": "0"})
+
+
+def test_tool_lookup_fails_under_ci(monkeypatch):
+    for v in ("ONNX_SSL_REQUIRE_TRAINING", "ONNX_SSL_REQUIRE_EXPORTS"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI installs the"):
+        _tool("no-such-tool-onnx-ssl")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        _tool("no-such-tool-onnx-ssl")
 
 
 def test_ruff():

@@ -130,8 +130,20 @@ def test_vectorised_penalty_matches_reference(name):
     value, _ = reference_value_and_grad(groups, params)
     assert pen.value(params) == pytest.approx(value, rel=1e-9)
     assert len(groups) == sum(t.groups for t in pen.active_terms)
-    # JSON round trip keeps the penalty.
+    # JSON round trip keeps the penalty, and its channel references whole.
+    assert Penalty.from_json(pen.to_json()) == pen
     assert Penalty.from_json(pen.to_json()).value(params) == pytest.approx(value, rel=1e-12)
+    # A file written before the parts kept the whole reference (without role, space, node,
+    # is_weight) still gives the same penalty.
+    old = pen.to_json()
+    for t in old["terms"]:
+        for p in t.get("parts", ()):
+            for k in ("role", "space", "node", "is_weight"):
+                del p[k]
+    assert Penalty.from_json(old).value(params) == pytest.approx(value, rel=1e-12)
+    # A depth term is named after the Add that joins its branch.
+    assert {t.label for t in pen.terms if t.structure == "depth"} <= {
+        b.add for b in an.branches}
 
 
 def test_proximal_step_is_group_soft_thresholding():

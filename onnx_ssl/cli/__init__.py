@@ -2,8 +2,11 @@
 
 Each command module has ``register(subparsers)`` and a handler that returns an exit code and
 raises :class:`~onnx_ssl.errors.OnnxSslError` subclasses for bad input (printed as one line,
-exit code 2). Progress goes to stderr, results to stdout. The CLI imports the library; no
-library module imports the CLI (tests/test_static.py checks it).
+exit code 2). A handler may also return 3 (``ssl`` and ``demo``: the run finished but its
+held-out metric dropped more than ``--max-drop`` allows; see
+:mod:`onnx_ssl.training.acceptance`), so that a pipeline can tell it from a success.
+Progress goes to stderr, results to stdout. The CLI imports the library; no library module
+imports the CLI (tests/test_static.py checks it).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # (--workers N starts N copies of this command)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -53,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OnnxSslError as e:
         if args.debug:
             raise
-        print(error_line(e), file=sys.stderr)
+        if not getattr(e, "quiet", False):  # (a worker whose launcher reports for it)
+            print(error_line(e), file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # output piped into head & co.
         import os

@@ -4,6 +4,7 @@ group-Lasso strengths, the SSL chain's options, output checks and figures."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,42 @@ def progress(args: argparse.Namespace | None = None, prefix: str = "  ") -> Any:
     from onnx_ssl.training.progress import Progress
 
     return Progress(prefix=prefix, log_path=getattr(args, "log", None) if args else None)
+
+
+def add_workers(p: argparse.ArgumentParser) -> None:
+    """--workers and --dist-timeout (data-parallel training, onnx_ssl.training.distributed)."""
+    from onnx_ssl.training.distributed import DEFAULT_TIMEOUT
+
+    g = p.add_argument_group(
+        "workers (data-parallel training on torch.distributed; needs the [distributed] extra)",
+        "Under torchrun, or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and "
+        "MASTER_PORT, the same command is one worker of a run across machines. The global "
+        "batch (--batch-size) is split among the workers and their gradients averaged after "
+        "every step; rank 0 writes every file.")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="start N worker processes on this machine (default 1; leave it out "
+                   "under a launcher)")
+    g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help="how long a worker waits for the others (to start, to reach the same "
+                   f"step) before it stops with an error naming the late one (default "
+                   f"{DEFAULT_TIMEOUT:g})")
+
+
+def with_workers(args: argparse.Namespace, body: Callable[[Any], int]) -> int:
+    """Run ``body(None)`` in this process, or start --workers N workers that run the same
+    command, or, as one of them, ``body(this worker's Distributed)``."""
+    from onnx_ssl.training.distributed import join, launch, setup
+
+    s = setup(getattr(args, "workers", None), getattr(args, "dist_timeout", 300.0))
+    if s.spawn:
+        return launch(args.argv, s.spawn)
+    if not s.distributed:
+        return body(None)
+    w = join(s)
+    try:
+        return body(w)
+    finally:
+        w.close()
 
 
 def add_lambdas(p: argparse.ArgumentParser, defaults: dict[str, float]) -> None:
@@ -83,7 +120,8 @@ def _chain_opts() -> tuple[Opt, ...]:
         Opt("finetune_epochs", "fine-tuning epochs after pruning (default {default})"),
         Opt("finetune_lr", "fine-tuning learning rate, AdamW (default {default:g})"),
         Opt("val_fraction", "held-out fraction of the data (default {default:g})"),
-        Opt("seed"),
+        Opt("seed", "seed of the held-out split, the batch order and the prune check's random "
+            "inputs (default {default})"),
         Opt("verify", "prune check on N random inputs (default {default})", metavar="N"),
     )
 
@@ -93,7 +131,35 @@ _BUDGET = (
         "lambdas are scaled by 1.3 after every SSL epoch whose projected MACs are above F (and "
         "relaxed below 0.75 F), and the prune threshold is raised if needed", metavar="F"),
     Opt("target_params", "the same for the parameter count", metavar="F"),
+    Opt("max_drop", "the most the held-out metric may worsen from the better of its values "
+        "before and after SSL to the end, in its units (0.03 is 3 points of error, the "
+        "default; 0.1 of fidelity). Without this option only a budget met by raising the "
+        "prune threshold above --threshold (zeroing groups that were not near zero) is "
+        "checked; with it, every run. A run over it exits with status 3 and its model is "
+        "written as OUT.over-max-drop.onnx, not to -o OUT.onnx", metavar="X"),
+    Opt("start", "how the budget is reached: ssl trains with the group Lasso from the input "
+        "model, then thresholds; oneshot skips SSL: prune's one-shot selection (activation "
+        "importance on up to 256 training samples) cuts to the budget at once and "
+        "--finetune-epochs recover (default {default})", choices=("ssl", "oneshot")),
 )
+
+
+def _distill_opts() -> tuple[Opt, ...]:
+    from onnx_ssl.training.distill import DISTILL_LOSSES
+
+    return (
+        Opt("distill", "train the sparse model to reproduce the input model's outputs (the "
+            "teacher, run once over the data) instead of fitting the labels; automatic when "
+            "the data has no 'y' (an .npz with one array per model input)"),
+        Opt("distill_loss", "over every float output: mse on outputs divided by the "
+            "teacher's RMS, kl at --distill-temperature (logits), cosine (1 - cos over "
+            "the last axis, embeddings), or auto: per output, kl for logits, cosine for "
+            "vectors and mse for the rest (default {default})", choices=DISTILL_LOSSES),
+        Opt("distill_temperature", "KL temperature T, with the T^2 factor (default "
+            "{default:g})", metavar="T"),
+        Opt("distill_weights", "weights of the outputs: W1,W2,... in the model's output "
+            "order or NAME=W,... (default equal; normalised to sum 1)", metavar="W,..."),
+    )
 
 
 def add_chain_options(p: argparse.ArgumentParser, d: Any) -> dict[str, float]:
@@ -108,9 +174,12 @@ def add_chain_options(p: argparse.ArgumentParser, d: Any) -> dict[str, float]:
     o.add_argument("--plots", default=None, metavar="DIR",
                    help="write figures (conv1 filters before/after, zero groups per layer over "
                    "the epochs, error against MACs) as PNG into DIR (needs matplotlib: "
-                   "pip install 'onnx-ssl[plots]')")
+                   "the [plots] extra: pip install -e '.[plots]' in the checkout)")
     o.add_argument("--log", default=None, metavar="F.jsonl",
                    help="append every epoch of every phase to F as one JSON object per line")
+    add_options(p.add_argument_group(
+        "distillation (label-free SSL: the input model is the teacher; the held-out metric is "
+        "the fidelity to it, per output)"), d, _distill_opts())
     g = p.add_argument_group("training (SSL phase, then fine-tuning)")
     add_options(g, d, _chain_opts())
     g.add_argument("--work-dir", default=None, metavar="DIR",
@@ -122,7 +191,7 @@ def add_chain_options(p: argparse.ArgumentParser, d: Any) -> dict[str, float]:
 def ssl_options(args: argparse.Namespace, defaults: dict[str, float]) -> Any:
     from onnx_ssl.training.chain import SslOptions
 
-    return options_from(SslOptions, args, (*_chain_opts(), *_BUDGET),
+    return options_from(SslOptions, args, (*_chain_opts(), *_BUDGET, *_distill_opts()),
                         lambdas=lambdas(args, defaults), scale_by_size=args.scale_by_size,
                         work_dir=_work_dir(args), resume=bool(getattr(args, "resume", None)))
 
@@ -147,7 +216,11 @@ def check_outputs(args: argparse.Namespace, opts: Any, inputs: list[Path]) -> No
 
     inputs = [*inputs, *data_files(args.data)]
     work = work_files(opts.work_dir)
-    outs = [Path(p) for p in (args.output, args.report, getattr(args, "log", None)) if p]
+    from onnx_ssl.training.acceptance import rejected_path
+
+    # (a run over --max-drop writes its model beside -o: check that name too)
+    outs = [Path(p) for p in (args.output, args.output and rejected_path(args.output),
+                              args.report, getattr(args, "log", None)) if p]
     for k, out in enumerate(outs):
         check_writable(out, *inputs, outputs=[*outs[:k], *outs[k + 1 :], *work])
     for w in work:

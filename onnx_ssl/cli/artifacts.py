@@ -13,12 +13,21 @@ from ._training import add_lambdas, lambdas
 
 def _opts() -> tuple[tuple[Opt, ...], tuple[Opt, ...]]:
     """The options before and after the lambdas."""
+    from onnx_ssl.training.distill import DISTILL_LOSSES
     from onnx_ssl.training.spec import LOSSES, OPTIMIZERS
 
     return ((Opt("loss", "data loss on the model output (default {default})", choices=LOSSES),
              Opt("output", "model output the loss reads (default: the first)",
                  flags=("--output-name",), metavar="NAME")),
-            (Opt("weight_decay", "lambda R(W) of eq. 1: X/2 times the squared L2 norm of every "
+            (Opt("distill", "distil the model's own outputs instead of labels: the loss over "
+                 "every float output (auto, mse on outputs divided by the teacher's RMS, kl, "
+                 "cosine; see `ssl --distill`); `train` then runs this model as the teacher",
+                 flags=("--distill-loss",), choices=DISTILL_LOSSES),
+             Opt("temperature", "KL temperature (default {default:g})",
+                 flags=("--distill-temperature",), metavar="T"),
+             Opt("distill_weights", "weights of the outputs: W1,W2,... or NAME=W,... "
+                 "(default equal)", metavar="W,..."),
+             Opt("weight_decay", "lambda R(W) of eq. 1: X/2 times the squared L2 norm of every "
                  "layer weight, in the loss (default {default:g})", metavar="X"),
              Opt("optimizer", "optimizer model (default {default})", choices=OPTIMIZERS),
              Opt("fallback_batch", "batch size to fix when the model's shapes depend on it "
@@ -71,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"  trainable parameters: {len(info.trainable)}, frozen (BatchNorm statistics): "
-        f"{len(info.frozen)}; loss {info.loss} on '{info.loss_output}', optimizer "
+        f"{len(info.frozen)}; loss "
+        + (f"{info.loss} on '{info.loss_output}'" if info.distill is None else
+           f"distillation ({info.distill}) on {', '.join(o for o, _, _ in info.distill_terms)}")
+        + ", optimizer "
         f"{info.optimizer}"
     )
     print(

@@ -71,4 +71,9 @@ def run(args: argparse.Namespace, defaults: dict[str, float]) -> int:
         print(f"wrote {args.report}")
     plots(args, res.baseline, res.ssl)
     print(f"demo finished in {res.seconds:.0f}s")
+    if not rep.accepted:  # over --max-drop: the verdict last, and its exit status
+        from onnx_ssl.training.acceptance import EXIT_OVER_MAX_DROP
+
+        print(rep.last_line())
+        return EXIT_OVER_MAX_DROP
     return 0

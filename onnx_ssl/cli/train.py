@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import Opt, add_options, needs_training, options_from, say
-from ._training import progress
+from ._training import add_workers, progress, with_workers
 
 
 def _opts() -> tuple[Opt, ...]:
@@ -27,7 +27,7 @@ def _opts() -> tuple[Opt, ...]:
             negate=True),
         Opt("resume", "continue from the folder's train_state.ckpt"),
         Opt("val_fraction", "held-out fraction of the data (default {default:g})"),
-        Opt("seed"),
+        Opt("seed", "seed of the held-out split and of the batch order (default {default})"),
         Opt("zero_tol", "a group counts as zero when its RMS is <= T (default {default:g})",
             metavar="T"),
         Opt("log_path", "log file, .csv or .json (default DIR/train_log.csv)", flags=("--log",),
@@ -51,20 +51,31 @@ def register(sub: Any) -> None:
     )
     p.add_argument("dir", help="artifacts folder (from `onnx-ssl artifacts`)")
     p.add_argument("--data", default="digits", metavar="SPEC",
-                   help="a .npz file (x, y), a folder of MNIST IDX files, or 'digits' "
+                   help="a .npz file (x, y; without y, one array per model input, for "
+                   "artifacts built with --distill-loss), a folder of MNIST IDX files, or 'digits' "
                    "(scikit-learn's bundled 8x8 digits, resized; the default)")
     add_options(p, TrainConfig(), _opts())
-    p.set_defaults(func=needs_training(run))
+    add_workers(p)
+    p.set_defaults(func=needs_training(lambda a: with_workers(a, lambda w: run(a, w))))
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, workers: Any = None) -> int:
     from onnx_ssl.training.data import data_files, load_data
     from onnx_ssl.training.spec import load_artifacts
     from onnx_ssl.training.trainer import LOG, TRAINED, TrainConfig, Trainer
 
     cfg = options_from(TrainConfig, args, _opts())
-    trainer = Trainer(load_artifacts(args.dir), cfg, reads=data_files(args.data))
+    trainer = Trainer(load_artifacts(args.dir), cfg, reads=data_files(args.data), dist=workers)
     data = load_data(args.data)
+    if trainer.distilling:
+        # The teacher: the artifacts' inference model holds the weights they were built from.
+        from onnx_ssl.io import load_model
+        from onnx_ssl.training.distill import teacher_targets
+
+        data = teacher_targets(load_model(trainer.art.inference_model), data)
+    if workers is not None and not workers.is_writer:  # rank 0 reports and writes
+        trainer.fit(data)
+        return 0
     if trainer.start_epoch >= cfg.epochs:
         say(f"already trained for {trainer.start_epoch} epochs (--epochs {cfg.epochs}); exporting")
     bar = progress(prefix="")
@@ -78,9 +89,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if last is not None:
         err = "-" if last.val_error is None else f"{100 * last.val_error:.2f}%"
+        fid = ", ".join(f"{k.split(':', 2)[2]} {k.split(':', 2)[1]} {v:.4f}"
+                        for k, v in last.fidelity)
         print(
             f"  final: loss {last.loss:.4f} (data {last.data_loss:.4f}, penalty "
             f"{last.penalty:.4f}), held-out error {err}"
+            + (f", fidelity to the teacher: {fid}" if fid else "")
         )
         zero = [f"{k} {v:.0%}" for k, v in last.zero_groups if v > 0]
         if zero:

@@ -32,6 +32,9 @@ What stays, and why (each listed under "kept:"):
 * a bias map is added only when it costs fewer params than the channels it replaces save
   (``C_out' * H * W`` against the elements of every member removed), so that the model
   never grows; otherwise the constant channels stay.
+* with ``rounding`` (``prune --round-to``), zero channels that make a space's count a
+  multiple the runtime prefers (:mod:`onnx_ssl.passes.round_channels`, which decides before
+  constants are planned; the report's ``rounded`` lists them).
 
 One run removes what the graph it was given shows. Removing a channel can make others
 removable (a filter whose every reader left reads upstream channels that nobody else
@@ -53,6 +56,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnx_ssl.analysis import SharedAnalysis
 from onnx_ssl.graphutil import (
     dynamic_input_reason,
     evaluate_seeds,
@@ -64,12 +68,12 @@ from onnx_ssl.graphutil import (
 from onnx_ssl.groups import Analysis, ChannelRef, Space
 from onnx_ssl.io import tensor_map
 from onnx_ssl.ops import LayerSlots
+from onnx_ssl.passes.round_channels import RoundChannelCounts, RoundedSpace
 from onnx_ssl.pipeline import AnalysedPass, PassResult, Report
+from onnx_ssl.reasons import ReasonCode
 from onnx_ssl.rules import RULES
 
 log = logging.getLogger(__name__)
-
-INPUT_REASON_PREFIX = "graph input '"
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,8 @@ class RemoveZeroChannelsReport(Report):
     bias_maps_added: int = 0
     input_features_gathered: int = 0
     kept: tuple[str, ...] = field(default=(), metadata={"info": True})
+    # Zero channels kept so that counts land on preferred multiples (--round-to).
+    rounded: tuple[RoundedSpace, ...] = field(default=(), metadata={"info": True})
 
     def merge(self, later: Report) -> RemoveZeroChannelsReport:
         """Two rounds of the pass: one :class:`SpaceChange` per space, from its size before
@@ -100,7 +106,12 @@ class RemoveZeroChannelsReport(Report):
             p = by_space.get(c.space)
             by_space[c.space] = c if p is None else SpaceChange(
                 c.space, p.before, c.after, p.unread + c.unread, p.constant + c.constant)
-        return dataclasses.replace(merged, spaces=tuple(by_space.values()))
+        # The rounding is the last round's (the state after both), of the sizes before both.
+        first = {**{c.space: c.before for c in merged.spaces},
+                 **{e.space: e.channels for e in self.rounded}}
+        rounded = tuple(dataclasses.replace(e, channels=first.get(e.space, e.channels))
+                        for e in merged.rounded)
+        return dataclasses.replace(merged, spaces=tuple(by_space.values()), rounded=rounded)
 
 
 def _source_layer_refs(space: Space, nodes: dict[str, gs.Node]) -> list[ChannelRef]:
@@ -188,6 +199,13 @@ class RemoveZeroChannelsPass(AnalysedPass[RemoveZeroChannelsReport]):
     # (new tensor, tensor it follows, axis there, axis here). Set by each call.
     _followers: list[tuple[str, str, int, int]]
 
+    def __init__(self, analysis: Analysis | None = None, seed: int = 0, *,
+                 shared: SharedAnalysis | None = None, in_place: bool = False,
+                 rounding: RoundChannelCounts | None = None) -> None:
+        super().__init__(analysis, seed, shared=shared, in_place=in_place)
+        # Keeps zero channels so that counts land on preferred multiples (--round-to).
+        self.rounding = rounding
+
     def call(self, graph: gs.Graph) -> PassResult[RemoveZeroChannelsReport]:
         analysis = self.shared.of(graph)  # checked against this graph before the copy
         self._followers = []
@@ -195,12 +213,18 @@ class RemoveZeroChannelsPass(AnalysedPass[RemoveZeroChannelsReport]):
         # The plan only reads the graph: it is copied (unless in place) only when something
         # goes (a round of the fixpoint that finds nothing hands its graph on untouched).
         plan = self._find(graph, analysis, kept)
+        rounded: list[RoundedSpace] = []
+        if plan and self.rounding is not None:  # before constants are planned on the plan
+            plan, why, rounded = self.rounding.apply(graph, analysis, plan)
+            kept += why
         contributions = self._plan_constants(graph, analysis, plan, kept) if plan else []
         if not plan:
-            return PassResult(graph, RemoveZeroChannelsReport(kept=tuple(kept)))
+            return PassResult(graph, RemoveZeroChannelsReport(kept=tuple(kept),
+                                                              rounded=tuple(rounded)))
         graph = self._writable(graph)
         with fresh_names(graph):  # every name this pass adds comes from unique_name
-            return self._remove(graph, analysis, plan, contributions, kept)
+            res = self._remove(graph, analysis, plan, contributions, kept)
+        return PassResult(res.graph, dataclasses.replace(res.report, rounded=tuple(rounded)))
 
     def _find(self, graph: gs.Graph, analysis: Analysis, kept: list[str]
               ) -> dict[str, tuple[set[int], set[int]]]:
@@ -213,7 +237,7 @@ class RemoveZeroChannelsPass(AnalysedPass[RemoveZeroChannelsReport]):
         found: dict[str, tuple[set[int], set[int]]] = {}  # space -> (unread, constant)
         for sp in analysis.spaces:
             input_only = (not sp.prunable and sp.origin == "input" and all(
-                r.startswith(INPUT_REASON_PREFIX) for r in sp.all_reasons))
+                r.code is ReasonCode.GRAPH_INPUT for r in sp.all_reasons))
             if not sp.prunable and not input_only:
                 continue
             in_refs = [r for r in sp.refs if r.role == "in" and r.is_weight]

@@ -15,12 +15,14 @@ difference it caused.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_ssl.graphutil import SharedAnalysis, require_unique_node_names
+from onnx_ssl.analysis import SharedAnalysis
+from onnx_ssl.graphutil import require_unique_node_names
 from onnx_ssl.groups import Analysis, Group
 from onnx_ssl.io import tensor_map
 from onnx_ssl.pipeline import PassBase, PassResult, Report
@@ -43,13 +45,38 @@ def group_norm(group: Group, values: dict[str, np.ndarray]) -> float:
     return float(np.sqrt(total))
 
 
+def group_norms(groups: Iterable[Group], values: dict[str, np.ndarray]) -> dict[str, float]:
+    """:func:`group_norm` of each group, by id, at a fraction of the cost for many groups: a
+    member that slices one axis of its tensor is read from that axis' per-position sums of
+    squares, computed once per tensor and axis."""
+    sums: dict[tuple[str, int], np.ndarray] = {}
+    out: dict[str, float] = {}
+    for g in groups:
+        total = 0.0
+        for m in g.members:
+            if m.role == "stat":
+                continue
+            v = values[m.tensor]
+            cut = [a for a, s in enumerate(m.slice) if s is not None]
+            if len(cut) != 1:
+                total += float(np.sum(np.square(v[m.index(v.shape)], dtype=np.float64)))
+                continue
+            key = (m.tensor, cut[0])
+            if key not in sums:
+                other = tuple(a for a in range(v.ndim) if a != cut[0])
+                sums[key] = np.sum(np.square(v, dtype=np.float64), axis=other)
+            total += float(sums[key][list(m.slice[cut[0]] or ())].sum())
+        out[g.id] = float(np.sqrt(total))
+    return out
+
+
 class ZeroSmallGroupsPass(PassBase[ZeroSmallGroupsReport]):
     name = "zero-small-groups"
 
     def __init__(self, threshold: float, analysis: Analysis | None = None,
                  kinds: tuple[str, ...] = ("channel", "depth")) -> None:
         """``analysis`` is used only for a graph it matches, with groups of ``kinds`` (see
-        :class:`~onnx_ssl.graphutil.SharedAnalysis`); any other graph is analysed afresh."""
+        :class:`~onnx_ssl.analysis.SharedAnalysis`); any other graph is analysed afresh."""
         if threshold < 0:
             raise ValueError("threshold must be >= 0")
         self.threshold = threshold

@@ -1,6 +1,6 @@
 """Import the onnxruntime-training API (torch-free, through :func:`onnx_ssl.env.install_shim`).
 
-Training needs a training build of ONNX Runtime (``onnx-ssl[train]``: onnxruntime-training-cpu
+Training needs a training build of ONNX Runtime (the ``[train]`` extra: onnxruntime-training-cpu
 1.19.2, the last release, for Python 3.10 to 3.12). :func:`load` returns its modules and checks
 that the native library is the training build: a plain ``onnxruntime`` wheel installed over
 ``onnxruntime-training-cpu`` replaces the native library with one that lacks the training
@@ -26,8 +26,8 @@ TRAINING_SYMBOLS = ("Module", "CheckpointState", "GradientGraphBuilder", "save_c
 
 def _repair() -> str:
     return (f"reinstall the training build: pip uninstall -y onnxruntime "
-            f"onnxruntime-training-cpu && pip install 'onnx-ssl[train]' (in an environment "
-            f"of its own: {env.TRAIN_VENV_HINT})")
+            f"onnxruntime-training-cpu && {env.pip_install('train')} (in an environment "
+            f"of its own: {env.train_venv_hint()})")
 
 
 @dataclass(frozen=True)

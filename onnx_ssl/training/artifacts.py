@@ -31,7 +31,7 @@ compositions for training, and any other op without a gradient is refused in one
 the op and the node.
 
 The build is split by job: :mod:`.spec` (the folder's files, options and ``ssl.json``),
-:mod:`.probe` (which batch sizes the model runs with), :mod:`.params` (trainable and frozen
+:mod:`.probe` (which batch sizes the model computes right at), :mod:`.params` (trainable and frozen
 initializers), :mod:`.forms` (training and inference forms, opset conversion, export of
 trained weights), :mod:`.loss_block` (the loss graph), :mod:`.native` (the runtime's stderr
 and one-line errors); :func:`build_artifacts` runs them in order.
@@ -55,7 +55,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,7 @@ from onnx_ssl.io import (
 )
 
 from . import _ort
+from .distill import distilled_outputs, parse_weights, term_loss
 from .forms import (
     ToTrainingFormPass,
     export_inference_model,
@@ -89,7 +90,13 @@ from .lowering import LowerForTrainingPass
 from .native import native_stderr_captured, ort_error_line
 from .params import classify_parameters
 from .penalty import build_penalty
-from .probe import free_batch_literals, runs_with_batch, set_batch, static_batch
+from .probe import (
+    BatchCheck,
+    free_batch_indices,
+    free_batch_literals,
+    set_batch,
+    static_batch,
+)
 from .proto import fix_ir, graph_inputs, keep_initializer_order
 from .spec import (  # re-exported: scripts and benchmarks import these from here
     ARTIFACT_FILES,
@@ -177,8 +184,14 @@ def build_artifacts(
     in_specs = tuple(TensorSpec.of(i) for i in graph_inputs(base))
     out_specs = tuple(TensorSpec.of(o) for o in base.graph.output)
     loss_spec_out = next(o for o in out_specs if o.name == loss_output)
-    target = target_spec(opts.loss, loss_spec_out, taken)
-    classes = loss_spec_out.shape[-1] if opts.loss == "cross-entropy" else None
+    terms, weights, targets = _distill_terms(opts, out_specs, taken)
+    if opts.distill is not None:
+        target = targets[0]
+        classes = (loss_spec_out.shape[-1] if len(loss_spec_out.shape) == 2
+                   and (loss_spec_out.shape[-1] or 0) > 1 else None)
+    else:
+        target = target_spec(opts.loss, loss_spec_out, taken)
+        classes = loss_spec_out.shape[-1] if opts.loss == "cross-entropy" else None
     decay = [la.weight for la in an.layers if la.weight in set(trainable)]
     spec = LossSpec(
         opts.loss,
@@ -190,6 +203,11 @@ def build_artifacts(
         opts.weight_decay,
         decay,
         opset,
+        distill=terms,
+        targets=targets,
+        output_types={o.name: o.dtype for o in out_specs},
+        output_ranks={o.name: len(o.shape) for o in out_specs},
+        temperature=opts.temperature,
     )
     models, params = _generate(ob, train_base, spec, trainable, frozen, opts.optimizer)
     models[EVAL_MODEL] = keep_initializer_order(
@@ -197,7 +215,10 @@ def build_artifacts(
     for m in models.values():
         fix_ir(m)
 
-    template = export_template(model, to_graph(forms.prepared), ModelMeta.of(forms.prepared),
+    # A free batch: the form that was checked to compute each sample as the input model does
+    # (a model prepared at its own batch may have folded a batch index: see probe.BatchCheck).
+    inference_base = forms.base if forms.fixed_batch is None else forms.prepared
+    template = export_template(model, to_graph(inference_base), ModelMeta.of(forms.prepared),
                                dynamic_ok=forms.fixed_batch is None)
     models[INFERENCE_MODEL] = fix_ir(keep_initializer_order(template, forms.prepared))
     fingerprint = _fingerprint(
@@ -205,7 +226,9 @@ def build_artifacts(
         {n: shapes[n] for n in (*trainable, *frozen)},
         frozen,
         json.dumps(
-            [opts.loss, opts.optimizer, target.to_json(), penalty.to_json()], sort_keys=True
+            [opts.loss, opts.optimizer, target.to_json(), penalty.to_json(),
+             *([opts.distill, terms, weights, opts.temperature] if opts.distill else [])],
+            sort_keys=True,
         ),
     )
     info = ArtifactInfo(
@@ -226,6 +249,10 @@ def build_artifacts(
         classes=classes,
         layers=_layers_json(an),
         converted_from_opset=converted_from,
+        distill=opts.distill,
+        distill_terms=terms,
+        distill_weights=weights,
+        temperature=opts.temperature,
     )
     _write_folder(out, parent, ob, models, params, info)
     log.info(
@@ -267,6 +294,27 @@ def _loss_output(model: onnx.ModelProto, opts: ArtifactOptions) -> str:
     return loss_output
 
 
+def _distill_terms(
+    opts: ArtifactOptions, outputs: Sequence[TensorSpec], taken: set[str]
+) -> tuple[tuple[tuple[str, str, str], ...], tuple[float, ...], tuple[TensorSpec, ...]]:
+    """Distillation's loss terms (output, teacher target input, loss), the outputs' weights
+    and the target inputs (none without ``opts.distill``)."""
+    if opts.distill is None:
+        return (), (), ()
+    outs = distilled_outputs(outputs)
+    weights = parse_weights(opts.distill_weights, [o.name for o in outs])
+    terms = []
+    targets = []
+    for o in outs:
+        name = f"{o.name}_teacher"
+        while name in taken:
+            name = f"ssl_{name}"
+        taken.add(name)
+        terms.append((o.name, name, term_loss(opts.distill, o.shape, o.name)))
+        targets.append(TensorSpec(name, o.shape, "float32"))
+    return tuple(terms), weights, tuple(targets)
+
+
 @dataclass(frozen=True)
 class _BatchForms:
     """The model at the batch sizes the build needs.
@@ -285,33 +333,84 @@ class _BatchForms:
 
 def _batch_forms(model: onnx.ModelProto, fallback_batch: int) -> _BatchForms:
     # The analysis needs static shapes: prepare at the model's own batch size (1 if free).
+    # Every form the training graph may be built from is checked on values (BatchCheck):
+    # a form that runs at another batch size can still mix the samples.
     b0 = static_batch(model)
     prepared = _analysis.prepare(set_batch(model, b0))
-    dynamic = set_batch(prepared, BATCH_PARAM)
-    freed: list[str] = []
-    if not (runs_with_batch(dynamic, b0 + 1) and runs_with_batch(dynamic, b0 + 2)):
-        # A static-batch export: free the batch literals its shape targets hard-code.
-        candidate, freed = free_batch_literals(dynamic, b0)
+    check = BatchCheck(model, b0)
+    params = _float_initializers(prepared)
+    tried: list[str] = []
+    for form, candidate, freed in _batch_free_forms(model, prepared, b0):
+        missing = params - _float_initializers(candidate)
+        why = (f"it lacks the prepared model's tensor(s) {', '.join(sorted(missing)[:3])}"
+               if missing else check.mismatch(candidate, b0 + 2))
+        if why is not None:
+            log.debug("%s is not batch-free: %s", form, why)
+            tried.append(f"{form}: {why}")
+            continue
         if freed:
-            dynamic = candidate
-    if runs_with_batch(dynamic, b0 + 1) and runs_with_batch(dynamic, b0 + 2):
-        if freed:
-            log.info("the training graph takes any batch size (batch-free shape targets of "
-                     "%s); the inference model keeps the input's shapes", ", ".join(freed[:5]))
-        return _BatchForms(prepared, prepared, onnx.shape_inference.infer_shapes(dynamic), None)
+            log.info("the training graph takes any batch size (batch-free shape targets or "
+                     "indices of %s); the inference model keeps the input's shapes",
+                     ", ".join(freed[:5]))
+        return _BatchForms(prepared, prepared, onnx.shape_inference.infer_shapes(candidate),
+                           None)
     # Shapes computed from the batch size fold to constants: prepare at the training batch
     # size; if the model holds literal batch-sized constants, only its own works.
     base, fixed_batch = prepared, b0
     if fallback_batch != b0:
         candidate = _analysis.prepare(set_batch(model, fallback_batch))
-        if runs_with_batch(candidate, fallback_batch):
+        why = check.mismatch(candidate, fallback_batch)
+        if why is None:
             base, fixed_batch = candidate, fallback_batch
+        else:
+            log.debug("the model prepared at batch %d is wrong: %s", fallback_batch, why)
     log.warning(
         "the model's shapes depend on its batch size (re-export it with a dynamic batch "
-        "axis to avoid this); training at a fixed batch size of %d",
-        fixed_batch,
+        "axis to avoid this); training at a fixed batch size of %d (%s)",
+        fixed_batch, tried[-1] if tried else "no batch-free form",
     )
     return _BatchForms(prepared, base, base, fixed_batch)
+
+
+def _batch_free_forms(model: onnx.ModelProto, prepared: onnx.ModelProto, b0: int
+                      ) -> Iterator[tuple[str, onnx.ModelProto, list[str]]]:
+    """The forms of ``model`` with a symbolic batch the training graph may be built from,
+    cheapest first, as (what it is, the form, the Reshape nodes whose batch literal was
+    freed); each is still to be checked on values.
+
+    ``prepared`` (folded at batch ``b0``) with the batch made symbolic, then with its batch
+    literals freed (a static-batch export); then ``model`` prepared with its batch symbolic,
+    where the shape arithmetic computed from the batch size stays computed (or is written
+    back from it): folded at ``b0``, a gather index such as ``arange(batch) * seq`` that
+    builds a BERT attention mask becomes the constant of batch 1, which broadcasts to any
+    batch and makes every sample read sample 0's mask; last, where a static-batch export
+    holds that ``arange(b0)`` as a literal, with it computed from the batch size
+    (:func:`free_batch_indices`).
+    """
+    dynamic = set_batch(prepared, BATCH_PARAM)
+    yield f"the model prepared at batch {b0}", dynamic, []
+    freed_form, freed = free_batch_literals(dynamic, b0)
+    if freed:
+        yield f"the model prepared at batch {b0} with batch-free shape targets", freed_form, freed
+    symbolic, freed = free_batch_literals(set_batch(model, BATCH_PARAM), b0, prepared)
+    indexed, indices = free_batch_indices(symbolic, b0)
+    for what, source, changed in (("", symbolic, freed),
+                                  (" and batch indices", indexed, freed + indices)):
+        if source is indexed and not indices:
+            break
+        try:
+            with native_stderr_captured():
+                form = _analysis.prepare(source)
+        except OnnxSslError as e:
+            log.debug("the model cannot be prepared with a symbolic batch%s: %s", what, e)
+            continue
+        yield f"the model prepared with a symbolic batch{what}", form, changed
+
+
+def _float_initializers(model: onnx.ModelProto) -> set[str]:
+    return {t.name for t in model.graph.initializer
+            if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                               onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)}
 
 
 def _training_graph(
@@ -326,6 +425,11 @@ def _training_graph(
     # inference model (built from the prepared model) keeps the original ops.
     for node_name, op_type in LowerForTrainingPass()(graph).report.lowered:
         log.info("node %s (%s) is lowered for training", node_name, op_type)
+    # A trailing optional input left empty (Clip(x, min, "") as torch exports clamp(min=))
+    # means the same as one left out, and the gradient builder takes "" for a missing tensor.
+    for node in graph.nodes:
+        while node.inputs and not node.inputs[-1].name:
+            node.inputs.pop()
     model = from_graph(graph, ModelMeta.of(base))
     model = onnx.shape_inference.infer_shapes(keep_initializer_order(model, base))
     return fix_ir(model), list(stats)

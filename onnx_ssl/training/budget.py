@@ -30,26 +30,42 @@ it is taken again at the first check that meets the budget.) After the SSL
 phase, if the projection is still above the target, the prune threshold is raised
 (bisection over the groups' RMS values) to the smallest value that meets the budget; the
 report gives the threshold used and the MACs reached against the target. Fine-tuning
-follows as usual.
+follows as usual. A threshold raised this way zeroes groups that still carry the function
+(their RMS is above ``--threshold``): the run is then judged on its held-out metric against
+``--max-drop`` (:mod:`onnx_ssl.training.acceptance`) and, over it, is not accepted (exit
+status 3, its model written beside ``-o`` as ``OUT.over-max-drop.onnx``).
 
-**Collapse** (:func:`collapse_reason`): training stops with a one-line error, after the last
+**Collapse** (:func:`find_collapse`): training stops with a one-line error, after the last
 good epoch's weights are written, when a layer loses every group of a structure (its weight
 is all zero: the network is cut), or when the held-out error stays at chance
 (``>= 0.9 * (1 - 1/classes)``) for ``CHANCE_EPOCHS`` epochs in a row.
+
+**Zeros in the input model** (:func:`input_zeros`). Before any training, the regularised
+groups whose RMS is already at most the threshold, and the BatchNormalization scales that
+are all zero, are found and named. timm zero-initialises the last BatchNorm of each residual
+block; an eval-mode export folds it into the convolution, whose filters are then all zero,
+and a training-mode export keeps it, and the convolution before it gets no gradient from
+the data loss (the lambdas alone drive it to zero). Such groups still count as prunable
+(removing them is exact), but a budget they meet, or a collapse they cause, says so and
+names their layers rather than reading as the lambdas' work.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import onnx
 
 from onnx_ssl.errors import InputError
 
 from .forms import export_inference_model
+from .penalty import Penalty, term_tensors
 from .probe import with_static_batch
 from .spec import Artifacts
 
@@ -120,6 +136,8 @@ class BudgetController:
     # 1-based (epoch, step) it happened at.
     mask: dict[str, np.ndarray] | None = None
     met_at: tuple[int, int] | None = None
+    # How many of the groups held at zero then were already zero in the input model.
+    met_by_input_zeros: int = 0
     _below: bytes | None = None  # the groups at RMS <= threshold at the last projection
 
     def check(self, art: Artifacts, live: Mapping[str, np.ndarray],
@@ -217,12 +235,28 @@ def chance_error(classes: int | None) -> float | None:
     return 0.9 * (1 - 1 / classes)
 
 
-def collapse_reason(
+class CollapseCode(enum.Enum):
+    LAYER_CUT = "layer_cut"    # a layer outside residual branches lost every group
+    MODEL_CUT = "model_cut"    # every layer lost every group
+    CHANCE = "chance"          # the held-out error stayed at chance
+
+
+@dataclass(frozen=True)
+class Collapse:
+    """Why training collapsed: the code, the structure and layer it names, the sentence."""
+
+    code: CollapseCode
+    text: str
+    structure: str = ""
+    layer: str = ""
+
+
+def find_collapse(
     zero_groups: Sequence[tuple[str, float]],
     val_errors: Sequence[float | None],
     classes: int | None,
     bypassed: Collection[str] = (),
-) -> str | None:
+) -> Collapse | None:
     """Why training collapsed, or None. ``zero_groups`` is an epoch's (structure:layer,
     fraction of zero groups) list; ``val_errors`` the held-out errors so far. A layer in
     ``bypassed`` (inside a residual branch: its shortcut carries the signal around it) may
@@ -231,15 +265,179 @@ def collapse_reason(
     cut = [k.split(":", 1) for k, v in zero_groups
            if v >= 1.0 and k.split(":", 1)[0] in _CUTTING]
     if cut and len(cut) == len([k for k, _ in zero_groups if k.split(":", 1)[0] in _CUTTING]):
-        return "the whole model lost every group (all its weights are zero)"
+        return Collapse(CollapseCode.MODEL_CUT,
+                        "the whole model lost every group (all its weights are zero)")
     cut = [c for c in cut if c[1] not in bypassed]
     if cut:
         s, layer = cut[0]
-        return f"layer {layer} lost every {s} group (its weight is all zero)"
+        return Collapse(CollapseCode.LAYER_CUT,
+                        f"layer {layer} lost every {s} group (its weight is all zero)", s, layer)
     chance = chance_error(classes)
     recent = list(val_errors[-CHANCE_EPOCHS:])
     if (chance is not None and len(recent) == CHANCE_EPOCHS
             and all(e is not None and e >= chance for e in recent)):
-        return (f"the held-out error stayed at chance ({100 * (recent[-1] or 0):.1f}%) for "
-                f"{CHANCE_EPOCHS} epochs")
+        return Collapse(CollapseCode.CHANCE,
+                        f"the held-out error stayed at chance ({100 * (recent[-1] or 0):.1f}%) "
+                        f"for {CHANCE_EPOCHS} epochs")
     return None
+
+
+def collapse_reason(
+    zero_groups: Sequence[tuple[str, float]],
+    val_errors: Sequence[float | None],
+    classes: int | None,
+    bypassed: Collection[str] = (),
+) -> str | None:
+    """The sentence of :func:`find_collapse`, or None."""
+    c = find_collapse(zero_groups, val_errors, classes, bypassed)
+    return None if c is None else c.text
+
+
+# --- zeros in the input model ----------------------------------------------------------
+
+
+class ZeroKind(enum.Enum):
+    GROUPS = "groups"      # regularised groups at RMS <= the threshold
+    BN_SCALE = "bn_scale"  # entries of a BatchNormalization's scale that are exactly zero
+    WEIGHT = "weight"      # a layer's whole weight, not regularised (shared, for example)
+
+
+@dataclass(frozen=True)
+class InputZero:
+    """One layer whose weights are already zero in the input model, before any training."""
+
+    kind: ZeroKind
+    structure: str  # the term's structure ("filter", ...), or "scale" for a BatchNorm
+    layer: str      # the term's layer (node name), or the BatchNormalization node
+    tensor: str
+    zero: int
+    total: int
+    after: str = ""  # for a BatchNorm: the node that feeds it (the convolution)
+
+    @property
+    def whole(self) -> bool:
+        return self.zero == self.total
+
+    def part(self) -> str:
+        """What is zero, without the layer's name."""
+        if self.kind is ZeroKind.BN_SCALE:
+            feed = f", after {self.after}" if self.after else ""
+            return f"BatchNorm scale {self.zero}/{self.total} zero{feed}"
+        if self.kind is ZeroKind.WEIGHT:
+            return f"weight {self.tensor} all zero"
+        return f"{self.zero}/{self.total} {self.structure} groups zero"
+
+    def text(self) -> str:
+        return f"{self.layer} ({self.part()})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "structure": self.structure, "layer": self.layer,
+                "tensor": self.tensor, "zero": self.zero, "total": self.total,
+                "after": self.after or None}
+
+
+# What an input model's zeros usually are, and what to do about them.
+INPUT_ZEROS_HINT = ("for example a BatchNorm scale initialised to zero, as timm does for the "
+                    "last BatchNorm of each residual block, which an eval-mode export folds "
+                    "into the convolution's filters; randomise or train them first")
+
+
+def below_threshold(penalty: Penalty, params: Mapping[str, np.ndarray],
+                    threshold: float) -> tuple[np.ndarray, ...]:
+    """For every active term, which of its groups have an RMS at most ``threshold``."""
+    return tuple(penalty.rms(t, params) <= threshold for t in penalty.active_terms)
+
+
+def input_zeros(penalty: Penalty, params: Mapping[str, np.ndarray], threshold: float,
+                model: onnx.ModelProto | None = None) -> tuple[InputZero, ...]:
+    """The layers of the input model (``params``: its weights before training) with groups
+    already at RMS <= ``threshold``, and (given ``model``) its BatchNormalization nodes with
+    zero entries in their constant scale, and its Conv, Gemm and MatMul layers whose whole
+    constant weight is zero without a regularised group saying so (a weight that an exporter
+    shared between layers because it is the same zero tensor, for example)."""
+    found: list[InputZero] = []
+    for t, below in zip(penalty.active_terms, below_threshold(penalty, params, threshold),
+                        strict=True):
+        n = int(np.sum(below))
+        if n:
+            found.append(InputZero(ZeroKind.GROUPS, t.structure, t.label,
+                                   ",".join(term_tensors(t)), n, int(below.size)))
+    if model is not None:
+        whole = {z.layer for z in found if z.whole}
+        found += [z for z in _zero_constants(model) if z.layer not in whole]
+    return tuple(found)
+
+
+def _zero_constants(model: onnx.ModelProto) -> list[InputZero]:
+    """Zero BatchNorm scale entries and all-zero layer weights (through Identity nodes)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {o: n for n in model.graph.node for o in n.output}
+
+    def const(name: str) -> tuple[str, np.ndarray] | None:
+        for _ in range(8):  # Identity chains an exporter's de-duplication leaves
+            if name in inits:
+                return name, numpy_helper.to_array(inits[name])
+            n = nodes.get(name)
+            if n is None or n.op_type != "Identity":
+                return None
+            name = n.input[0]
+        return None
+
+    found = []
+    for n in model.graph.node:
+        if len(n.input) < 2:
+            continue
+        c = const(n.input[1])
+        if c is None or c[1].size == 0:
+            continue
+        tensor, value = c
+        layer = n.name or n.output[0]
+        if n.op_type == "BatchNormalization":
+            zero = int(np.sum(value == 0))
+            if zero:
+                feed = nodes.get(n.input[0])
+                found.append(InputZero(ZeroKind.BN_SCALE, "scale", layer, tensor, zero,
+                                       int(value.size), "" if feed is None
+                                       else feed.name or feed.output[0]))
+        elif n.op_type in ("Conv", "Gemm", "MatMul") and not np.any(value):
+            found.append(InputZero(ZeroKind.WEIGHT, "weight", layer, tensor, int(value.size),
+                                   int(value.size)))
+    return found
+
+
+def input_zeros_text(zeros: Sequence[InputZero], limit: int = 6) -> str:
+    """``a (6/6 filter groups zero, 6/6 channel groups zero), b (...)`` for a message, one
+    entry per layer, at most ``limit`` layers named."""
+    by: dict[str, list[InputZero]] = {}
+    for z in zeros:
+        by.setdefault(z.layer, []).append(z)
+    parts = [f"{layer} ({', '.join(z.part() for z in zs)})"
+             for layer, zs in list(by.items())[:limit]]
+    more = f" and {len(by) - limit} more layers" if len(by) > limit else ""
+    return ", ".join(parts) + more
+
+
+def collapse_cause(c: Collapse, zeros: Sequence[InputZero]) -> str:
+    """What the input model's zeros have to do with collapse ``c`` ("" when nothing)."""
+    if not zeros:
+        return ""
+    if c.code is CollapseCode.LAYER_CUT:
+        own = [z for z in zeros if z.kind is not ZeroKind.BN_SCALE and z.layer == c.layer
+               and z.whole]
+        if own:
+            what = "weight was" if own[0].kind is ZeroKind.WEIGHT else (
+                f"{own[0].structure} groups were")
+            return (f"layer {c.layer}'s {what} already all zero in the input model "
+                    f"({INPUT_ZEROS_HINT})")
+        bn = [z for z in zeros if z.kind is ZeroKind.BN_SCALE and z.after == c.layer]
+        if bn:
+            return (f"the BatchNorm after it ({bn[0].layer}) has an all-zero scale in the "
+                    f"input model, so its filters got no gradient from the data and the "
+                    f"lambdas drove them to zero ({INPUT_ZEROS_HINT})")
+        return ""
+    if c.code is CollapseCode.MODEL_CUT:
+        return (f"the input model already had zero weights in {input_zeros_text(zeros)} "
+                f"({INPUT_ZEROS_HINT})")
+    return ""

@@ -4,7 +4,9 @@ A data *spec* is one of
 
 ``digits``           scikit-learn's bundled 8x8 digits (1,797 images, the built-in default),
                      resized to the model's input size (bilinear), pixel values in [0, 1]
-``PATH.npz``         arrays ``x`` and ``y`` (or one array per model input name, plus ``y``)
+``PATH.npz``         arrays ``x`` and ``y`` (or one array per model input name, plus ``y``);
+                     without ``y`` the data is unlabelled: one array per model input, any
+                     dtype the inputs have (int64 token ids included), for distillation
 ``FOLDER``           MNIST IDX files (``*-images-idx3-ubyte`` and ``*-labels-idx1-ubyte``,
                      gzipped or raw; every pair found is used), pixel values in [0, 1]
 
@@ -21,7 +23,7 @@ import math
 import os
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,19 +37,38 @@ BUILTIN = "digits"
 
 @dataclass(frozen=True)
 class Dataset:
-    """Inputs (one array per model input, first axis = samples) and targets."""
+    """Inputs (one array per model input, first axis = samples), labels ``y`` (None for
+    unlabelled data) and, for distillation, the teacher's outputs.
+
+    ``targets`` holds one array per model output (the teacher's output on every sample,
+    computed once: :func:`onnx_ssl.training.distill.teacher_targets`) and ``target_rms``
+    each one's RMS over the whole data set, which normalises the MSE distillation loss.
+    """
 
     x: Mapping[str, np.ndarray]
-    y: np.ndarray
+    y: np.ndarray | None
     name: str
     resizable: bool = False
+    targets: Mapping[str, np.ndarray] = field(default_factory=dict)
+    target_rms: Mapping[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return int(self.y.shape[0])
+        if self.y is not None:
+            return int(self.y.shape[0])
+        first = next(iter(self.x.values()), None)
+        return 0 if first is None else int(first.shape[0])
+
+    @property
+    def labelled(self) -> bool:
+        return self.y is not None
 
     def subset(self, idx: np.ndarray, name: str | None = None) -> Dataset:
-        return Dataset(
-            {k: v[idx] for k, v in self.x.items()}, self.y[idx], name or self.name, self.resizable
+        return replace(
+            self,
+            x={k: v[idx] for k, v in self.x.items()},
+            y=None if self.y is None else self.y[idx],
+            name=name or self.name,
+            targets={k: v[idx] for k, v in self.targets.items()},
         )
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -70,12 +91,29 @@ class Dataset:
     def batches(
         self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False
     ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """(inputs, labels) batches of labelled data; see :meth:`batch_indices`."""
+        if self.y is None:
+            raise InputError(f"{self.name}: no labels (the data has inputs only)")
+        for idx in self.batch_indices(batch_size, shuffle=shuffle, seed=seed,
+                                      drop_last=drop_last):
+            yield {k: v[idx] for k, v in self.x.items()}, self.y[idx]
+
+    def batch_indices(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False
+    ) -> Iterator[np.ndarray]:
+        """The sample indices of each batch (a seeded shuffle with ``shuffle``)."""
         n = len(self)
         order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
         stop = n - (n % batch_size) if drop_last and n >= batch_size else n
         for lo in range(0, stop, batch_size):
-            idx = order[lo : lo + batch_size]
-            yield {k: v[idx] for k, v in self.x.items()}, self.y[idx]
+            yield order[lo : lo + batch_size]
+
+    def take(self, idx: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None,
+                                             dict[str, np.ndarray]]:
+        """(inputs, labels or None, teacher targets) of the samples ``idx``."""
+        return ({k: v[idx] for k, v in self.x.items()},
+                None if self.y is None else self.y[idx],
+                {k: v[idx] for k, v in self.targets.items()})
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         n = len(self)
@@ -136,23 +174,37 @@ def load_npz(path: Path) -> Dataset:
             arrays = {k: np.asarray(f[k]) for k in f.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise InputError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
-    if "y" not in arrays:
-        raise InputError(
-            f"{path}: no array 'y' (the targets); it has {', '.join(sorted(arrays)) or 'no arrays'}"
-        )
-    y = arrays.pop("y")
+    y = arrays.pop("y", None)
     xs = {k: v for k, v in arrays.items() if not k.startswith("_")}
     if not xs:
-        raise InputError(f"{path}: no input array (expected 'x' or one per model input)")
-    if y.ndim == 0 or y.shape[0] == 0:
+        raise InputError(
+            f"{path}: neither targets nor inputs: no input array (expected 'x' or one array "
+            f"per model input, named as the inputs, and optionally 'y', the targets)"
+            if y is None else
+            f"{path}: no input array (expected 'x' or one per model input)"
+        )
+    if y is not None and (y.ndim == 0 or y.shape[0] == 0):
         raise InputError(f"{path}: 'y' must hold one target per sample (got shape {y.shape})")
-    for k, v in xs.items():
-        if v.ndim == 0 or v.shape[0] != y.shape[0]:
-            raise InputError(
-                f"{path}: array '{k}' has {v.shape[0] if v.ndim else 0} samples "
-                f"but 'y' has {y.shape[0]}"
-            )
+    check_sample_counts(xs, path.name, None if y is None else ("y", y))
     return Dataset(xs, y, path.name)
+
+
+def check_sample_counts(
+    arrays: Mapping[str, np.ndarray], source: str, ref: tuple[str, np.ndarray] | None = None
+) -> int:
+    """The common number of samples (first axis) of ``arrays`` (and of ``ref``), or a
+    one-line :class:`InputError` naming the arrays that differ."""
+    items = [*([ref] if ref is not None else []), *arrays.items()]
+    counts = {k: (int(v.shape[0]) if v.ndim else 0) for k, v in items}
+    first, n = items[0][0], counts[items[0][0]]
+    if n == 0:
+        raise InputError(f"{source}: array '{first}' holds no samples (shape "
+                         f"{tuple(items[0][1].shape)})")
+    for k, c in counts.items():
+        if c != n:
+            raise InputError(f"{source}: array '{k}' has {c} samples but '{first}' has {n}; "
+                             f"every array needs one entry per sample")
+    return n
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -243,14 +295,25 @@ def fit_inputs(data: Dataset, inputs: Sequence[tuple[str, tuple[int | None, ...]
     digits, resized to the input's image size; any other rank or layout is refused, and so
     are integer samples for a float input (unscaled pixels, most likely).
     """
+    if data.y is None and not (len(data.x) == 1 and len(inputs) == 1):
+        # Unlabelled inputs by name: the core's calibration checks (names, dtype, rank,
+        # dims, sample counts), with the batch free (training pads the last batch).
+        from onnx_ssl.calibration import InputSpec, check_calibration
+
+        check_calibration(
+            data.x,
+            [InputSpec(n, _np_dtype(d), (None, *shape[1:])) for n, shape, d in inputs],
+            data.name,
+        )
     if len(data.x) == 1 and len(inputs) == 1:
         arrays = {inputs[0][0]: next(iter(data.x.values()))}
     else:
         missing = [name for name, _, _ in inputs if name not in data.x]
         if missing:
             raise InputError(
-                f"{data.name}: no array for model input(s) {', '.join(missing)} "
-                f"(arrays: {', '.join(data.x)})"
+                f"{data.name}: no array for model input(s) {', '.join(missing)}; the model "
+                f"expects arrays {', '.join(n for n, _, _ in inputs)} (the data has "
+                f"{', '.join(data.x)})"
             )
         arrays = {name: data.x[name] for name, _, _ in inputs}
     out: dict[str, np.ndarray] = {}
@@ -263,9 +326,11 @@ def fit_inputs(data: Dataset, inputs: Sequence[tuple[str, tuple[int | None, ...]
             if len(want) != len(got) or any(
                 w is not None and w != g for w, g in zip(want, got, strict=True)
             ):
+                why = (f"wrong rank: {len(got)} per sample where the input has {len(want)}"
+                       if len(want) != len(got) else "the data has the wrong shape")
                 raise InputError(
                     f"{data.name}: samples of shape {tuple(got)} do not fit model "
-                    f"input '{name}' of shape {_fmt(shape)}"
+                    f"input '{name}' of shape {_fmt(shape)} ({why})"
                 )
         elif tuple(got) != tuple(want):
             same_size = int(np.prod(got, dtype=np.int64)) == _numel(want)
@@ -309,11 +374,15 @@ def fit_inputs(data: Dataset, inputs: Sequence[tuple[str, tuple[int | None, ...]
                     f"{data.name}: input '{name}' must hold integers for a model "
                     f"input of type {dtype_name}, got {a.dtype}"
                 )
+            info = np.iinfo(dtype)
+            if a.size and (int(a.min()) < info.min or int(a.max()) > info.max):
+                raise InputError(f"{data.name}: input '{name}' holds values outside "
+                                 f"{dtype_name}'s range")
             a = a.astype(dtype, copy=False)
         else:
             a = a.astype(dtype, copy=False)
         out[name] = np.ascontiguousarray(a)
-    return Dataset(out, data.y, data.name, data.resizable)
+    return replace(data, x=out)
 
 
 def _resize_to(
@@ -338,6 +407,9 @@ def fit_targets(
 ) -> Dataset:
     """Check the targets: class indices in ``[0, classes)`` for cross-entropy, else arrays of
     the output's per-sample shape (in [0, 1] for bce)."""
+    if data.y is None:
+        raise InputError(f"{data.name}: no labels ('y'); train on it by distillation "
+                         f"(onnx-ssl ssl ... --distill) instead")
     y = np.asarray(data.y)
     if y.ndim == 0 or y.shape[0] == 0:
         raise InputError(f"{data.name}: no samples")
@@ -361,7 +433,7 @@ def fit_targets(
                 f"{data.name}: labels out of range: found {lo}..{hi} but the model "
                 f"has {classes} classes (0..{(classes or 0) - 1})"
             )
-        return Dataset(data.x, yi, data.name, data.resizable)
+        return replace(data, y=yi)
     want = target_shape[1:]
     yf = y.astype(np.float32)
     if tuple(yf.shape[1:]) != tuple(want) and None not in want:
@@ -377,7 +449,7 @@ def fit_targets(
     ylo, yhi = float(np.min(yf)), float(np.max(yf))
     if loss == "bce" and (ylo < 0 or yhi > 1):
         raise InputError(f"{data.name}: bce targets must lie in [0, 1], found {ylo:g}..{yhi:g}")
-    return Dataset(data.x, yf, data.name, data.resizable)
+    return replace(data, y=yf)
 
 
 def _squeezed(shape: Sequence[int | None]) -> tuple[int | None, ...]:

@@ -32,21 +32,13 @@ from onnx_graphsurgeon.importers.onnx_importer import (
 from onnx_ssl import env
 from onnx_ssl.errors import InputError, UnsupportedModelError
 from onnx_ssl.io import ModelMeta, convert_opset, default_opset, from_graph, to_graph
+from onnx_ssl.names import fresh_name
 from onnx_ssl.pipeline import PassBase, PassResult, Report
 
 from .proto import fix_ir
 from .spec import Artifacts
 
 log = logging.getLogger(__name__)
-
-
-def _fresh(taken: set[str], base: str) -> str:
-    name, k = base, 1
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
 
 
 def _is_true_flag(t: gs.Tensor) -> bool:
@@ -101,7 +93,7 @@ class ToTrainingFormPass(PassBase[TrainingFormReport]):
                         and len(node.outputs) > 1:
                     continue
                 if train_flag is None:
-                    train_flag = gs.Constant(_fresh(taken, "ssl_dropout_training"),
+                    train_flag = gs.Constant(fresh_name(taken, "ssl_dropout_training"),
                                              np.array(True))
                 while len(node.inputs) < 2:
                     node.inputs.append(gs.Variable.empty())
@@ -111,11 +103,11 @@ class ToTrainingFormPass(PassBase[TrainingFormReport]):
                     node.inputs[2] = train_flag
                 if len(node.outputs) < 2:
                     node.outputs.append(
-                        gs.Variable(_fresh(taken, f"{node.outputs[0].name}.ssl_mask")))
+                        gs.Variable(fresh_name(taken, f"{node.outputs[0].name}.ssl_mask")))
                 changed["drop"].append(node.name)
             elif node.op == "LayerNormalization" and len(node.outputs) < 3:
                 while len(node.outputs) < 3:
-                    node.outputs.append(gs.Variable(_fresh(
+                    node.outputs.append(gs.Variable(fresh_name(
                         taken, f"{node.outputs[0].name}.ssl_ln_{len(node.outputs)}")))
                 changed["ln"].append(node.name)
         report = TrainingFormReport(tuple(changed["bn"]), tuple(changed["drop"]),
@@ -130,11 +122,11 @@ class ToTrainingFormPass(PassBase[TrainingFormReport]):
         base = node.name or node.outputs[0].name
         while len(node.outputs) < 3:
             what = "mean" if len(node.outputs) == 1 else "var"
-            node.outputs.append(gs.Variable(_fresh(taken, f"{base}.ssl_running_{what}")))
+            node.outputs.append(gs.Variable(fresh_name(taken, f"{base}.ssl_running_{what}")))
             changed = True
         for k in (1, 2):
             if node.outputs[k].name == "":
-                node.outputs[k] = gs.Variable(_fresh(taken, f"{base}.ssl_running_{k}"))
+                node.outputs[k] = gs.Variable(fresh_name(taken, f"{base}.ssl_running_{k}"))
                 changed = True
         return changed
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -50,7 +50,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_ssl.errors import InputError
-from onnx_ssl.groups import Analysis
+from onnx_ssl.groups import Analysis, ChannelRef
+from onnx_ssl.names import fresh_name
 from onnx_ssl.rules import RULES
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ STRUCTURES: tuple[Structure, ...] = (
     "depth",
     "coupled",
 )
-# Analysis group kinds the penalty needs.
-ANALYSIS_KINDS = ("depth",)
 DEFAULT_EPS = 1e-12
 # Layers by their kind in the op table: convolutions get filter/channel/shape/filter2d terms,
 # fully connected layers neuron terms.
@@ -196,19 +195,60 @@ class AxisTerm:
 
 @dataclass(frozen=True)
 class CoupledPart:
-    """Channels ``space_start .. +length`` of the space at positions
-    ``(tensor_start + j) * block ..`` of ``axis`` of ``tensor`` (see ``ChannelRef``);
-    ``conv_groups`` > 1 for the input side of a grouped convolution, whose axis 1 holds the
-    channels of one group and axis 0 the groups' filters."""
+    """A weight's share of a coupled term: where the space's channels sit in it (``ref``,
+    see :class:`~onnx_ssl.groups.ChannelRef`: channels ``space_start .. +length`` at
+    positions ``(tensor_start + j) * block ..`` of ``axis``; ``conv_groups`` > 1 for the
+    input side of a grouped convolution, whose axis 1 holds the channels of one group and
+    axis 0 the groups' filters), and the weight's ``shape``."""
 
-    tensor: str
+    ref: ChannelRef[str]
     shape: tuple[int, ...]
-    axis: int
-    space_start: int
-    tensor_start: int
-    length: int
-    block: int
-    conv_groups: int = 1
+
+    @property
+    def tensor(self) -> str:
+        return self.ref.tensor
+
+    @property
+    def axis(self) -> int:
+        return self.ref.axis
+
+    @property
+    def space_start(self) -> int:
+        return self.ref.space_start
+
+    @property
+    def tensor_start(self) -> int:
+        return self.ref.tensor_start
+
+    @property
+    def length(self) -> int:
+        return self.ref.length
+
+    @property
+    def block(self) -> int:
+        return self.ref.block
+
+    @property
+    def conv_groups(self) -> int:
+        return self.ref.conv_groups
+
+    def to_json(self) -> dict[str, Any]:
+        """The reference's fields and ``shape``, in one flat object."""
+        return {**asdict(self.ref), "shape": list(self.shape)}
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any], space: str) -> CoupledPart:
+        """A part as :meth:`to_json` wrote it, or as files written before the reference was
+        kept whole wrote it (without ``role``, ``space``, ``node`` and ``is_weight``, which
+        the penalty never reads: a weight of ``space`` on its producing side)."""
+        ref = ChannelRef(
+            tensor=str(d["tensor"]), axis=int(d["axis"]), role=d.get("role", "out"),
+            space=str(d.get("space", space)), space_start=int(d["space_start"]),
+            tensor_start=int(d["tensor_start"]), length=int(d["length"]),
+            block=int(d["block"]), node=str(d.get("node", "")),
+            is_weight=bool(d.get("is_weight", True)),
+            conv_groups=int(d.get("conv_groups", 1)))
+        return CoupledPart(ref, tuple(int(x) for x in d["shape"]))
 
     @property
     def grouped(self) -> bool:
@@ -449,6 +489,8 @@ def term_tensors(t: Term) -> tuple[str, ...]:
 
 def _term_to_json(t: Term) -> dict[str, Any]:
     d = asdict(t)
+    if isinstance(t, CoupledTerm):
+        d["parts"] = [p.to_json() for p in t.parts]
     d["type"] = type(t).__name__
     return d
 
@@ -465,9 +507,7 @@ def _term_from_json(d: Mapping[str, Any]) -> Term:
     if kind == "AxisTerm":
         return AxisTerm(**body)
     if kind == "CoupledTerm":
-        body["parts"] = tuple(
-            CoupledPart(**{k: _tuple(v) for k, v in p.items()}) for p in d["parts"]
-        )
+        body["parts"] = tuple(CoupledPart.from_json(p, str(d["space"])) for p in d["parts"])
         return CoupledTerm(**body)
     if kind == "DepthTerm":
         return DepthTerm(**body)
@@ -528,16 +568,7 @@ def build_penalty(
             if not sp.prunable:
                 continue
             parts = tuple(
-                CoupledPart(
-                    r.tensor,
-                    tuple(int(d) for d in trainable[r.tensor]),
-                    r.axis,
-                    r.space_start,
-                    r.tensor_start,
-                    r.length,
-                    r.block,
-                    int(getattr(r, "conv_groups", 1)),
-                )
+                CoupledPart(r, tuple(int(d) for d in trainable[r.tensor]))
                 for r in sp.refs
                 if r.is_weight and r.role in ("out", "in") and r.tensor in trainable
             )
@@ -564,7 +595,8 @@ def build_penalty(
                 )
             )
             if names:
-                label = g.id.rsplit("/depth", 1)[0]
+                assert g.node is not None  # a depth group names the Add of its branch
+                label = g.node
                 terms.append(
                     DepthTerm(
                         "depth",
@@ -610,10 +642,16 @@ class GraphWriter:
         self.prefix = prefix
         self._n = 0
         self._consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
+        self._taken: set[str] | None = None  # the graph's names, collected at the first name
 
     def name(self, hint: str) -> str:
+        if self._taken is None:
+            g = self.graph
+            self._taken = ({t.name for t in g.initializer}
+                           | {v.name for v in (*g.input, *g.output, *g.value_info)}
+                           | {x for n in g.node for x in (n.name, *n.output)})
         self._n += 1
-        return f"{self.prefix}/{hint}/{self._n}"
+        return fresh_name(self._taken, f"{self.prefix}/{hint}/{self._n}")
 
     def const(self, value: Any, dtype: Any = np.float32, hint: str = "const") -> str:
         """An initializer; scalars get shape [1] (see :meth:`reduce_sum`)."""
@@ -763,9 +801,3 @@ def add_penalty_nodes(penalty: Penalty, w: GraphWriter) -> str:
             parts = [w.reduce_sum(sq(name), None, hint="depth_sumsq") for name in t.tensors]
             terms_out.append(weighted_norm_sum(w.add_all(parts, "depth_sumsq"), t))
     return w.add_all(terms_out, "penalty")
-
-
-def iter_term_summaries(penalty: Penalty) -> Iterator[str]:
-    """One line per active term, for logs."""
-    for t in penalty.active_terms:
-        yield f"{t.structure} {t.label}: {t.groups} groups, lambda {t.lam:g}"

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_ssl import env
 from onnx_ssl.errors import InputError
 
 from .trainer import EpochStats
@@ -37,7 +38,7 @@ def require_matplotlib() -> Any:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise InputError(
-            "--plots needs matplotlib: pip install 'onnx-ssl[plots]'"
+            f"--plots needs matplotlib, in onnx-ssl's [plots] extra: {env.pip_install('plots')}"
         ) from e
     return plt
 
@@ -145,12 +146,16 @@ def plot_error_vs_macs(
     error_before: float | None,
     final: tuple[float, float | None] | None,
     target: float | None,
+    fidelity_key: str | None = None,
 ) -> None:
+    """Held-out error (or, with ``fidelity_key``, the log's ``fidelity:KIND:OUTPUT`` column:
+    distillation without labels) against the projected MACs after each SSL epoch."""
     pts: list[tuple[float, float, int]] = []
     for h in history:
         m = dict(h.extra).get("projected_macs")
-        if m is not None and h.val_error is not None:
-            pts.append((m, h.val_error, h.epoch))
+        e = h.val_error if fidelity_key is None else dict(h.fidelity).get(fidelity_key)
+        if m is not None and e is not None:
+            pts.append((m, e, h.epoch))
     fig, ax = plt.subplots(figsize=(6, 3.6))
     if pts:
         ax.plot([100 * m for m, _, _ in pts], [100 * e for _, e, _ in pts], "-o", ms=3,
@@ -165,11 +170,16 @@ def plot_error_vs_macs(
     if target is not None:
         ax.axvline(100 * target, color="gray", ls="--", lw=1, label="MAC target")
     ax.set_xlabel("MACs (% of the input model)")
-    ax.set_ylabel("held-out error (%)")
+    if fidelity_key is None:
+        ax.set_ylabel("held-out error (%)")
+    else:
+        _, kind, output = fidelity_key.split(":", 2)
+        ax.set_ylabel(f"held-out fidelity to the input model\n({kind} of {output}, x100)")
     ax.set_xlim(0, 105)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("error against MACs across the run", fontsize=9)
+    ax.set_title(f"{'error' if fidelity_key is None else 'fidelity'} against MACs across "
+                 f"the run", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -189,6 +199,15 @@ def write_plots(
     plot_conv1(plt, before, result.thresholded or result.model, paths[0])
     plot_zero_groups(plt, rep.ssl_history, paths[1])
     mf = rep.macs_after / rep.macs_before if rep.macs_before else 1.0
-    plot_error_vs_macs(plt, rep.ssl_history, paths[2], rep.error_before,
-                       (mf, rep.error_final), rep.options.target_macs)
+    fid = dict(getattr(rep, "fidelity", ()))
+    if rep.error_before is None and fid.get("final"):
+        # Distillation without labels: the fidelity of the first output instead of the error.
+        first = fid["final"][0]
+        before_f = next((f.value for f in fid.get("before", ()) if f.output == first.output),
+                        None)
+        plot_error_vs_macs(plt, rep.ssl_history, paths[2], before_f, (mf, first.value),
+                           rep.options.target_macs, fidelity_key=first.key)
+    else:
+        plot_error_vs_macs(plt, rep.ssl_history, paths[2], rep.error_before,
+                           (mf, rep.error_final), rep.options.target_macs)
     return [p for p in paths if p.exists()]

@@ -39,6 +39,7 @@ def epoch_line(s: EpochStats, epochs: int, prefix: str = "") -> str:
     """The per-epoch line printed when the output is not a terminal."""
     zero = [f"{k}={v:.0%}" for k, v in s.zero_groups if v > 0]
     err = "" if s.val_error is None else f" val error {_pct(s.val_error)}"
+    err += _fidelity(s)
     macs = _extra(s, "projected_macs")
     line = (
         f"{prefix}epoch {s.epoch}/{epochs}: loss {s.loss:.4f} (data {s.data_loss:.4f}, "
@@ -49,6 +50,14 @@ def epoch_line(s: EpochStats, epochs: int, prefix: str = "") -> str:
     if zero:
         line += " zero groups: " + ", ".join(zero[:6]) + (", ..." if len(zero) > 6 else "")
     return line
+
+
+def _fidelity(s: EpochStats) -> str:
+    """`` fidelity logits top1 0.9850, hidden cosine 0.9973`` (distillation), or nothing."""
+    if not s.fidelity:
+        return ""
+    parts = [f"{k.split(':', 2)[2]} {k.split(':', 2)[1]} {v:.4f}" for k, v in s.fidelity]
+    return " fidelity " + ", ".join(parts)
 
 
 class Progress:
@@ -124,7 +133,8 @@ class Progress:
         else:
             macs = _extra(s, "projected_macs")
             # the most telling first: a narrow terminal cuts the end
-            self._post = {"loss": f"{s.loss:.4f}", "err": _pct(s.val_error),
+            fid = {"fid": f"{s.fidelity[0][1]:.4f}"} if s.fidelity else {}
+            self._post = {"loss": f"{s.loss:.4f}", "err": _pct(s.val_error), **fid,
                           **({} if macs is None else {"MACs": f"{macs:.1%}"}),
                           "data": f"{s.data_loss:.4f}", "pen": f"{s.penalty:.4f}"}
             self._bar.set_postfix(self._post)
@@ -145,7 +155,7 @@ class Progress:
                 f"{self.prefix}{self._phase}: {s.epoch}/{self._epochs} epochs, "
                 f"{time.perf_counter() - self._t0:.1f}s; loss {s.loss:.4f} (data "
                 f"{s.data_loss:.4f}, penalty {s.penalty:.4f}), held-out error "
-                f"{_pct(s.val_error)}"
+                f"{_pct(s.val_error)}{_fidelity(s)}"
                 + ("" if macs is None else f", projected MACs {macs:.1%}")
                 + "\n"
             )

@@ -5,6 +5,7 @@ the options it is built with, and ``ssl.json`` (:class:`ArtifactInfo`), read bac
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from .penalty import Lambdas, Penalty
 FORMAT = 1
 LOSSES = ("cross-entropy", "mse", "bce", "l1")
 OPTIMIZERS = ("adamw", "sgd")
+# The self-distillation losses (see onnx_ssl.training.distill, which builds them).
+DISTILL_LOSSES = ("auto", "mse", "kl", "cosine")
 TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
 OPTIMIZER_MODEL = "optimizer_model.onnx"
@@ -49,6 +52,12 @@ _DTYPES: dict[int, str] = {
 }
 
 
+
+def check_temperature(t: float) -> None:
+    """The distillation temperature must be a finite number > 0 (InputError)."""
+    if not (math.isfinite(t) and t > 0):
+        raise InputError(f"--distill-temperature must be a finite number > 0, got {t}")
+
 @dataclass(frozen=True)
 class ArtifactOptions:
     """How to build the artifacts (the CLI's defaults)."""
@@ -60,8 +69,19 @@ class ArtifactOptions:
     scale_by_size: bool = False
     output: str | None = None
     fallback_batch: int = 64
+    # Self-distillation (see onnx_ssl.training.distill): the loss (auto, mse, kl, cosine)
+    # fitting every model output to the teacher's, instead of ``loss`` on labels; None: labels.
+    distill: str | None = None
+    temperature: float = 1.0  # distill.DEFAULT_TEMPERATURE
+    # --distill-weights as given (W1,W2,... or NAME=W,...); None: equal.
+    distill_weights: str | None = None
 
     def __post_init__(self) -> None:
+        if self.distill is not None:
+            if self.distill not in DISTILL_LOSSES:
+                raise InputError(f"unknown distillation loss {self.distill!r}; choose from "
+                                 f"{', '.join(DISTILL_LOSSES)}")
+            check_temperature(self.temperature)
         if self.loss not in LOSSES:
             raise InputError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
         if self.optimizer not in OPTIMIZERS:
@@ -124,6 +144,17 @@ class ArtifactInfo:
     # newest opset the training runtime runs (None: no conversion).
     converted_from_opset: int | None = None
     format: int = FORMAT
+    # Self-distillation: the loss, its terms (model output, teacher target input, the loss
+    # that output is fitted with), the outputs' weights and the KL temperature.
+    distill: str | None = None
+    distill_terms: tuple[tuple[str, str, str], ...] = ()
+    distill_weights: tuple[float, ...] = ()
+    temperature: float = 2.0
+
+    def distill_targets(self) -> tuple[TensorSpec, ...]:
+        """The teacher target inputs of the loss graph (shaped like their outputs)."""
+        outs = {o.name: o for o in self.outputs}
+        return tuple(TensorSpec(t, outs[o].shape, "float32") for o, t, _ in self.distill_terms)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -145,6 +176,10 @@ class ArtifactInfo:
             "classes": self.classes,
             "layers": list(self.layers),
             "converted_from_opset": self.converted_from_opset,
+            "distill": self.distill,
+            "distill_terms": [list(t) for t in self.distill_terms],
+            "distill_weights": list(self.distill_weights),
+            "temperature": self.temperature,
         }
 
     @staticmethod
@@ -169,6 +204,11 @@ class ArtifactInfo:
             converted_from_opset=(None if d.get("converted_from_opset") is None
                                   else int(d["converted_from_opset"])),
             format=int(d.get("format", FORMAT)),
+            distill=None if d.get("distill") is None else str(d["distill"]),
+            distill_terms=tuple((str(a), str(b), str(c)) for a, b, c in
+                                d.get("distill_terms", ())),
+            distill_weights=tuple(float(w) for w in d.get("distill_weights", ())),
+            temperature=float(d.get("temperature", 2.0)),
         )
 
 

@@ -7,19 +7,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_ssl.bench import time_pair
+from onnx_ssl.compiler import LayerStat
 from onnx_ssl.runtime import random_inputs, session
 
 from .probe import set_batch
 
-if TYPE_CHECKING:
-    from .chain import SslReport
+
+class _Timeable(Protocol):
+    """What :func:`add_speedups` needs of a report (``chain.SslReport``): a dataclass with
+    the ``layers`` of the prune report and a ``speedup`` field. This module does not import
+    the chain; the chain imports it."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def layers(self) -> tuple[LayerStat, ...]: ...
+
+
+R = TypeVar("R", bound=_Timeable)
 
 __all__ = ["add_speedups", "layer_sessions"]
 
@@ -75,12 +87,12 @@ def layer_sessions(
 
 
 def add_speedups(
-    report: SslReport,
+    report: R,
     before: onnx.ModelProto,
     after: onnx.ModelProto,
     batch: int = 64,
     threads: int = 1,
-) -> SslReport:
+) -> R:
     """Measured speedups per layer and for the whole model (ONNX Runtime CPU, ``threads``
     threads, ``batch`` images; each layer alone on its input shape)."""
     names = [r.node for r in report.layers]

@@ -16,6 +16,10 @@ is the textbook proximal gradient method.
 After every epoch the state (parameters and optimizer moments) is written atomically to
 ``train_state.ckpt`` (a previous one is replaced only by a complete new file), the log to
 CSV or JSON, and at the end the trained weights are exported into the inference model.
+
+With ``dist`` (:mod:`onnx_ssl.training.distributed`), each worker trains on its share of
+every global batch, the gradients are averaged over the workers before the optimizer step,
+and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -40,6 +44,9 @@ from onnx_ssl.io import check_writable, save_model, write_text_atomic
 
 from . import _ort
 from .data import Dataset, fit_inputs, fit_targets
+from .distill import DISTILL_SCALE, feed_scales
+from .evaluate import data_loss_and_error
+from .fidelity import Fidelity, fidelity, output_kind
 from .forms import export_inference_model
 from .native import native_stderr_captured, ort_error_line
 from .penalty import term_tensors
@@ -54,6 +61,9 @@ from .spec import (
     Artifacts,
     load_artifacts,
 )
+
+if TYPE_CHECKING:
+    from .distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +141,9 @@ class EpochStats:
     val_error: float | None
     seconds: float
     zero_groups: tuple[tuple[str, float], ...] = ()
+    # Distillation: held-out fidelity to the teacher, one (fidelity:KIND:OUTPUT, value) per
+    # output (onnx_ssl.training.fidelity).
+    fidelity: tuple[tuple[str, float], ...] = ()
     # What an ``on_epoch`` hook added (the budget's projected MACs, the lambda multiplier).
     extra: tuple[tuple[str, float], ...] = ()
 
@@ -147,6 +160,8 @@ class EpochStats:
             "val_error": self.val_error,
             "seconds": round(self.seconds, 3),
         }
+        for k, v in self.fidelity:
+            r[k] = v
         for k, v in self.extra:
             r[k] = v
         for k, v in self.zero_groups:
@@ -200,23 +215,6 @@ class TrainResult:
 # --- metrics ----------------------------------------------------------------------------
 
 
-def data_loss_and_error(loss: str, out: np.ndarray, y: np.ndarray) -> tuple[float, float | None]:
-    """The mean data loss and the error rate (None for regression) of outputs ``out``."""
-    o = np.asarray(out, dtype=np.float64)
-    if loss == "cross-entropy":
-        m = o.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(o - m).sum(axis=1)) + m[:, 0]
-        value = float(np.mean(lse - o[np.arange(len(y)), y]))
-        return value, float(np.mean(np.argmax(o, axis=1) != y))
-    t = np.asarray(y, dtype=np.float64).reshape(o.shape)
-    if loss == "mse":
-        return float(np.mean((o - t) ** 2)), None
-    if loss == "l1":
-        return float(np.mean(np.abs(o - t))), None
-    value = float(np.mean(np.logaddexp(0.0, o) - o * t))
-    return value, float(np.mean((o > 0) != (t > 0.5)))
-
-
 # --- the trainer ------------------------------------------------------------------------
 
 
@@ -229,9 +227,14 @@ class Trainer:
         config: TrainConfig | None = None,
         *,
         reads: Sequence[str | os.PathLike[str]] = (),
+        dist: Distributed | None = None,
     ) -> None:
         self.art = artifacts if isinstance(artifacts, Artifacts) else load_artifacts(artifacts)
         self.config = config or TrainConfig()
+        # Data-parallel workers (onnx_ssl.training.distributed): only rank 0 writes files.
+        self.dist = dist
+        if dist is not None and not dist.is_writer:
+            self.config = replace(self.config, save_state=False, export_path=None)
         self.info = self.art.info
         self.start_epoch = 0
         # Multiplies every lambda (the budget controller's knob; 1 otherwise).
@@ -286,14 +289,19 @@ class Trainer:
                     STATE,
                     self.art.path,
                 )
+        resumed = path == self.state_path
+        if self.dist is not None:  # every worker starts from rank 0's checkpoint
+            path, resumed = self.dist.share_checkpoint(path, resumed)
         self.state = self._load_state(path)
-        if path == self.state_path:
+        if resumed:
             props = dict(self.state.properties)
             self.start_epoch = int(props.get(EPOCH_PROPERTY, 0))
             self.lambda_scale = float(props.get(SCALE_PROPERTY, 1.0))
             log.info("resuming after epoch %d from %s", self.start_epoch, path)
         so = _ort.load().ort.SessionOptions()
         so.log_severity_level = 3
+        if self.dist is not None and self.dist.threads:
+            so.intra_op_num_threads = self.dist.threads
         try:
             with native_stderr_captured():
                 self.module = self.api.Module(
@@ -353,18 +361,64 @@ class Trainer:
             ) from e
 
     # --- data -----------------------------------------------------------------------
+    @property
+    def distilling(self) -> bool:
+        return self.info.distill is not None
+
+    @property
+    def fidelity_kinds(self) -> dict[str, str]:
+        """Distillation: how each output's fidelity is measured (output -> kind)."""
+        if self.info.distill is None:
+            return {}
+        shapes = {o.name: o.shape for o in self.info.outputs}
+        return {o: output_kind(o, shapes[o], self.info.distill)
+                for o, _, _ in self.info.distill_terms}
+
     def prepare_data(self, data: Dataset) -> Dataset:
-        """Fit a dataset to the model's inputs and loss (one-line errors otherwise)."""
+        """Fit a dataset to the model's inputs and loss (one-line errors otherwise).
+
+        Distilling, the data must hold the teacher's outputs
+        (:func:`onnx_ssl.training.distill.teacher_targets`); labels, when there are some
+        and the loss output is ``[batch, classes]``, are kept to measure the error."""
         inputs = [(s.name, s.shape, s.dtype) for s in self.info.inputs]
         d = fit_inputs(data, inputs)
         out = next(o for o in self.info.outputs if o.name == self.info.loss_output)
-        return fit_targets(d, self.info.loss, out.shape, self.info.classes)
+        if self.info.distill is None:
+            if d.y is None:
+                raise InputError(
+                    f"{d.name}: no labels ('y'), and these artifacts train on labels (loss "
+                    f"{self.info.loss}); build them with `onnx-ssl artifacts --distill-loss "
+                    f"mse` to distil the model's own outputs instead")
+            return fit_targets(d, self.info.loss, out.shape, self.info.classes)
+        missing = [o for o, _, _ in self.info.distill_terms if o not in d.targets]
+        if missing:
+            raise InputError(f"{d.name}: no teacher outputs for {', '.join(missing)} "
+                             f"(distillation needs the teacher's outputs on the data)")
+        if d.y is not None:
+            if self.info.classes is None:
+                log.info("%s: labels ignored (output '%s' is not [batch, classes])", d.name,
+                         out.name)
+                return replace(d, y=None)
+            return fit_targets(d, "cross-entropy", out.shape, self.info.classes)
+        return d
 
     def _feeds(
-        self, names: list[str], xb: Mapping[str, np.ndarray], yb: np.ndarray, scale: float
+        self,
+        names: list[str],
+        xb: Mapping[str, np.ndarray],
+        yb: np.ndarray | None,
+        scale: float,
+        tb: Mapping[str, np.ndarray] | None = None,
+        distill_scale: np.ndarray | None = None,
     ) -> list[np.ndarray]:
         values: dict[str, np.ndarray] = dict(xb)
-        values[self.info.target.name] = yb
+        if self.info.distill is not None:
+            assert tb is not None and distill_scale is not None
+            for out, target, _ in self.info.distill_terms:
+                values[target] = tb[out]
+            values[DISTILL_SCALE] = distill_scale
+        elif yb is not None:
+            values[self.info.target.name] = yb
         values[PENALTY_SCALE] = np.array([scale], dtype=np.float32)
         try:
             return [values[n] for n in names]
@@ -375,36 +429,71 @@ class Trainer:
 
     def _padded(
         self, data: Dataset, batch: int
-    ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, int]]:
-        for xb, yb in data.batches(batch):
-            n = len(yb)
+    ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, np.ndarray], int]]:
+        for idx in data.batch_indices(batch):
+            n = len(idx)
             fixed = self.info.fixed_batch
             if fixed is not None and n < fixed:
-                idx = np.concatenate([np.arange(n), np.zeros(fixed - n, dtype=np.int64)])
-                xb = {k: v[idx] for k, v in xb.items()}
-                yb = yb[idx]
-            yield xb, yb, n
+                idx = np.concatenate([idx, np.full(fixed - n, idx[0], dtype=idx.dtype)])
+            xb, yb, tb = data.take(idx)
+            yield xb, yb, tb, n
+
+    def _scales(self, data: Dataset) -> np.ndarray | None:
+        if self.info.distill is None:
+            return None
+        return feed_scales(self.info.distill_terms, self.info.distill_weights, data)
+
+    def outputs(
+        self, data: Dataset, names: Sequence[str], batch_size: int | None = None
+    ) -> tuple[float, dict[str, np.ndarray]]:
+        """(mean data loss from the eval model, the eval model's outputs ``names`` over
+        ``data``), BatchNorm and Dropout in inference form."""
+        bs = self.info.fixed_batch or batch_size or self.config.batch_size
+        self.module.eval()
+        ks = {n: self.eval_outputs.index(n) for n in names}
+        k_data = self.eval_outputs.index(OUT_DATA)
+        outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        total, seen = 0.0, 0
+        scales = self._scales(data)
+        try:
+            for xb, yb, tb, n in self._padded(data, bs):
+                res = self.module(*self._feeds(self.eval_inputs, xb, yb, 0.0, tb, scales))
+                for name, k in ks.items():
+                    outs[name].append(np.asarray(res[k])[:n])
+                total += float(np.asarray(res[k_data]).reshape(-1)[0]) * n
+                seen += n
+        finally:
+            self.module.train()
+        return (total / seen if seen else float("nan"),
+                {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in outs.items()})
 
     def predict(self, data: Dataset, batch_size: int | None = None) -> np.ndarray:
         """The loss output of the eval model over ``data`` (BatchNorm and Dropout in
         inference form)."""
-        bs = self.info.fixed_batch or batch_size or self.config.batch_size
-        self.module.eval()
-        k = self.eval_outputs.index(self.info.loss_output)
-        outs = []
-        try:
-            for xb, yb, n in self._padded(data, bs):
-                res = self.module(*self._feeds(self.eval_inputs, xb, yb, 0.0))
-                outs.append(np.asarray(res[k])[:n])
-        finally:
-            self.module.train()
-        return np.concatenate(outs) if outs else np.zeros((0,))
+        return self.outputs(data, [self.info.loss_output], batch_size)[1][self.info.loss_output]
 
     def evaluate(self, data: Dataset) -> tuple[float, float | None]:
-        """(mean data loss, error rate) of the current parameters on ``data``."""
+        """(mean data loss, error rate) of the current parameters on ``data``; distilling,
+        the loss is the distillation loss and the error is measured on the labels, if any."""
+        return self.evaluate_all(data)[:2]
+
+    def evaluate_all(
+        self, data: Dataset
+    ) -> tuple[float, float | None, tuple[Fidelity, ...]]:
+        """(mean data loss, error rate or None, fidelity to the teacher per output) in one
+        pass over ``data`` (no fidelity without distillation)."""
         if len(data) == 0:
-            return float("nan"), None
-        return data_loss_and_error(self.info.loss, self.predict(data), data.y)
+            return float("nan"), None, ()
+        if self.info.distill is None:
+            assert data.y is not None
+            return (*data_loss_and_error(self.info.loss, self.predict(data), data.y), ())
+        kinds = self.fidelity_kinds
+        names = list(dict.fromkeys([*kinds, self.info.loss_output]))
+        loss, outs = self.outputs(data, names)
+        err = None
+        if data.y is not None:
+            err = data_loss_and_error("cross-entropy", outs[self.info.loss_output], data.y)[1]
+        return loss, err, fidelity(outs, data.targets, kinds)
 
     # --- training -------------------------------------------------------------------
     def sparsity(self, tol: float | None = None) -> tuple[tuple[str, float], ...]:
@@ -448,6 +537,9 @@ class Trainer:
             raise InputError(
                 f"{train.name}: {len(train)} samples are fewer than the fixed batch size {bs}"
             )
+        if self.dist is not None and self.info.fixed_batch:
+            raise InputError("these artifacts train at a fixed batch size: more than one "
+                             "worker needs a model whose batch dimension is free")
         steps = train.num_batches(bs, drop_last)
         total = steps * cfg.epochs
         scale = 1.0 if cfg.penalty and not cfg.prox else 0.0
@@ -462,6 +554,8 @@ class Trainer:
         if cfg.prox and not pen.active_terms:
             log.warning("--prox: the artifacts have no group-Lasso terms (all lambdas are 0)")
 
+        scales = self._scales(train)
+        label_loss = "cross-entropy" if self.info.distill is not None else self.info.loss
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             good = self.params() if on_epoch is not None else None
@@ -471,15 +565,21 @@ class Trainer:
             wrong = 0
             seen = 0
             lr = cfg.lr
-            for i, (xb, yb) in enumerate(
-                train.batches(bs, shuffle=True, seed=cfg.seed + epoch, drop_last=drop_last)
+            for i, bidx in enumerate(
+                train.batch_indices(bs, shuffle=True, seed=cfg.seed + epoch, drop_last=drop_last)
             ):
+                if self.dist is not None:  # this worker's part of the global batch
+                    bidx = self.dist.shard(bidx)
+                xb, yb, tb = train.take(bidx)
                 lr = cfg.lr_at(epoch * steps + i, total)
                 self.optimizer.set_learning_rate(lr)
                 self.module.lazy_reset_grad()
                 res = self.module(
-                    *self._feeds(self.train_inputs, xb, yb, scale * self.lambda_scale)
+                    *self._feeds(self.train_inputs, xb, yb, scale * self.lambda_scale, tb,
+                                 scales)
                 )
+                if self.dist is not None:  # gradients, statistics, losses: mean of the workers
+                    self.dist.all_reduce(self, res, list(idx.values()))
                 self.optimizer.step()
                 for k, p in stat_idx:
                     self.state.parameters[p].data[...] = res[k]
@@ -487,7 +587,7 @@ class Trainer:
                     pen.prox(self.live(prox_tensors), lr * self.lambda_scale)
                 if on_step is not None:
                     on_step(self, epoch, i)
-                n = len(yb)
+                n = len(bidx) if self.dist is None else self.dist.local_n
                 vals = [
                     float(np.asarray(res[idx[key]]).reshape(-1)[0])
                     for key in (OUT_LOSS, OUT_DATA, OUT_PENALTY, OUT_WD)
@@ -501,15 +601,24 @@ class Trainer:
                     )
                 sums += np.array(vals) * n
                 seen += n
-                _, err = data_loss_and_error(self.info.loss, np.asarray(res[out_idx]), yb)
-                if err is not None:
-                    wrong += int(round(err * n))
+                if yb is not None:
+                    _, err = data_loss_and_error(label_loss, np.asarray(res[out_idx]), yb)
+                    if err is not None:
+                        wrong += int(round(err * n))
                 if progress:
                     progress(ProgressEvent("batch", epoch + 1, cfg.epochs, i + 1, steps, vals[0]))
+            if self.dist is not None:
+                sums, wrong, seen = self.dist.end_epoch(self, sums, wrong, seen)
             means = sums / max(seen, 1)
             if progress and held is not None:
                 progress(ProgressEvent("eval", epoch + 1, cfg.epochs, label="evaluating"))
-            val_loss, val_err = self.evaluate(held) if held is not None else (None, None)
+            fids: tuple[Fidelity, ...] = ()
+            val_loss: float | None = None
+            val_err: float | None = None
+            if held is not None:
+                val_loss, val_err, fids = self.evaluate_all(held)
+            has_error = (label_loss in ("cross-entropy", "bce")
+                         and (self.info.distill is None or train.y is not None))
             stats = EpochStats(
                 epoch=epoch + 1,
                 lr=lr,
@@ -517,13 +626,12 @@ class Trainer:
                 data_loss=float(means[1]),
                 penalty=float(means[2]),
                 weight_decay=float(means[3]),
-                train_error=(
-                    wrong / seen if seen and self.info.loss in ("cross-entropy", "bce") else None
-                ),
+                train_error=wrong / seen if seen and has_error else None,
                 val_loss=val_loss,
                 val_error=val_err,
                 seconds=time.perf_counter() - t0,
                 zero_groups=self.sparsity(),
+                fidelity=tuple((f.key, round(f.value, 6)) for f in fids),
             )
             if on_epoch is not None:
                 from .budget import CollapseError
@@ -543,13 +651,14 @@ class Trainer:
                 self.save_state(epoch + 1)
                 _write_log(log_path, rows)
             log.info(
-                "epoch %d/%d: loss %.4f (data %.4f, penalty %.4f), val error %s, %.1fs",
+                "epoch %d/%d: loss %.4f (data %.4f, penalty %.4f), val error %s%s, %.1fs",
                 stats.epoch,
                 cfg.epochs,
                 stats.loss,
                 stats.data_loss,
                 stats.penalty,
                 "-" if val_err is None else f"{val_err:.4f}",
+                f", fidelity {', '.join(f.text() for f in fids)}" if fids else "",
                 stats.seconds,
             )
             if progress:
