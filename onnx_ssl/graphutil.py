@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -45,6 +46,27 @@ def evaluate(graph: gs.Graph, names: Sequence[str], seed: int = 0) -> dict[str, 
     return evaluate_seeds(graph, names, (seed,))[0]
 
 
+def session_of(graph: gs.Graph, outputs: Sequence[str], tensors: dict[str, gs.Tensor],
+               batch: int | None = None) -> Any:
+    """An ONNX Runtime session (graph optimisations off) of ``graph``, exported as it is
+    (neither copied nor changed), whose outputs are the tensors ``outputs`` (``tensors``:
+    :func:`~onnx_ssl.io.tensor_map` of the graph); ``batch`` fixes a dynamic leading dim
+    of the inputs."""
+    model = export(graph)
+    if batch is not None:
+        for vi in model.graph.input:
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) and not (dims[0].HasField("dim_value") and dims[0].dim_value >= 0):
+                dims[0].Clear()
+                dims[0].dim_value = batch
+    del model.graph.output[:]
+    for n in outputs:
+        o = model.graph.output.add()
+        o.name = n
+        o.type.tensor_type.elem_type = dtype_to_onnx(tensors[n].dtype or np.float32)
+    return runtime.session(model)
+
+
 def evaluate_seeds(graph: gs.Graph, names: Sequence[str], seeds: Sequence[int]
                    ) -> list[dict[str, np.ndarray]]:
     """:func:`evaluate` for each seed, in one ONNX Runtime session. The graph is exported
@@ -55,19 +77,7 @@ def evaluate_seeds(graph: gs.Graph, names: Sequence[str], seeds: Sequence[int]
         raise ValueError(f"cannot evaluate constants: {why}")
     tensors = tensor_map(graph)
     wanted = [n for n in dict.fromkeys(names) if not isinstance(tensors[n], gs.Constant)]
-    model = export(graph)
-    for vi in model.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) and not (dims[0].HasField("dim_value") and dims[0].dim_value >= 0):
-            dims[0].Clear()
-            dims[0].dim_value = 1
-    del model.graph.output[:]
-    for n in wanted:
-        o = model.graph.output.add()
-        o.name = n
-        o.type.tensor_type.elem_type = dtype_to_onnx(tensors[n].dtype or np.float32)
-    sess = runtime.session(model)
-    del model
+    sess = session_of(graph, wanted, tensors, batch=1)
     out = []
     for seed in seeds:
         res = runtime.run(sess, runtime.random_inputs(sess, seed), wanted)

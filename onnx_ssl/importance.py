@@ -60,7 +60,7 @@ import onnx_graphsurgeon as gs
 
 from .calibration import Calibration
 from .groups import Analysis, ChannelRef, Group, Member
-from .io import dtype_to_onnx, tensor_map
+from .io import tensor_map
 from .passes.zero_small_groups import group_norm, group_norms
 
 log = logging.getLogger(__name__)
@@ -217,17 +217,10 @@ def _channel_squares(graph: gs.Graph, names: list[str], calibration: Calibration
     """Sum of squares of each named tensor over the calibration inputs: per position along
     ``axis`` for each ``(tensor, axis)`` in ``axes``, and in total (key ``(tensor, None)``)."""
     from . import runtime
-    from .graphutil import export
+    from .graphutil import session_of
 
     tensors = tensor_map(graph)
-    model = export(graph)
-    del model.graph.output[:]
-    for n in names:
-        o = model.graph.output.add()
-        o.name = n
-        o.type.tensor_type.elem_type = dtype_to_onnx(tensors[n].dtype or np.float32)
-    sess = runtime.session(model)
-    del model
+    sess = session_of(graph, names, tensors)
     # The working copy's batch is static (bound when the input's was symbolic).
     shape = graph.inputs[0].shape if graph.inputs else None
     size = int(shape[0]) if shape is not None and len(shape) and isinstance(shape[0], int) \
