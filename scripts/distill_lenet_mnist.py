@@ -129,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
 
     distill = ("--distill-loss", args.distill_loss, "--distill-temperature",
                str(args.distill_temperature))
-    reports = {"labelled": run_ssl_cli(baseline, labelled, out, "labelled", args),
-               "distilled": run_ssl_cli(baseline, unlabelled, out, "distilled", args, distill),
+    ssl = ("--start", "ssl")
+    reports = {"labelled": run_ssl_cli(baseline, labelled, out, "labelled", args, ssl),
+               "distilled": run_ssl_cli(baseline, unlabelled, out, "distilled", args,
+                                        (*distill, *ssl)),
                # The same number of epochs, all of them fine-tuning after the one-shot cut.
-               "distilled_oneshot": run_ssl_cli(
-                   baseline, unlabelled, out, "distilled_oneshot", args,
-                   (*distill, "--start", "oneshot", "--finetune-epochs",
-                    str(args.epochs + args.finetune_epochs)))}
+               "distilled_oneshot": run_ssl_cli(baseline, unlabelled, out, "distilled_oneshot",
+                                                args, (*distill, "--start", "oneshot"))}
 
     # Both final models on the same held-out images, measured the same way.
     _, val = data.split(0.2, seed=0)

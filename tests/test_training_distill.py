@@ -291,7 +291,7 @@ def test_cnn_label_free_ssl_with_budget_log_plots_and_resume(tmp_path, capsys):
             "--finetune-epochs", "3", "--lr", "0.05", "--target-macs", "0.6",
             "--lambda-filter", "0.5", "--lambda-channel", "0.5", "--batch-size", "32",
             "--log", str(tmp_path / "log.jsonl"), "--plots", str(tmp_path / "plots"),
-            "--work-dir", str(tmp_path / "work")]
+            "--work-dir", str(tmp_path / "work"), "--start", "ssl"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "held-out fidelity to the input model: before logits top-1 agreement 100.00%" in out

@@ -23,7 +23,7 @@ def _run(tmp_path, *extra: str, finetune: int = 4) -> tuple[int, dict, str]:
     np.savez(tmp_path / "x.npz", x=digits(600).x["x"])  # no labels: distillation
     args = ["ssl", str(model), "--data", str(tmp_path / "x.npz"), "-o",
             str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json"), "--start",
-            "oneshot", "--target-macs", "0.5", "--finetune-epochs", str(finetune),
+            "oneshot", "--target-macs", "0.5", "--epochs", "0", "--finetune-epochs", str(finetune),
             "--finetune-lr", "3e-3", "--batch-size", "32", *extra]
     rc = main(args)
     return rc, json.loads((tmp_path / "r.json").read_text()), str(tmp_path / "out.onnx")
@@ -57,6 +57,28 @@ def test_oneshot_start_over_max_drop_names_the_cut_and_the_way_out(tmp_path, cap
     assert "--start ssl" in last
     assert not (tmp_path / "out.onnx").exists()
     assert (tmp_path / "out.over-max-drop.onnx").exists()
+
+
+def test_oneshot_start_fine_tunes_for_the_ssl_epochs_too_and_is_the_label_free_default(
+        tmp_path):
+    # --start auto (the default) without labels and with a budget: the one-shot start, whose
+    # fine-tuning gets the --epochs of the SSL phase it skips as well.
+    model = tmp_path / "cnn.onnx"
+    onnx.save(pretrained_tiny(), str(model))
+    np.savez(tmp_path / "x.npz", x=digits(200).x["x"])
+    assert main(["ssl", str(model), "--data", str(tmp_path / "x.npz"), "-o",
+                 str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json"),
+                 "--target-macs", "0.6", "--epochs", "2", "--finetune-epochs", "1",
+                 "--batch-size", "32"]) in (0, 3)
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["options"]["start"] == "oneshot" and len(rep["finetune_history"]) == 3
+    # with labels, auto is the group Lasso
+    np.savez(tmp_path / "xy.npz", x=digits(200).x["x"], y=digits(200).y)
+    assert main(["ssl", str(model), "--data", str(tmp_path / "xy.npz"), "-o",
+                 str(tmp_path / "o2.onnx"), "--report", str(tmp_path / "r2.json"),
+                 "--target-macs", "0.6", "--epochs", "1", "--finetune-epochs", "0",
+                 "--batch-size", "32"]) in (0, 3)
+    assert json.loads((tmp_path / "r2.json").read_text())["options"]["start"] == "ssl"
 
 
 def test_oneshot_start_needs_a_budget():

@@ -140,7 +140,9 @@ _BUDGET = (
     Opt("start", "how the budget is reached: ssl trains with the group Lasso from the input "
         "model, then thresholds; oneshot skips SSL: prune's one-shot selection (activation "
         "importance on up to 256 training samples) cuts to the budget at once and "
-        "--finetune-epochs recover (default {default})", choices=("ssl", "oneshot")),
+        "--epochs + --finetune-epochs of fine-tuning recover; auto is oneshot when "
+        "distilling (no labels) to a budget, else ssl (default {default})",
+        choices=("auto", "ssl", "oneshot")),
 )
 
 

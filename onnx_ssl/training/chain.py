@@ -137,8 +137,10 @@ DEFAULT_THRESHOLD = 1e-3
 # importance is computed on.
 ONESHOT_CALIB = 256
 # How the chain reaches its budget: "ssl" (group Lasso from the input model, then the
-# threshold) or "oneshot" (`prune --target-macs`'s selection, then fine-tuning).
-STARTS = ("ssl", "oneshot")
+# threshold) or "oneshot" (`prune --target-macs`'s selection, then fine-tuning); "auto":
+# oneshot when distilling without labels to a budget, where it kept more fidelity at equal
+# MACs and epochs on LeNet and MiniLM (docs/results.md), else ssl.
+STARTS = ("auto", "ssl", "oneshot")
 
 # The subfolders of --work-dir: the SSL phase and the fine-tuning phase.
 PHASES = ("ssl", "finetune")
@@ -191,8 +193,9 @@ class SslOptions:
     distill_temperature: float = DEFAULT_TEMPERATURE
     distill_weights: str | None = None
     # "oneshot": no SSL phase; the budget is met by prune's one-shot selection and the
-    # pruned model is fine-tuned (distilled without labels) for finetune_epochs.
-    start: str = "ssl"
+    # pruned model is fine-tuned (distilled without labels) for finetune_epochs; "auto":
+    # see STARTS.
+    start: str = "auto"
 
     def __post_init__(self) -> None:
         from .budget import check_fraction
@@ -347,7 +350,9 @@ class SslReport:
         head = self.budget_text() or self._cost_text()
         if m is None or v is None:
             return head
-        stages = m.stages_text(finetuned=self.options.finetune_epochs > 0)
+        o = self.options
+        stages = m.stages_text(finetuned=o.finetune_epochs > 0
+                               or (o.start == "oneshot" and o.epochs > 0))
         if v.accepted:
             return f"{head}; {stages}: {v.drop_text()}"
         o = self.options
@@ -598,6 +603,9 @@ def run_ssl(
         say(f"{'--distill' if data.y is not None else 'no labels in the data'}: distilling "
             f"the input model's outputs ({opts.distill_loss}; teacher outputs cached for "
             f"{len(data)} samples)")
+    if opts.start == "auto":
+        budget = opts.target_macs is not None or opts.target_params is not None
+        opts = replace(opts, start="oneshot" if distill and budget else "ssl")
     dist = ({"distill": opts.distill_loss, "temperature": opts.distill_temperature,
              "distill_weights": opts.distill_weights} if distill else {})
     with tempfile.TemporaryDirectory(prefix="onnx-ssl-") as tmp:
@@ -729,8 +737,10 @@ def run_ssl(
         final = pruned
         ft_hist: tuple[EpochStats, ...] = ()
         err_final = err_pruned
-        if opts.finetune_epochs > 0:
-            say(f"fine-tuning the pruned model for {opts.finetune_epochs} epochs")
+        # --start oneshot has no SSL phase: its epochs fine-tune too.
+        ft_epochs = opts.finetune_epochs + (opts.epochs if opts.start == "oneshot" else 0)
+        if ft_epochs > 0:
+            say(f"fine-tuning the pruned model for {ft_epochs} epochs")
             ft_art = build_artifacts(
                 pruned,
                 work / PHASES[1],
@@ -744,7 +754,7 @@ def run_ssl(
                 name=name,
             )
             ft_cfg = replace(
-                cfg, epochs=opts.finetune_epochs, lr=opts.finetune_lr, prox=False, penalty=False
+                cfg, epochs=ft_epochs, lr=opts.finetune_lr, prox=False, penalty=False
             )
             ft = Trainer(ft_art, ft_cfg, dist=workers).fit(
                 train, val if len(val) else None, _in_phase(progress, "finetune"))
