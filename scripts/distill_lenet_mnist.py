@@ -38,7 +38,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from ssl_budget_lenet_mnist import export_lenet  # noqa: E402
+from ssl_budget_lenet_mnist import train_baseline  # noqa: E402
 
 
 def run_ssl_cli(baseline: Path, spec: str, out: Path, tag: str, args: argparse.Namespace,
@@ -94,14 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         args.limit = args.limit or 600
         args.baseline_epochs, args.epochs, args.finetune_epochs = 2, 3, 1
 
-    from onnx_ssl.io import load_model, save_model
-    from onnx_ssl.training.artifacts import ArtifactOptions, build_artifacts
+    from onnx_ssl.io import load_model
     from onnx_ssl.training.data import Dataset, load_idx_folder
     from onnx_ssl.training.distill import teacher_targets
     from onnx_ssl.training.evaluate import evaluate_fidelity, evaluate_model
     from onnx_ssl.training.fidelity import output_kind
     from onnx_ssl.training.spec import TensorSpec
-    from onnx_ssl.training.trainer import TrainConfig, Trainer
 
     t0 = time.perf_counter()
     out = Path(args.out_dir)
@@ -113,16 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     labelled, unlabelled = str(out / "x_and_y.npz"), str(out / "x_only.npz")
     np.savez(labelled, x=x, y=data.y)
     np.savez(unlabelled, x=x)
-    exported = out / "lenet_torch_b1.onnx"
-    export_lenet(exported)
-    with tempfile.TemporaryDirectory() as tmp:
-        art = build_artifacts(load_model(exported), Path(tmp) / "base", ArtifactOptions(),
-                              name="lenet")
-        base = Trainer(art, TrainConfig(epochs=args.baseline_epochs, lr=1e-3, val_fraction=0.2,
-                                        seed=0, save_state=False)).fit(data)
-    assert base.model is not None
-    baseline = out / "lenet_baseline.onnx"
-    save_model(base.model, baseline)
+    base, baseline = train_baseline(data, out, args.baseline_epochs)
     print(f"baseline: {len(base.train)} training, {len(base.val or [])} held-out images; "
           f"held-out error {100 * (base.val_error or 0):.2f}% "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
