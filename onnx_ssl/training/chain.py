@@ -686,8 +686,6 @@ def run_ssl(
             zeroed = live_zeroed = pr.report.groups_zeroed
             thresholded: onnx.ModelProto | None = None
             pruned = _restore_io(model, pr.model)
-            err_thr = evaluate_model(pruned, val, label_loss)[1] if len(val) else None
-            fid_thr = evaluate_fidelity(pruned, val, trainer.fidelity_kinds) if distill else ()
         else:
             hook = _epoch_hook(art, opts, ctl, zeros)
             try:
@@ -728,6 +726,8 @@ def run_ssl(
         err_pruned = evaluate_model(pruned, val, label_loss)[1] if len(val) else None
         kinds = trainer.fidelity_kinds
         fid_pruned = evaluate_fidelity(pruned, val, kinds) if distill else ()
+        if opts.start == "oneshot":  # the cut is the prune: the pruned model computes it
+            err_thr, fid_thr = err_pruned, fid_pruned
         rep = pr.report
         say(
             f"pruned: params {rep.params_before} -> {rep.params_after}, MACs "
