@@ -65,7 +65,12 @@ from .passes.remove_channels import RemoveZeroChannelsPass
 from .passes.round_channels import RoundChannelCounts, parse_round_to
 from .passes.shrink_kernels import ShrinkKernelsPass
 from .passes.zero_small_groups import ZeroSmallGroupsPass
-from .passes.zero_to_budget import Budget, ZeroGroupsToBudgetPass, ZeroToBudgetReport
+from .passes.zero_to_budget import (
+    Budget,
+    ZeroGroupsToBudgetPass,
+    ZeroToBudgetReport,
+    check_fraction,
+)
 from .pipeline import (
     FixpointPass,
     PassManager,
@@ -485,10 +490,8 @@ def _exact_passes(shared: SharedAnalysis, seed: int, lowering: LowerSparseConvPa
 
 def _budget(target_macs: float | None, target_params: float | None,
             threshold: float | None) -> Budget | None:
-    for flag, v in (("--target-macs", target_macs), ("--target-params", target_params)):
-        if v is not None and not (math.isfinite(v) and 0 < v <= 1):
-            raise InputError(f"{flag} must be a fraction of the input's count in (0, 1], "
-                             f"got {v:g}")
+    check_fraction("--target-macs", target_macs)
+    check_fraction("--target-params", target_params)
     if target_macs is None and target_params is None:
         return None
     if threshold is not None:

@@ -66,6 +66,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_ssl.analysis import SharedAnalysis
+from onnx_ssl.errors import InputError
 from onnx_ssl.graphutil import require_unique_node_names
 from onnx_ssl.groups import Analysis, Group, Layer, Space
 from onnx_ssl.io import tensor_map
@@ -74,6 +75,14 @@ from onnx_ssl.pipeline import PassBase, PassResult, Report
 
 # Where the estimate aims: at most this fraction of the count before under the aim.
 BAND = 0.01
+
+
+def check_fraction(flag: str, value: float | None) -> None:
+    """A budget (``flag`` names it) must be a fraction of the input's count in (0, 1]; a
+    one-line error otherwise."""
+    if value is not None and not (math.isfinite(value) and 0 < value <= 1):
+        raise InputError(f"{flag} must be a fraction of the input's count in (0, 1], "
+                         f"got {value:g}")
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,14 +81,6 @@ _CUTTING = ("filter", "channel", "shape", "filter2d", "neuron", "coupled")
 
 class CollapseError(InputError):
     """Training collapsed; the message says what happened and what to change."""
-
-
-def check_fraction(flag: str, value: float | None) -> None:
-    """A budget must be a fraction in (0, 1] (a one-line error otherwise)."""
-    if value is None:
-        return
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise InputError(f"{flag} must be a fraction of the original in (0, 1], got {value:g}")
 
 
 @dataclass(frozen=True)

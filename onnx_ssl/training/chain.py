@@ -198,7 +198,7 @@ class SslOptions:
     start: str = "auto"
 
     def __post_init__(self) -> None:
-        from .budget import check_fraction
+        from onnx_ssl.passes.zero_to_budget import check_fraction
 
         ArtifactOptions(distill=self.distill_loss, temperature=self.distill_temperature)
 
