@@ -1,6 +1,6 @@
 """Shape-wise sparsity as speed: the paper's Table 4 pattern (AlexNet 2) on CaffeNet's convs.
 
-    python benchmarks/bench_lowering.py [--iters 10] [--batches 1 8] [--threads 1]
+    python benchmarks/bench_lowering.py [--iters 10] [--batches 1 8] [--threads 1] [--seeds 0 1]
 
 Each conv of ``onnx_ssl.models.build("caffenet")`` (random weights) is taken alone, as a
 one-layer model (the whole layer is timed: the Conv, or every node of its lowering: Gather,
@@ -9,10 +9,13 @@ Slice, Pad, Conv pieces, Sum, MatMul, Reshape). Its weight gets the row (filter)
 AlexNet 2: rows 9.4 / 12.9 / 40.6 / 46.9 / 0 %, columns 0 / 63.2 / 76.9 / 84.7 / 80.7 %.
 The zero columns are drawn two ways: ``random`` (uniform: the worst case) and ``structured``
 (as group Lasso leaves them: the columns of weak channels and of kernel borders first, so
-whole channels go and kernels shrink).
+whole channels go and kernels shrink). ``--seeds`` draws other zero rows and columns at the
+same fractions (seed ``s`` draws layer ``k`` with seed ``k + s``; 0 is the published one).
 
 Three models are timed in alternation (ONNX Runtime CPU, all graph optimisations; the
-minimum over ``--iters`` runs, as other jobs on a shared machine only ever add time):
+minimum over ``--iters`` runs, as other jobs on a shared machine only ever add time). At
+``--threads 1`` ORT computes on the calling thread, so the clock is that thread's CPU time
+(``--clock cpu``): a job that takes the core away no longer counts, only its cache effects.
 
 * ``dense``: the original conv;
 * ``removal``: what ``onnx-ssl prune`` gives without ``--lower``: zero filters and whole zero
@@ -43,7 +46,12 @@ from common import table  # noqa: E402
 from onnx_ssl import models  # noqa: E402
 from onnx_ssl.graphutil import export  # noqa: E402
 from onnx_ssl.io import to_graph  # noqa: E402
-from onnx_ssl.passes.lower_sparse_conv import ConvSpec, LowerSparseConvPass, layer_model  # noqa: E402
+from onnx_ssl.passes.lower_sparse_conv import (  # noqa: E402
+    CANDIDATES,
+    ConvSpec,
+    LowerSparseConvPass,
+    layer_model,
+)
 from onnx_ssl.passes.shrink_kernels import ShrinkKernelsPass  # noqa: E402
 from onnx_ssl.runtime import session  # noqa: E402
 
@@ -84,7 +92,7 @@ def sparsify(spec: ConvSpec, rows: float, cols: float, pattern: str, seed: int) 
         if pattern == "random":
             score = rng.random((cg, kh, kw))
         else:  # weak channels first, then kernel borders (ties broken at random)
-            u = rng.random(cg)
+            u: np.ndarray = rng.random((cg,))
             score = 2.0 * (1 - u)[:, None, None] + ring[None] + 1e-3 * rng.random((cg, kh, kw))
         cut = np.argsort(-score.ravel(), kind="stable")[:z]
         flat = w[f].reshape(ng, -1)
@@ -114,8 +122,8 @@ def remove_channels(spec: ConvSpec) -> ConvSpec:
                     (g * (cg - kc), h, wd))
 
 
-def time_models(models_: dict[str, onnx.ModelProto], iters: int, threads: int
-                ) -> dict[str, float]:
+def time_models(models_: dict[str, onnx.ModelProto], iters: int, threads: int,
+                clock: str = "wall") -> dict[str, float]:
     sessions = {name: session(m, optimize=True, threads=threads)
                 for name, m in models_.items()}
     rng = np.random.default_rng(0)
@@ -125,11 +133,15 @@ def time_models(models_: dict[str, onnx.ModelProto], iters: int, threads: int
         feeds[name] = {i.name: rng.standard_normal(i.shape).astype(np.float32)}
         s.run(None, feeds[name])
     times: dict[str, list[float]] = {n: [] for n in sessions}
-    for _ in range(iters):
-        for name, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feeds[name])
-            times[name].append(time.perf_counter() - t)
+    now = time.thread_time if clock == "cpu" else time.perf_counter
+    names = list(sessions)
+    for i in range(iters):
+        # Each round starts one model later: a model run after a larger one finds less of
+        # its data in cache, and a fixed order would charge that to the same model.
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t = now()
+            sessions[name].run(None, feeds[name])
+            times[name].append(now() - t)
     # The minimum, not the median: on a shared machine other jobs only ever add time.
     return {n: 1e3 * min(v) for n, v in times.items()}
 
@@ -141,33 +153,50 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--patterns", nargs="+", default=["structured", "random"])
     ap.add_argument("--layers", nargs="+", default=list(ROWS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--before", nargs="+", choices=CANDIDATES, default=None,
+                    help="also time 'before': auto over only these candidates, in the same "
+                         "alternation (kernel-classes compact-gemm blocks: before group-classes)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                    help="cpu: the calling thread's CPU time, where ORT runs at 1 thread "
+                         "(the default there); wall: elapsed time (the default otherwise)")
     args = ap.parse_args()
+    clock = args.clock or ("cpu" if args.threads == 1 else "wall")
     convs = caffenet_convs()
     rows: list[tuple[str, ...]] = [(
-        "pattern", "batch", "layer", "dense (ms)", "removal (ms)", "lowered (ms)", "choice",
+        "pattern", "seed", "batch", "layer", "dense (ms)", "removal (ms)",
+        *(("before (ms)", "before choice", "before / bound") if args.before else ()),
+        "lowered (ms)", "choice",
         "speed-up removal", "speed-up lowered", "FLOP bound", "lowered / bound", "paper")]
-    for pattern in args.patterns:
-        for batch in args.batches:
-            for k, name in enumerate(args.layers):
-                sp = sparsify(convs[name], ROWS[name], COLS[name], pattern, seed=k)
-                dense = layer_model(convs[name], "dense", batch)
-                red = remove_channels(sp)
-                g = to_graph(layer_model(red, "dense", batch))
-                g = ShrinkKernelsPass()(g).graph
-                removal = export(g.copy())
-                res = LowerSparseConvPass("auto", batch=batch, threads=args.threads)(g)
-                lowered = export(res.graph)
-                choice = res.report.lowered[0].strategy if res.report.lowered else "dense"
-                t = time_models({"dense": dense, "removal": removal, "lowered": lowered},
-                                args.iters, args.threads)
-                bound = 1 / ((1 - ROWS[name]) * (1 - COLS[name]))
-                s_rem, s_low = t["dense"] / t["removal"], t["dense"] / t["lowered"]
-                rows.append((pattern, str(batch), name, f"{t['dense']:.2f}",
-                             f"{t['removal']:.2f}", f"{t['lowered']:.2f}", choice,
-                             f"{s_rem:.2f}x", f"{s_low:.2f}x", f"{bound:.2f}x",
-                             f"{s_low / bound:.2f}", f"{PAPER[name]:.2f}x"))
-                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    runs = [(p, s, b, k, name) for p in args.patterns for s in args.seeds for b in args.batches
+            for k, name in enumerate(args.layers)]
+    for pattern, seed, batch, k, name in runs:
+        sp = sparsify(convs[name], ROWS[name], COLS[name], pattern, seed=k + seed)
+        dense = layer_model(convs[name], "dense", batch)
+        red = remove_channels(sp)
+        g = to_graph(layer_model(red, "dense", batch))
+        g = ShrinkKernelsPass()(g).graph
+        removal = export(g.copy())
+        ms = {"dense": dense, "removal": removal}
+        choice = {}
+        for tag, cands in [("lowered", CANDIDATES), *([("before", args.before)]
+                                                      if args.before else [])]:
+            res = LowerSparseConvPass("auto", batch=batch, threads=args.threads,
+                                      candidates=cands)(g)
+            ms[tag] = export(res.graph)
+            choice[tag] = res.report.lowered[0].strategy if res.report.lowered else "dense"
+        t = time_models(ms, args.iters, args.threads, clock)
+        bound = 1 / ((1 - ROWS[name]) * (1 - COLS[name]))
+        s_rem, s_low = t["dense"] / t["removal"], t["dense"] / t["lowered"]
+        before = ((f"{t['before']:.2f}", choice["before"],
+                   f"{t['dense'] / t['before'] / bound:.2f}") if args.before else ())
+        rows.append((pattern, str(seed), str(batch), name, f"{t['dense']:.2f}",
+                     f"{t['removal']:.2f}", *before, f"{t['lowered']:.2f}", choice["lowered"],
+                     f"{s_rem:.2f}x", f"{s_low:.2f}x", f"{bound:.2f}x",
+                     f"{s_low / bound:.2f}", f"{PAPER[name]:.2f}x"))
+        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     print(table(rows))
+    print(f"clock: {clock}")
     if hasattr(os, "getloadavg"):
         print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
 

@@ -2,7 +2,7 @@
 its MACs and against the same network pruned by Torch-Pruning.
 
     python benchmarks/bench_prune.py              # needs torch, transformers, torch-pruning
-    git worktree add /tmp/before 62a807c          # the code before (read-only use of git)
+    mkdir /tmp/before && git archive HEAD | tar -x -C /tmp/before   # the code before
     python benchmarks/bench_prune.py --skip-latency --before /tmp/before
 
 1. Speed and memory: analyse + prune of HF ResNet-50 with half the channels of every
@@ -313,8 +313,9 @@ def speed(args: argparse.Namespace) -> list[tuple[str, ...]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeat", type=int, default=1, help="timed prunes per case and code")
-    ap.add_argument("--before", help="checkout of the code to compare with (git worktree add "
-                                     "DIR COMMIT); its prune runs with DIR first on PYTHONPATH")
+    ap.add_argument("--before", help="checkout of the code to compare with (git archive COMMIT "
+                                     "| tar -x -C DIR); its prune runs with DIR first on "
+                                     "PYTHONPATH")
     ap.add_argument("--before-timeout", type=float, default=300.0,
                     help="seconds after which a prune of the code before is stopped (its "
                          "time is then reported as a lower bound)")

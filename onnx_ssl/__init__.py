@@ -28,10 +28,9 @@ from .io import convert_opset, load_model, save_model
 if _typing.TYPE_CHECKING:
     from collections.abc import Sequence
 
-    import onnx
-
     from .bench import BenchReport
     from .compiler import PruneResult
+    from .io import ModelProto
 
 __all__ = [
     "Analysis",
@@ -50,14 +49,14 @@ __all__ = [
 ]
 
 
-def prune(model: "onnx.ModelProto", **kwargs: _typing.Any) -> "PruneResult":
+def prune(model: "ModelProto", **kwargs: _typing.Any) -> "PruneResult":
     """Remove zero groups; see :func:`onnx_ssl.compiler.prune`."""
     from .compiler import prune as _prune
 
     return _prune(model, **kwargs)
 
 
-def benchmark(models: "Sequence[tuple[str, onnx.ModelProto]]", provider: str = "cpu",
+def benchmark(models: "Sequence[tuple[str, ModelProto]]", provider: str = "cpu",
               iters: int = 20, **kwargs: _typing.Any) -> "BenchReport":
     """Time models on ONNX Runtime against their MAC bound (``onnx-ssl bench``); see
     :func:`onnx_ssl.bench.benchmark`."""

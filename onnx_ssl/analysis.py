@@ -1,19 +1,20 @@
 """The coupled-group analysis of an ONNX graph.
 
-``prepare`` makes the *working copy* the analysis and the prune passes work on: every node
-gets a unique name, a symbolic leading (batch) input dim is bound to ``BOUND_BATCH`` (a model
-that does not run at another batch size is refused: its batch is not really dynamic), the
-shape arithmetic that static shapes make constant is folded (and Constant nodes become
-initializers), each reader of a merged constant gets its own copy, and shapes are inferred.
-``analyze`` propagates channel layouts through the graph with the op rules of
-:mod:`onnx_ssl.rules` and returns an immutable :class:`~onnx_ssl.groups.Analysis`: channel
-spaces (prunable or the reason why not), the groups of each requested kind with their
-members, the parameterised layers with params and MACs, and the residual branches.
+``analyze`` propagates channel layouts through the working copy that
+:mod:`onnx_ssl.preparation` makes (unique node names, a bound batch, constant shape
+arithmetic folded, shapes inferred) with the op rules of :mod:`onnx_ssl.rules` and returns an
+immutable :class:`~onnx_ssl.groups.Analysis`: channel spaces (prunable or the reason why
+not), the groups of each requested kind with their members, the parameterised layers with
+params and MACs, and the residual branches.
 
 What ``analyze`` hands back speaks of the model it was given: every group member names an
-initializer or a Constant node output of that model (:meth:`WorkingCopy.to_input`), and the
-pruned model keeps the input's node names (:func:`name_nodes` names only the nodes without
-a name of their own) and its symbolic batch (:meth:`WorkingCopy.unbind`).
+initializer or a Constant node output of that model (:func:`to_input`), and the pruned model
+keeps the input's node names (:func:`~onnx_ssl.preparation.name_nodes` names only the nodes
+without a name of their own) and its symbolic batch
+(:meth:`~onnx_ssl.preparation.WorkingCopy.unbind`).
+
+The preparation's names (``prepare``, ``working_copy``, ``name_nodes``, ``bind_batch``, ...)
+are importable from here too, as before the split.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
@@ -32,8 +32,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .channels import Engine, Layout, Seg, const_value, static_shape
-from .errors import InputError, OnnxSslError, UnsupportedModelError, one_line
-from .graphutil import clear_inner_shapes, graph_key, unique_name
+from .errors import InputError, OnnxSslError
+from .graphutil import graph_key
 from .groups import (
     DEFAULT_KINDS,
     KINDS,
@@ -46,421 +46,179 @@ from .groups import (
     Slice,
     Space,
 )
-from .io import (
-    CONTROL_FLOW_OPS,
-    ModelMeta,
-    fold_trivial_constants,
-    from_graph,
-    infer_shapes,
-    shaped_graph,
-    tensor_map,
-    to_graph,
-)
+from .heads import find_attentions, head_groups, head_notes
+from .io import CONTROL_FLOW_OPS, ModelMeta, from_graph, infer_shapes, tensor_map, to_graph
 from .names import fresh_name
+from .preparation import (  # noqa: F401  (re-exported: importable from here as before)
+    _INT_TYPES,
+    BOUND_BATCH,
+    FLOAT_TYPES,
+    LAYER_OPS,
+    PROBE_BATCH,
+    RANGE_OPSET,
+    BatchSlots,
+    BatchTile,
+    BatchTiles,
+    Dim,
+    WorkingCopy,
+    _name_nodes,
+    _prepare,
+    bind_batch,
+    bind_batch_to,
+    fold_model,
+    name_nodes,
+    prepare,
+    symbolic_batch,
+    unshare_constants,
+    working_copy,
+)
 from .reasons import Reason, ReasonCode
 from .rules import RULES, apply_rule, layer_weight
-from .runtime import DYNAMIC_BATCH, fails_at_batch, folding_runtime
 from .text import format_table as text_table
 
 log = logging.getLogger(__name__)
 
-# The parameterised layers: the ops whose entry in the op table has weight and bias slots.
-LAYER_OPS = tuple(op for op, rule in RULES.items() if rule.layer is not None)
-FLOAT_TYPES = (np.float32, np.float64, np.float16)
 
+def to_input(wc: WorkingCopy, a: Analysis) -> Analysis:
+    """``a`` (an analysis of the working copy ``wc``) in terms of the input model.
 
-# Working copy: a symbolic leading (batch) input dim is bound to BOUND_BATCH for shape
-# reasoning and folding (so MACs are per sample); a second preparation at PROBE_BATCH tells
-# which folded constants depend on the batch, so that the rewrite can write them back
-# batch-agnostic. The numeric check runs at runtime.DYNAMIC_BATCH, a third size.
-BOUND_BATCH = 1
-PROBE_BATCH = 3
-
-Dim = int | str | None
-# (node, input index) -> ((position, factor), ...): entry `position` of that constant 1-D
-# vector (or of a 0-D one, position 0) is `factor` x the batch size.
-BatchSlots = Mapping[tuple[str, int], tuple[tuple[int, int], ...]]
-# Ops that the write-back of an affine per-sample constant uses (Range) exist from opset 11.
-RANGE_OPSET = 11
-
-
-@dataclass(frozen=True, eq=False)
-class BatchTile:
-    """A folded constant that is one block of its first ``rows`` rows (axis 0) once per
-    sample: the same block each time (``step`` None: a class token or an attention mask
-    expanded to the batch), or, for an integer tensor, sample i's block is sample 0's plus
-    i x ``step`` (an index computed from the batch, like ``Range(batch)[:, None] * T +
-    Range(T)`` that gathers each sample's rows of a flattened mask)."""
-
-    rows: int
-    step: np.ndarray | None = None
-
-
-# (node, input index) -> that constant's per-sample block (see BatchTile).
-BatchTiles = Mapping[tuple[str, int], BatchTile]
-
-
-def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The working copy of ``model`` (see :class:`WorkingCopy`), with the input's symbolic
-    batch dim restored: unique node names, constant shape arithmetic and Constant-node
-    weights folded, each reader of a merged constant with its own copy
-    (:func:`unshare_constants`), shapes inferred.
-
-    The result computes the same function as ``model`` for the model's input shapes; its
-    initializers are the tensors that ``analyze(result, prepared=True)`` names.
+    Every member names an initializer or a Constant node output of the input: a copy made
+    by :func:`unshare_constants` is its original (same slice); a folded constant is the
+    slice of the input tensor(s) it was computed from (a reshape, transpose, gather, ...
+    of them), traced by folding again with the input's elements numbered (a chain of
+    transposes, reshapes, slices and casts of one tensor: by numpy, at any size). A
+    layer whose weight is such a permutation of one input tensor names that tensor, with
+    its shape and axes. One input tensor reached through several copies is listed once
+    per distinct slice. A member that no slice of an input tensor stands for blocks its
+    group (and its channel space), with the reason; in a depth group, such a member that
+    is no layer's weight is left out instead (the branch goes whole either way).
     """
-    wc = _prepare(model)
-    if not wc.batch:
-        assert wc.model is not None  # kept by _prepare
-        return wc.model
-    return infer_shapes(from_graph(wc.unbind(wc.graph.copy()), wc.meta), strict=False)
-
-
-def working_copy(model: onnx.ModelProto) -> WorkingCopy:
-    """The working copy of ``model`` that the prune passes rewrite (see :class:`WorkingCopy`);
-    its ``unbind`` makes a rewrite batch-agnostic like the input. Its ``model`` is None: the
-    passes need only the graph, and the proto would hold every weight once more."""
-    return _prepare(model, keep=False)
-
-
-@dataclass(frozen=True, eq=False)
-class WorkingCopy:
-    """The model the analysis and the prune passes work on, and how it maps back to the input.
-
-    ``model``/``graph``: the prepared model (see :func:`prepare`) with a symbolic batch bound
-    to ``BOUND_BATCH`` (``model`` is None in the copy :func:`working_copy` makes).
-    ``renamed``: generated node name -> the input's name ("" for an unnamed node; see
-    :func:`name_nodes`). A rewrite keeps the generated names: every node
-    the input named uniquely keeps its name, an unnamed one keeps ``<OpType>_<index>`` (so
-    that the prune report's layer names find their nodes), and of nodes sharing a name the
-    first keeps it and the others keep ``<name>_<index>`` (ONNX Runtime refuses a model with
-    two nodes of one name). ``copies``: a constant copied by :func:`unshare_constants` -> its
-    original. ``allowed``: the input's initializers and Constant node outputs. ``prefold``:
-    the model before constant folding (to trace folded constants back to the input's
-    tensors). ``batch``: bound input -> its symbolic dim (a name, or None when unnamed);
-    ``outputs``: declared output shapes to restore; ``slots`` and ``tiles``: the folded
-    constants that depend on the batch (shape vectors and sizes computed from it; tensors
-    repeated once per sample, or growing by a constant step per sample: see BatchTile).
-    """
-
-    model: onnx.ModelProto | None
-    graph: gs.Graph
-    meta: ModelMeta
-    renamed: Mapping[str, str]
-    copies: Mapping[str, str]
-    allowed: frozenset[str]
-    prefold: onnx.ModelProto
-    batch: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
-    outputs: Mapping[str, tuple[Dim, ...]] = dataclasses.field(default_factory=dict)
-    slots: BatchSlots = dataclasses.field(default_factory=dict)
-    notes: tuple[str, ...] = ()
-    tiles: BatchTiles = dataclasses.field(default_factory=dict)
-
-    # --- back to the input model ---------------------------------------------------------
-    def unbind(self, graph: gs.Graph) -> gs.Graph:
-        """Make ``graph`` (a rewrite of the working copy; changed in place) batch-agnostic
-        again: graph inputs and outputs get the input's declarations back, and every folded
-        constant that depends on the batch is written without it (a Reshape target with one
-        batch entry gets -1 there; others are computed from the input's batch size at run
-        time: a Tile of the per-sample block, or block + Range(batch) x step). Inner shapes
-        are forgotten (shape inference recomputes them)."""
-        if not self.batch:
-            return graph
-        for t in graph.inputs:
-            if t.name in self.batch and t.shape is not None and len(t.shape):
-                t.shape = [self.batch[t.name], *list(t.shape)[1:]]
-        for t in graph.outputs:
-            if t.name in self.outputs:
-                t.shape = list(self.outputs[t.name])
-        nodes = {n.name: n for n in graph.nodes}
-        size: gs.Tensor | None = None  # the batch size as a 1-D int64 tensor, made once
-        todo: list[tuple[str, int, tuple[tuple[int, int], ...] | BatchTile]] = [
-            *((name, i, pos) for (name, i), pos in self.slots.items()),
-            *((name, i, tile) for (name, i), tile in self.tiles.items())]
-        for name, i, how in todo:
-            node = nodes.get(name)
-            if node is None or i >= len(node.inputs) or not isinstance(node.inputs[i],
-                                                                       gs.Constant):
-                continue  # removed, or no longer a folded constant
-            v = np.asarray(node.inputs[i].values).copy()
-            if (node.op == "Reshape" and i == 1 and isinstance(how, tuple) and len(how) == 1
-                    and not np.any(v == -1)):
-                v[how[0][0]] = -1
-                node.inputs[i] = gs.Constant(unique_name(graph, f"{name}.shape"), v)
+    mapped: list[tuple[Group, tuple[Member, ...], Reason | None]] = []
+    blocked: dict[str, Reason] = {}
+    traces = _traces(wc, ({wc.copies.get(m.tensor, m.tensor) for g in a.groups
+                            for m in g.members}
+                           | {wc.copies.get(la.weight, la.weight) for la in a.layers})
+                          - wc.allowed)
+    permutations = frozenset(n for n, t in traces.items() if _is_permutation(t))
+    transposes = {n: p for n in permutations
+                  if (p := _transpose_axes(traces[n])) is not None}
+    layer_weights = {la.weight for la in a.layers}
+    for g in a.groups:
+        members: dict[tuple[str, Slice], Member] = {}
+        why: Reason | None = None
+        for m in g.members:
+            got, w = _member_in_input(wc, m, traces, permutations, transposes)
+            if w is not None and g.kind == "depth" and m.tensor not in layer_weights:
+                # A constant the branch computes from the input's tensors (the rotary
+                # tables of a LLaMA export): no parameter of the branch, which goes whole.
                 continue
-            made: list[gs.Node] = []
-            if size is None:  # first in the graph: every later write-back reads it
-                first: list[gs.Node] = []
-                size = self._batch_size(graph, first)
-                graph.nodes[0:0] = first
-            if isinstance(how, BatchTile) and how.step is not None:
-                node.inputs[i] = self._batch_steps(graph, name, v[:how.rows], how.step, size,
-                                                   made)
-            elif isinstance(how, BatchTile):
-                node.inputs[i] = self._batch_tile(graph, name, v[:how.rows], size, made)
-            else:
-                node.inputs[i] = self._batch_vector(graph, name, v, how, size, made)
-            # In graph order: right before the node (they read only the graph input).
-            at = next(k for k, n in enumerate(graph.nodes) if n is node)
-            graph.nodes[at:at] = made
-        clear_inner_shapes(graph)
-        return graph
+            why = why or w
+            for x in got:
+                members.setdefault((x.tensor, x.slice), x)
+        mapped.append((g, tuple(members.values()), why))
+        if why and g.kind == "channel" and g.space is not None:
+            blocked.setdefault(g.space, why)
+    spaces = tuple(
+        s if s.id not in blocked else dataclasses.replace(
+            s, prunable=False, reason=s.reason or blocked[s.id],
+            all_reasons=(*s.all_reasons, blocked[s.id]))
+        for s in a.spaces)
+    by_id = {s.id: s for s in spaces}
+    groups = []
+    for g, kept, why in mapped:
+        prunable, reason = g.prunable, g.reason
+        if g.kind == "channel" and g.space in blocked:
+            prunable, reason = False, by_id[g.space].reason
+        elif why:
+            prunable, reason = False, reason or why
+        groups.append(dataclasses.replace(g, prunable=prunable, reason=reason,
+                                          members=kept))
+    layers = tuple(_layer_in_input(wc, dataclasses.replace(
+        la, weight=wc.copies.get(la.weight, la.weight),
+        bias=None if la.bias is None else wc.copies.get(la.bias, la.bias)), traces,
+        permutations) for la in a.layers)
+    return dataclasses.replace(a, spaces=spaces, groups=tuple(groups), layers=layers,
+                               notes=(*a.notes, *wc.notes),
+                               macs_per_sample=bool(wc.batch),
+                               key=None)  # it describes the input, no graph of ours
 
-    @staticmethod
-    def _batch_tile(graph: gs.Graph, name: str, block: np.ndarray, size: gs.Tensor,
-                    made: list[gs.Node]) -> gs.Tensor:
-        """``Tile(block, [batch, 1, ...])``: ``block`` once per sample along axis 0; the
-        nodes that compute it go to ``made``."""
-        ones = gs.Constant(unique_name(graph, f"{name}.tile_ones"),
-                           np.ones(block.ndim - 1, dtype=np.int64))
-        reps = gs.Variable(unique_name(graph, f"{name}_tile_repeats"), dtype=np.int64)
-        made.append(gs.Node("Concat", name=unique_name(graph, f"{name}_tile_repeats"),
-                            attrs={"axis": 0}, inputs=[size, ones], outputs=[reps]))
-        out = gs.Variable(unique_name(graph, f"{name}_batch_tile"), dtype=block.dtype)
-        made.append(gs.Node("Tile", name=unique_name(graph, f"{name}_batch_tile"),
-                            inputs=[gs.Constant(unique_name(graph, f"{name}.per_sample"),
-                                                block), reps], outputs=[out]))
-        return out
+def _layer_in_input(wc: WorkingCopy, la: Layer, traces: Mapping[str, Any],
+                    permutations: frozenset[str]) -> Layer:
+    """``la`` with a weight folded from one input tensor by moving its elements (the
+    Transpose of a linear layer's weight, exported unfolded) named as that tensor, with
+    its shape and axes; ``la`` itself when its weight is no such tensor."""
+    if la.weight in wc.allowed or la.weight not in permutations:
+        return la
+    codes, ((src, offset, shape),) = traces[la.weight]
+    axes = [_source_axis(codes - offset, a, shape) for a in (la.out_axis, la.in_axis)]
+    if axes[0] is None or axes[1] is None:
+        return la
+    return dataclasses.replace(la, weight=src, weight_shape=shape, out_axis=axes[0],
+                               in_axis=axes[1])
 
-    @staticmethod
-    def _batch_steps(graph: gs.Graph, name: str, block: np.ndarray, step: np.ndarray,
-                     size: gs.Tensor, made: list[gs.Node]) -> gs.Tensor:
-        """``block + i x step`` for sample i = 0 .. batch-1, stacked along axis 0 (``Range``
-        over the batch, reshaped to broadcast, times ``step``, plus ``block``); the nodes
-        that compute it go to ``made``."""
-        if step.shape != block.shape:
-            raise OnnxSslError(f"{name}: the per-sample block of a constant computed from the "
-                               f"batch size was reshaped by the rewrite ({block.shape}, its "
-                               f"step {step.shape}); it cannot be written back")
-        used = ({n.name for n in made} | {t.name for n in made for t in n.outputs}
-                | set(tensor_map(graph)) | {n.name for n in graph.nodes})
-
-        def fresh(base: str) -> str:  # unique also among what is not in the graph yet
-            return fresh_name(used, base, start=1)
-
-        def node(op: str, base: str, inputs: list[gs.Tensor], dtype: Any = np.int64,
-                 **attrs: Any) -> gs.Tensor:
-            out = gs.Variable(fresh(f"{name}_{base}"), dtype=dtype)
-            made.append(gs.Node(op, name=fresh(f"{name}_{base}"), attrs=attrs, inputs=inputs,
-                                outputs=[out]))
-            return out
-
-        def const(base: str, v: np.ndarray) -> gs.Constant:
-            return gs.Constant(fresh(f"{name}.{base}"), v)
-
-        one_row = block.shape[0] == 1  # one row per sample: the samples are that axis
-        ndim = block.ndim if one_row else block.ndim + 1
-        n = node("Reshape", "batch_scalar",
-                 [size, const("scalar_shape", np.zeros(0, np.int64))])
-        i = node("Range", "sample_index", [const("zero", np.array(0, np.int64)), n,
-                                           const("one", np.array(1, np.int64))])
-        i = node("Reshape", "sample_column", [i, const("column_shape", np.array(
-            [-1, *(1,) * (ndim - 1)], np.int64))])
-        per = block if one_row else block[None]
-        grown = node("Mul", "batch_step", [i, const("step", (step if one_row else step[None])
-                                                    .astype(np.int64))])
-        out = node("Add", "batch_steps", [grown, const("per_sample", per.astype(np.int64))])
-        if not one_row:
-            out = node("Reshape", "batch_rows", [out, const("rows_shape", np.array(
-                [-1, *block.shape[1:]], np.int64))])
-        if block.dtype == np.int64:
-            return out
-        return node("Cast", "batch_steps_cast", [out], dtype=block.dtype,
-                    to=_INT_TYPES[block.dtype.type])
-
-    def _batch_size(self, graph: gs.Graph, made: list[gs.Node]) -> gs.Tensor:
-        x = next(t for t in graph.inputs if t.name in self.batch)
-        shape = gs.Variable(unique_name(graph, f"{x.name}_shape"), dtype=np.int64)
-        made.append(gs.Node("Shape", name=unique_name(graph, f"{x.name}_shape"), inputs=[x],
-                            outputs=[shape]))
-        size = gs.Variable(unique_name(graph, f"{x.name}_batch_size"), dtype=np.int64)
-        first = gs.Constant(unique_name(graph, f"{x.name}_batch_axis"),
-                            np.array([0], dtype=np.int64))
-        made.append(gs.Node("Gather", name=unique_name(graph, f"{x.name}_batch_size"),
-                            attrs={"axis": 0}, inputs=[shape, first], outputs=[size]))
-        return size
-
-    @staticmethod
-    def _batch_vector(graph: gs.Graph, name: str, v: np.ndarray,
-                      pos: tuple[tuple[int, int], ...], size: gs.Tensor, made: list[gs.Node]
-                      ) -> gs.Tensor:
-        """``v`` with entry ``p`` replaced by ``factor`` x the batch size, for each pair (a
-        0-D ``v``: its one entry); the nodes that compute it go to ``made``."""
-        used = ({n.name for n in made} | {t.name for n in made for t in n.outputs}
-                | set(tensor_map(graph)) | {n.name for n in graph.nodes})
-        scalar = v.ndim == 0
-        v = v.reshape(-1)
-
-        def fresh(base: str) -> str:  # unique also among what is not in the graph yet
-            return fresh_name(used, base, start=1)
-
-        parts: list[gs.Tensor] = []
-        start = 0
-        for p, factor in sorted(pos):
-            if p > start:
-                parts.append(gs.Constant(fresh(f"{name}.fixed"), v[start:p].astype(np.int64)))
-            entry = size
-            if factor != 1:
-                entry = gs.Variable(fresh(f"{name}_batch_entry"), dtype=np.int64)
-                k = gs.Constant(fresh(f"{name}.batch_factor"), np.array([factor], np.int64))
-                made.append(gs.Node("Mul", name=fresh(f"{name}_batch_mul"), inputs=[size, k],
-                                    outputs=[entry]))
-            parts.append(entry)
-            start = p + 1
-        if start < len(v):
-            parts.append(gs.Constant(fresh(f"{name}.fixed"), v[start:].astype(np.int64)))
-        out = gs.Variable(fresh(f"{name}_batch_shape"), dtype=np.int64)
-        made.append(gs.Node("Concat", name=fresh(f"{name}_batch_shape"), attrs={"axis": 0},
-                            inputs=parts, outputs=[out]))
-        if scalar:
-            vec, out = out, gs.Variable(fresh(f"{name}_batch_scalar"), dtype=np.int64)
-            made.append(gs.Node("Reshape", name=fresh(f"{name}_batch_scalar"),
-                                inputs=[vec, gs.Constant(fresh(f"{name}.scalar_shape"),
-                                                         np.zeros(0, np.int64))],
-                                outputs=[out]))
-        if v.dtype == np.int64:
-            return out
-        cast = gs.Variable(fresh(f"{name}_batch_shape_cast"), dtype=v.dtype)
-        made.append(gs.Node("Cast", name=fresh(f"{name}_batch_cast"),
-                            attrs={"to": _INT_TYPES[v.dtype.type]}, inputs=[out],
-                            outputs=[cast]))
-        return cast
-
-    # --- the analysis handed to the user ---------------------------------------------------
-    def to_input(self, a: Analysis) -> Analysis:
-        """``a`` (an analysis of the working copy) in terms of the input model.
-
-        Every member names an initializer or a Constant node output of the input: a copy made
-        by :func:`unshare_constants` is its original (same slice); a folded constant is the
-        slice of the input tensor(s) it was computed from (a reshape, transpose, gather, ...
-        of them), traced by folding again with the input's elements numbered (a chain of
-        transposes, reshapes, slices and casts of one tensor: by numpy, at any size). A
-        layer whose weight is such a permutation of one input tensor names that tensor, with
-        its shape and axes. One input tensor reached through several copies is listed once
-        per distinct slice. A member that no slice of an input tensor stands for blocks its
-        group (and its channel space), with the reason.
-        """
-        mapped: list[tuple[Group, tuple[Member, ...], Reason | None]] = []
-        blocked: dict[str, Reason] = {}
-        traces = self._traces(({self.copies.get(m.tensor, m.tensor) for g in a.groups
-                                for m in g.members}
-                               | {self.copies.get(la.weight, la.weight) for la in a.layers})
-                              - self.allowed)
-        permutations = frozenset(n for n, t in traces.items() if _is_permutation(t))
-        transposes = {n: p for n in permutations
-                      if (p := _transpose_axes(traces[n])) is not None}
-        for g in a.groups:
-            members: dict[tuple[str, Slice], Member] = {}
-            why: Reason | None = None
-            for m in g.members:
-                got, w = self._member_in_input(m, traces, permutations, transposes)
-                why = why or w
-                for x in got:
-                    members.setdefault((x.tensor, x.slice), x)
-            mapped.append((g, tuple(members.values()), why))
-            if why and g.kind == "channel" and g.space is not None:
-                blocked.setdefault(g.space, why)
-        spaces = tuple(
-            s if s.id not in blocked else dataclasses.replace(
-                s, prunable=False, reason=s.reason or blocked[s.id],
-                all_reasons=(*s.all_reasons, blocked[s.id]))
-            for s in a.spaces)
-        by_id = {s.id: s for s in spaces}
-        groups = []
-        for g, kept, why in mapped:
-            prunable, reason = g.prunable, g.reason
-            if g.kind == "channel" and g.space in blocked:
-                prunable, reason = False, by_id[g.space].reason
-            elif why:
-                prunable, reason = False, reason or why
-            groups.append(dataclasses.replace(g, prunable=prunable, reason=reason,
-                                              members=kept))
-        layers = tuple(self._layer_in_input(dataclasses.replace(
-            la, weight=self.copies.get(la.weight, la.weight),
-            bias=None if la.bias is None else self.copies.get(la.bias, la.bias)), traces,
-            permutations) for la in a.layers)
-        return dataclasses.replace(a, spaces=spaces, groups=tuple(groups), layers=layers,
-                                   notes=(*a.notes, *self.notes),
-                                   macs_per_sample=bool(self.batch),
-                                   key=None)  # it describes the input, no graph of ours
-
-    def _layer_in_input(self, la: Layer, traces: Mapping[str, Any],
-                        permutations: frozenset[str]) -> Layer:
-        """``la`` with a weight folded from one input tensor by moving its elements (the
-        Transpose of a linear layer's weight, exported unfolded) named as that tensor, with
-        its shape and axes; ``la`` itself when its weight is no such tensor."""
-        if la.weight in self.allowed or la.weight not in permutations:
-            return la
-        codes, ((src, offset, shape),) = traces[la.weight]
-        axes = [_source_axis(codes - offset, a, shape) for a in (la.out_axis, la.in_axis)]
-        if axes[0] is None or axes[1] is None:
-            return la
-        return dataclasses.replace(la, weight=src, weight_shape=shape, out_axis=axes[0],
-                                   in_axis=axes[1])
-
-    def _member_in_input(self, m: Member, traces: Mapping[str, Any],
-                         permutations: frozenset[str],
-                         transposes: Mapping[str, tuple[int, ...]]
-                         ) -> tuple[list[Member], Reason | None]:
-        name = self.copies.get(m.tensor, m.tensor)
-        if name in self.allowed:
-            return [Member(name, m.role, m.slice)], None
-        trace = traces.get(name)
-        if trace is None:
+def _member_in_input(wc: WorkingCopy, m: Member, traces: Mapping[str, Any],
+                     permutations: frozenset[str],
+                     transposes: Mapping[str, tuple[int, ...]]
+                     ) -> tuple[list[Member], Reason | None]:
+    name = wc.copies.get(m.tensor, m.tensor)
+    if name in wc.allowed:
+        return [Member(name, m.role, m.slice)], None
+    trace = traces.get(name)
+    if trace is None:
+        return [], Reason(ReasonCode.NOT_A_MODEL_SLICE,
+                          f"weight {m.tensor} is not a tensor of the input model",
+                          tensor=m.tensor)
+    if isinstance(trace, str):
+        return [], Reason(ReasonCode.NOT_A_MODEL_SLICE, f"weight {m.tensor} is {trace}",
+                          tensor=m.tensor)
+    codes, sources = trace
+    if name in transposes:  # axis a of the member is axis axes[a] of the source
+        src, _, shape = sources[0]
+        moved: list[tuple[int, ...] | None] = [None] * len(shape)
+        for a, d in enumerate(transposes[name]):
+            x = m.slice[a]
+            moved[d] = (None if x is None or len(set(x)) == shape[d]
+                        else tuple(sorted(set(x))))
+        return [Member(src, m.role, tuple(moved))], None
+    index = m.index(codes.shape)
+    picked = np.unique(codes[index])
+    # Of a permutation of one tensor, no element outside the member is in its slice: the
+    # check below, linear in the tensor's size for each member, is skipped.
+    mask = None if name in permutations else np.zeros(codes.shape, dtype=bool)
+    if mask is not None:
+        mask[index] = True
+    out = []
+    for src, offset, shape in sources:
+        local = picked[(picked >= offset) & (picked < offset + math.prod(shape))] - offset
+        if not local.size:
+            continue
+        if shape:
+            coords = np.unravel_index(local, shape)
+            axes = [np.unique(c) for c in coords]
+            block = offset + np.ravel_multi_index(np.ix_(*axes), shape).reshape(-1)
+        else:  # a scalar (GPT-2's causal mask is a Where of two): its one element
+            axes, block = [], np.array([offset])
+        # The slice must hold exactly the picked elements, and zeroing it must touch
+        # nothing of the folded constant outside the member.
+        if block.size != local.size or (mask is not None
+                                        and np.isin(codes[~mask], block).any()):
             return [], Reason(ReasonCode.NOT_A_MODEL_SLICE,
-                              f"weight {m.tensor} is not a tensor of the input model",
-                              tensor=m.tensor)
-        if isinstance(trace, str):
-            return [], Reason(ReasonCode.NOT_A_MODEL_SLICE, f"weight {m.tensor} is {trace}",
-                              tensor=m.tensor)
-        codes, sources = trace
-        if name in transposes:  # axis a of the member is axis axes[a] of the source
-            src, _, shape = sources[0]
-            moved: list[tuple[int, ...] | None] = [None] * len(shape)
-            for a, d in enumerate(transposes[name]):
-                x = m.slice[a]
-                moved[d] = (None if x is None or len(set(x)) == shape[d]
-                            else tuple(sorted(set(x))))
-            return [Member(src, m.role, tuple(moved))], None
-        index = m.index(codes.shape)
-        picked = np.unique(codes[index])
-        # Of a permutation of one tensor, no element outside the member is in its slice: the
-        # check below, linear in the tensor's size for each member, is skipped.
-        mask = None if name in permutations else np.zeros(codes.shape, dtype=bool)
-        if mask is not None:
-            mask[index] = True
-        out = []
-        for src, offset, shape in sources:
-            local = picked[(picked >= offset) & (picked < offset + math.prod(shape))] - offset
-            if not local.size:
-                continue
-            if shape:
-                coords = np.unravel_index(local, shape)
-                axes = [np.unique(c) for c in coords]
-                block = offset + np.ravel_multi_index(np.ix_(*axes), shape).reshape(-1)
-            else:  # a scalar (GPT-2's causal mask is a Where of two): its one element
-                axes, block = [], np.array([offset])
-            # The slice must hold exactly the picked elements, and zeroing it must touch
-            # nothing of the folded constant outside the member.
-            if block.size != local.size or (mask is not None
-                                            and np.isin(codes[~mask], block).any()):
-                return [], Reason(ReasonCode.NOT_A_MODEL_SLICE,
-                                  f"folded from {src} by an op that mixes its elements, so "
-                                  f"that no slice of {src} is the member", tensor=m.tensor)
-            sl = tuple(None if len(ax) == d else tuple(int(i) for i in ax)
-                       for ax, d in zip(axes, shape, strict=True))
-            out.append(Member(src, m.role, sl))
-        return out, None
+                              f"folded from {src} by an op that mixes its elements, so "
+                              f"that no slice of {src} is the member", tensor=m.tensor)
+        sl = tuple(None if len(ax) == d else tuple(int(i) for i in ax)
+                   for ax, d in zip(axes, shape, strict=True))
+        out.append(Member(src, m.role, sl))
+    return out, None
 
-    def _traces(self, names: set[str]) -> dict[str, Any]:
-        """The folded float constants among ``names`` -> (for each element, the number of the
-        input element it holds; the numbered sources (name, first number, shape)), or why it
-        cannot be traced (see :func:`_trace_folded`)."""
-        tensors = tensor_map(self.graph)
-        todo = {n: np.asarray(tensors[n].values) for n in sorted(names)
-                if isinstance(tensors.get(n), gs.Constant)}
-        todo = {n: v for n, v in todo.items() if v.dtype.type in FLOAT_TYPES}
-        return _trace_folded(self.prefold, self.meta, todo) if todo else {}
+def _traces(wc: WorkingCopy, names: set[str]) -> dict[str, Any]:
+    """The folded float constants among ``names`` -> (for each element, the number of the
+    input element it holds; the numbered sources (name, first number, shape)), or why it
+    cannot be traced (see :func:`_trace_folded`)."""
+    tensors = tensor_map(wc.graph)
+    todo = {n: np.asarray(tensors[n].values) for n in sorted(names)
+            if isinstance(tensors.get(n), gs.Constant)}
+    todo = {n: v for n, v in todo.items() if v.dtype.type in FLOAT_TYPES}
+    return _trace_folded(wc.prefold, wc.meta, todo) if todo else {}
 
 
 def _is_permutation(trace: Any) -> bool:
@@ -507,11 +265,6 @@ def _source_axis(codes: np.ndarray, axis: int, shape: tuple[int, ...]) -> int | 
         return None
     return d
 
-
-_INT_TYPES = {np.int64: onnx.TensorProto.INT64, np.int32: onnx.TensorProto.INT32,
-              np.int16: onnx.TensorProto.INT16, np.int8: onnx.TensorProto.INT8,
-              np.uint64: onnx.TensorProto.UINT64, np.uint32: onnx.TensorProto.UINT32,
-              np.uint16: onnx.TensorProto.UINT16, np.uint8: onnx.TensorProto.UINT8}
 
 
 def _trace_folded(prefold: onnx.ModelProto, meta: ModelMeta, folded: dict[str, np.ndarray]
@@ -568,7 +321,7 @@ def _trace_folded(prefold: onnx.ModelProto, meta: ModelMeta, folded: dict[str, n
         tensors[src].values = (offsets[src] + np.arange(v.size)).reshape(v.shape).astype(
             v.dtype)
     try:
-        _, coded = _fold(from_graph(graph, meta), meta)
+        coded = fold_model(from_graph(graph, meta))
     except OnnxSslError as e:
         return {**out, **{n: f"folded from the input's constants ({e})" for n in sources}}
     table = np.concatenate([values[s].reshape(-1).astype(np.float64) for s in offsets])
@@ -690,345 +443,6 @@ def _move(node: gs.Node, x: np.ndarray, params: Sequence[np.ndarray | None]
     return None
 
 
-def _foldable(model: onnx.ModelProto) -> bool:
-    """Whether any node computes from constants alone (or reads only a shape)."""
-    consts = {t.name for t in model.graph.initializer}
-    consts.add("")
-    for n in model.graph.node:
-        if n.op_type in ("Constant", "Shape", "Size") or all(i in consts for i in n.input):
-            return True
-    return False
-
-
-def _fold(m: onnx.ModelProto, meta: ModelMeta, keep: bool = True
-          ) -> tuple[onnx.ModelProto | None, gs.Graph]:
-    """Fold constant shape arithmetic (to a fixpoint, inferring shapes anew); infer shapes.
-
-    Without ``keep``, only the graph is made (the model is None): when there is nothing to
-    fold, the graph reads ``m``'s weights instead of a copy of ``m`` with shapes.
-    """
-    if not keep and not _foldable(m):
-        return None, shaped_graph(m)
-    m = infer_shapes(m, strict=False)
-    graph = to_graph(m)
-    if not _foldable(m):
-        return m, graph
-    _shape_ranges_as_slices(graph)
-    has_control_flow = any(n.op_type in CONTROL_FLOW_OPS for n in m.graph.node)
-    for _ in range(4):
-        before = len(graph.nodes)
-        try:
-            with folding_runtime():
-                graph.fold_constants(fold_shapes=True, recurse_subgraphs=not has_control_flow,
-                                     error_ok=False, flatten_subgraphs=False)
-        except Exception as e:  # onnx-graphsurgeon raises plain exceptions
-            raise UnsupportedModelError(f"constant folding failed: {one_line(e)}"
-                                        ) from e
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        m = infer_shapes(from_graph(graph, meta), strict=False)
-        graph = to_graph(m)
-        # Shapes inferred anew may make more arithmetic constant; stop when nothing is left.
-        if len(graph.nodes) == before or not _foldable(m):
-            break
-    return (m if keep else None), graph
-
-
-def _shape_ranges_as_slices(graph: gs.Graph) -> None:
-    """``Shape(x, start, end)`` -> ``Slice(Shape(x), start, end)``, which computes the same:
-    onnx-graphsurgeon's shape folding ignores ``start`` and ``end`` (it folds the whole
-    shape), the Slice it folds right."""
-    for node in list(graph.nodes):
-        if node.op != "Shape" or not ({"start", "end"} & set(node.attrs)):
-            continue
-        start = int(node.attrs.pop("start", 0))
-        end = int(node.attrs.pop("end", np.iinfo(np.int64).max))
-        full = gs.Variable(unique_name(graph, f"{node.outputs[0].name}_full"), dtype=np.int64)
-        out = node.outputs[0]
-        node.outputs = [full]
-        graph.nodes.append(gs.Node("Slice", name=unique_name(graph, f"{node.name}_range"),
-                                   inputs=[full, *(gs.Constant(unique_name(graph, f"{node.name}."
-                                                                            f"{k}"),
-                                                               np.array([v], dtype=np.int64))
-                                                   for k, v in (("start", start), ("end", end),
-                                                                ("axis", 0)))],
-                                   outputs=[out]))
-    graph.toposort()
-
-
-def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with a unique name on every node: a node the input names uniquely keeps its
-    name, an unnamed node at position ``i`` of the node list is ``<OpType>_<i>``, and of
-    nodes sharing a name the first keeps it and the one at position ``i`` is ``<name>_<i>``
-    (``_2``, ``_3``, ... appended where that is taken). The model itself when every name is
-    already unique."""
-    return _name_nodes(model)[0]
-
-
-def _name_nodes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """:func:`name_nodes`, and the generated names -> the input's names."""
-    names = [n.name for n in model.graph.node]
-    counts = Counter(names)
-    if all(n and counts[n] == 1 for n in names):
-        return model, {}
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    taken = {n for n in names if n}
-    seen: set[str] = set()
-    renamed: dict[str, str] = {}
-    for i, node in enumerate(m.graph.node):
-        if node.name and node.name not in seen:
-            seen.add(node.name)
-            continue
-        new = fresh_name(taken, f"{node.name or node.op_type}_{i}")
-        renamed[new] = node.name
-        node.name = new
-    return m, renamed
-
-
-def symbolic_batch(model: onnx.ModelProto) -> dict[str, str | None]:
-    """Graph inputs whose leading (batch) dim is symbolic -> its name (None if unnamed)."""
-    inits = {t.name for t in model.graph.initializer}
-    out: dict[str, str | None] = {}
-    for vi in model.graph.input:
-        tt = vi.type.tensor_type
-        if vi.name in inits or not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
-            continue
-        dims = tt.shape.dim
-        if len(dims) and not dims[0].HasField("dim_value"):
-            out[vi.name] = dims[0].dim_param or None
-    return out
-
-
-def _dims(vi: onnx.ValueInfoProto) -> tuple[Dim, ...]:
-    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                 for d in vi.type.tensor_type.shape.dim)
-
-
-def bind_batch(model: onnx.ModelProto, size: int) -> onnx.ModelProto:
-    """A copy of ``model`` whose symbolic leading input dims are ``size``; the symbolic
-    leading dims of its outputs and inner shapes are left to shape inference."""
-    batch = symbolic_batch(model)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for vi in m.graph.input:
-        if vi.name in batch:
-            d = vi.type.tensor_type.shape.dim[0]
-            d.Clear()
-            d.dim_value = size
-    for vi in m.graph.output:
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-    del m.graph.value_info[:]
-    return m
-
-
-def bind_batch_to(model: onnx.ModelProto, size: int | None) -> onnx.ModelProto:
-    """``model`` with its symbolic batch dim bound to ``size`` (the ``--bind-batch`` option):
-    for an export whose batch is declared dynamic but baked into its shapes, analysed and
-    pruned as the static model it is. ``model`` itself when ``size`` is None or its batch is
-    static."""
-    if size is None:
-        return model
-    if size < 1:
-        raise InputError(f"--bind-batch must be >= 1, got {size}")
-    return bind_batch(model, size) if symbolic_batch(model) else model
-
-
-def _batch_slots(a: gs.Graph, b: gs.Graph, affine: bool = True
-                 ) -> tuple[BatchSlots, BatchTiles, str | None]:
-    """The folded constants of ``a`` (prepared at BOUND_BATCH) that differ in ``b`` (at
-    PROBE_BATCH): shape vectors (and sizes) with entries that are multiples of the batch,
-    tensors that repeat one block of rows per sample, and (with ``affine``) integer tensors
-    whose block grows by a constant step per sample; or why they cannot be written back
-    batch-agnostic."""
-    nb = {n.name: n for n in b.nodes}
-    if set(nb) != {n.name for n in a.nodes}:
-        return {}, {}, "constant folding leaves different nodes at different batch sizes"
-    slots: dict[tuple[str, int], tuple[tuple[int, int], ...]] = {}
-    tiles: dict[tuple[str, int], BatchTile] = {}
-    for n in a.nodes:
-        o = nb[n.name]
-        if len(o.inputs) != len(n.inputs):
-            return {}, {}, f"{n.name} ({n.op}): its inputs differ at different batch sizes"
-        for i, (x, y) in enumerate(zip(n.inputs, o.inputs, strict=True)):
-            cx, cy = isinstance(x, gs.Constant), isinstance(y, gs.Constant)
-            if cx != cy:
-                return {}, {}, (f"{n.name} ({n.op}): input {i} is constant at some batch "
-                                f"sizes only")
-            if not cx:
-                continue
-            vx, vy = np.asarray(x.values), np.asarray(y.values)
-            if vx.shape == vy.shape and np.array_equal(vx, vy):
-                continue
-            where = f"{n.name} ({n.op}): input {i} is computed from the batch size"
-            tile = _per_sample_rows(vx, vy, affine)
-            if tile is not None:
-                tiles[(n.name, i)] = tile
-                continue
-            if vx.ndim > 1 or vx.shape != vy.shape or vx.dtype.type not in _INT_TYPES:
-                grows = ("nor an integer tensor growing by a constant step per sample"
-                         if affine else f"(an index growing per sample needs opset >= "
-                                        f"{RANGE_OPSET})")
-                return {}, {}, (f"{where}, and it is neither a shape vector nor repeated per "
-                                f"sample {grows}")
-            pos = []
-            fx, fy = vx.reshape(-1), vy.reshape(-1)
-            for d in np.flatnonzero(fx != fy):
-                k = int(fx[d]) // BOUND_BATCH
-                if k < 1 or k * BOUND_BATCH != int(fx[d]) or k * PROBE_BATCH != int(fy[d]):
-                    return {}, {}, f"{where}, not as a multiple of it"
-                pos.append((int(d), k))
-            slots[(n.name, i)] = tuple(pos)
-    return slots, tiles, None
-
-
-def _per_sample_rows(vx: np.ndarray, vy: np.ndarray, affine: bool = True
-                     ) -> BatchTile | None:
-    """How ``vx`` (at BOUND_BATCH) and ``vy`` (at PROBE_BATCH) are one block of ``r`` rows
-    per sample along axis 0: repeated (a class token or a mask expanded to the batch), or,
-    with ``affine`` and integers, sample i's block = sample 0's + i x a constant step (an
-    index into a flattened per-sample tensor); None when neither."""
-    if vx.ndim < 1 or vy.ndim != vx.ndim or vx.shape[1:] != vy.shape[1:]:
-        return None
-    rows = vx.shape[0] // BOUND_BATCH
-    if rows < 1 or rows * BOUND_BATCH != vx.shape[0] or rows * PROBE_BATCH != vy.shape[0]:
-        return None
-    block = vx[:rows]
-    nan = vx.dtype.kind in "fc"
-    reps = (1,) * (vx.ndim - 1)
-    if (np.array_equal(vx, np.tile(block, (BOUND_BATCH, *reps)), equal_nan=nan)
-            and np.array_equal(vy, np.tile(block, (PROBE_BATCH, *reps)), equal_nan=nan)):
-        return BatchTile(rows)
-    if not affine or vx.dtype.kind not in "iu" or PROBE_BATCH < 2:
-        return None
-    # Exact in int64 (the values are indices or sizes); the progression is checked over all
-    # PROBE_BATCH samples, so the step is constant at least up to there.
-    x, y = vx.astype(np.int64), vy.astype(np.int64)
-    step = y[rows:2 * rows] - y[:rows]
-
-    def grows(v: np.ndarray, n: int) -> bool:
-        i = np.arange(n, dtype=np.int64).reshape(n, *(1,) * v.ndim)
-        return np.array_equal(v.reshape(n, *block.shape), x[:rows][None] + i * step[None])
-
-    if not (grows(x, BOUND_BATCH) and grows(y, PROBE_BATCH)):
-        return None
-    return BatchTile(rows, step)
-
-
-@dataclass(frozen=True)
-class _Stage:
-    model: onnx.ModelProto | None
-    graph: gs.Graph
-    copies: dict[str, str]
-    prefold: onnx.ModelProto
-
-
-def _prepare_at(m: onnx.ModelProto, meta: ModelMeta, batch: int | None, keep: bool = True
-                ) -> _Stage:
-    pre = fold_trivial_constants(bind_batch(m, batch) if batch is not None else m)
-    folded, graph = _fold(pre, meta, keep)
-    copies = unshare_constants(graph)
-    if copies:
-        folded = infer_shapes(from_graph(graph, meta), strict=False)
-        graph = to_graph(folded)
-        if not keep:
-            folded = None
-    return _Stage(folded, graph, copies, pre)
-
-
-def _prepare(model: onnx.ModelProto, keep: bool = True) -> WorkingCopy:
-    meta = ModelMeta.of(model)
-    allowed = frozenset({t.name for t in model.graph.initializer}
-                        | {o for n in model.graph.node if n.op_type == "Constant"
-                           for o in n.output})
-    named, renamed = _name_nodes(model)
-    batch = symbolic_batch(named)
-    if not batch:
-        st = _prepare_at(named, meta, None, keep)
-        return WorkingCopy(st.model, st.graph, meta, renamed, st.copies, allowed, st.prefold)
-    shown = ", ".join(f"'{n}'" for n in batch)
-    _check_batch_is_dynamic(named, shown)
-    slots: BatchSlots = {}
-    tiles: BatchTiles = {}
-    try:
-        st = _prepare_at(named, meta, BOUND_BATCH, keep)
-        probe = _prepare_at(named, meta, PROBE_BATCH, keep=False)
-        slots, tiles, why = _batch_slots(st.graph, probe.graph,
-                                         meta.opset() >= RANGE_OPSET)
-    except OnnxSslError as e:
-        why = str(e)
-    if why is not None:
-        st = _prepare_at(named, meta, None, keep)
-        note = (f"the batch dim of input(s) {shown} stays symbolic ({why}); shapes that "
-                f"depend on it are not static, and neither are the MACs")
-        return WorkingCopy(st.model, st.graph, meta, renamed, st.copies, allowed, st.prefold,
-                           notes=(note,))
-    outputs = {o.name: _dims(o) for o in named.graph.output
-               if len(o.type.tensor_type.shape.dim)
-               and not o.type.tensor_type.shape.dim[0].HasField("dim_value")}
-    note = (f"the batch dim of input(s) {shown} is symbolic: the analysis binds it to "
-            f"{BOUND_BATCH} (MACs are per sample); pruned models keep it symbolic")
-    return WorkingCopy(st.model, st.graph, meta, renamed, st.copies, allowed, st.prefold,
-                       batch, outputs, slots, (note,), tiles)
-
-
-def _check_batch_is_dynamic(model: onnx.ModelProto, shown: str) -> None:
-    """InputError (one line) when ``model``, whose inputs ``shown`` have a symbolic batch dim,
-    does not run at batch ``DYNAMIC_BATCH``: an export whose batch is declared dynamic but is
-    baked into its shapes, which no analysis at another batch size, and no pruned model that
-    keeps the batch symbolic, can be faithful to."""
-    why = fails_at_batch(model, DYNAMIC_BATCH)
-    if why is None:
-        return
-    runs = [b for b in (BOUND_BATCH, PROBE_BATCH) if fails_at_batch(model, b) is None]
-    fix = (f"it runs at batch {runs[0]}: rerun with --bind-batch {runs[0]}" if runs else
-           "rerun with --bind-batch N, N the batch it was exported at,")
-    raise InputError(
-        f"the input model does not run at batch {DYNAMIC_BATCH} ({why}), so the batch dim of "
-        f"input(s) {shown} is declared dynamic but is not; {fix} to bind it, or re-export the "
-        f"model with a dynamic batch axis")
-
-
-def unshare_constants(graph: gs.Graph) -> dict[str, str]:
-    """Give every reader of a shared float constant its own copy; returns each copy's name ->
-    the name of the constant it copies.
-
-    Exporters merge equal initializers (the dynamo exporter's optimiser makes the all-zero
-    biases and all-one norm scales of unrelated layers one tensor). Left shared, the channels
-    of either reader could not be pruned (slicing the tensor for one would change the
-    others), although the readers have nothing in common. A copy per reader computes the same
-    function. A constant that some reader uses as a layer weight (input 1 of Conv, Gemm,
-    MatMul, ConvTranspose) is a tied weight and stays shared: the analysis blocks it.
-    """
-    tensors = tensor_map(graph)
-    names = set(tensors)
-    outputs = {t.name for t in graph.outputs}
-    copies: dict[str, str] = {}
-    for t in list(tensors.values()):
-        if not isinstance(t, gs.Constant) or t.name in outputs:
-            continue
-        readers: list[gs.Node] = []
-        for n in t.outputs:
-            if not any(n is r for r in readers):
-                readers.append(n)
-        if len(readers) < 2:
-            continue
-        if any(n.op in LAYER_OPS and len(n.inputs) > 1 and n.inputs[1] is t for n in readers):
-            continue
-        values = np.asarray(t.values)
-        if values.dtype.type not in FLOAT_TYPES or values.size <= 1:
-            continue
-        for n in readers[1:]:
-            copy = gs.Constant(fresh_name(names, t.name, sep=".", start=1, numbered=True),
-                               values.copy())
-            for i, x in enumerate(n.inputs):
-                if x is t:
-                    n.inputs[i] = copy
-            copies[copy.name] = t.name
-    return copies
-
-
 def _space_ids(e: Engine) -> dict[int, str]:
     ids: dict[int, str] = {}
     used: set[str] = set()
@@ -1089,9 +503,11 @@ def _block_control_flow(e: Engine, graph: gs.Graph) -> list[str]:
     return notes
 
 
-def _check_weights(e: Engine, graph: gs.Graph) -> None:
-    """Block spaces whose weights are shared with layers elsewhere or read by other ops."""
-    tensors = tensor_map(graph)
+def _check_weights(e: Engine, graph: gs.Graph,
+                   tensors: Mapping[str, gs.Tensor] | None = None) -> None:
+    """Block spaces whose weights are shared with layers elsewhere or read by other ops
+    (``tensors``: ``tensor_map(graph)``, where the caller has it)."""
+    tensors = tensor_map(graph) if tensors is None else tensors
     by_tensor: dict[tuple[str, int], list[ChannelRef[int]]] = defaultdict(list)
     for r in e.refs:
         if r.is_weight:
@@ -1129,7 +545,8 @@ def _check_weights(e: Engine, graph: gs.Graph) -> None:
                 e.block_space(s, why)
 
 
-def _propagate(graph: gs.Graph) -> tuple[Engine, list[str]]:
+def _propagate(graph: gs.Graph, tensors: Mapping[str, gs.Tensor] | None = None
+               ) -> tuple[Engine, list[str]]:
     e = Engine(graph)
     _seed_inputs(e, graph)
     for node in graph.nodes:
@@ -1141,7 +558,7 @@ def _propagate(graph: gs.Graph) -> tuple[Engine, list[str]]:
     for t in graph.outputs:
         e.block(e.layout(t), Reason(ReasonCode.GRAPH_OUTPUT, f"reaches graph output '{t.name}'",
                                     tensor=t.name))
-    _check_weights(e, graph)
+    _check_weights(e, graph, tensors)
     return e, notes
 
 
@@ -1253,29 +670,95 @@ def _layers(graph: gs.Graph, e: Engine | None, ids: dict[int, str]) -> tuple[Lay
     return tuple(layers)
 
 
+def _side_branch(add: gs.Node, g: nx.DiGraph, producer: Mapping[str, gs.Node]
+                 ) -> tuple[gs.Tensor, list[str], str] | None:
+    """For ``add = s + t`` where ``t`` depends on the node that makes ``s``: ``t``, the nodes
+    between that node (the fork) and ``t`` (those that depend on the fork: side inputs such
+    as a mask stay outside), and the fork."""
+    a, b = add.inputs
+    y = static_shape(add.outputs[0])
+    for s, t in ((a, b), (b, a)):
+        if y is None or static_shape(s) != y or static_shape(t) != y:
+            continue  # a broadcast operand (an attention mask added to scores) is no shortcut
+        fork = producer[s.name].name
+        end = producer[t.name].name
+        above = nx.ancestors(g, end) | {end}
+        if fork not in above:
+            continue
+        below = nx.descendants(g, fork)
+        return t, [n for n in above if n in below], fork
+    return None
+
+
+def _immediate_dominators(preds: Mapping[str, Sequence[str]], src: str) -> dict[str, str]:
+    """The immediate dominator of every node of a DAG rooted at ``src`` (``preds``: node ->
+    its predecessors, ``src`` for a node without any), as networkx's
+    ``immediate_dominators`` computes it: in a topological order each node's immediate
+    dominator is the common ancestor, in the dominator tree, of its predecessors. Linear
+    but for the walks up that tree. A node on a cycle (no DAG) is left out, as a node
+    ``src`` does not reach."""
+    succ: dict[str, list[str]] = {}
+    waiting: dict[str, int] = {}
+    for n, ps in preds.items():
+        waiting[n] = len(ps)
+        for p in ps:
+            succ.setdefault(p, []).append(n)
+    index = {src: 0}
+    idom = {src: src}
+    queue = [src]
+    i = 0
+    while i < len(queue):
+        v = queue[i]
+        i += 1
+        for w in succ.get(v, ()):
+            waiting[w] -= 1
+            if waiting[w]:
+                continue
+            index[w] = len(queue)
+            queue.append(w)
+            ps = preds[w]
+            d = ps[0]
+            for b in ps[1:]:
+                a = d
+                while a != b:
+                    while index[a] > index[b]:
+                        a = idom[a]
+                    while index[b] > index[a]:
+                        b = idom[b]
+                d = a
+            idom[w] = d
+    return idom
+
+
 def _branches(graph: gs.Graph, e: Engine, weight_layers: set[str]) -> tuple[Branch, ...]:
     """Residual branches: for each Add of two activations, the nodes between its immediate
     dominator (the fork) and the Add on the side that holds more layers. A branch's
     ``layers`` are its weight layers (``weight_layers``: an attention's activation MatMuls
     are not among them)."""
-    g = nx.DiGraph()
     src = "\0source"
-    g.add_node(src)
     producer: dict[str, gs.Node] = {}
     for node in graph.nodes:
-        g.add_node(node.name)
         for t in node.outputs:
             producer[t.name] = node
+    preds: dict[str, list[str]] = {}
     for node in graph.nodes:
-        has_var = False
+        ps: dict[str, None] = {}  # ordered set
         for t in node.inputs:
             p = producer.get(t.name)
             if p is not None:
-                g.add_edge(p.name, node.name)
-                has_var = True
-        if not has_var:
-            g.add_edge(src, node.name)
-    idom = nx.immediate_dominators(g, src)
+                ps[p.name] = None
+        preds[node.name] = list(ps) if ps else [src]
+    idom = _immediate_dominators(preds, src)
+    nx_graph: list[nx.DiGraph] = []  # made only for a branch with side inputs
+
+    def g() -> nx.DiGraph:
+        if not nx_graph:
+            d = nx.DiGraph()
+            d.add_node(src)
+            d.add_nodes_from(preds)
+            d.add_edges_from((p, n) for n, ps in preds.items() for p in ps)
+            nx_graph.append(d)
+        return nx_graph[0]
     by_name = {n.name: n for n in graph.nodes}
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     outputs = {t.name for t in graph.outputs}
@@ -1286,36 +769,46 @@ def _branches(graph: gs.Graph, e: Engine, weight_layers: set[str]) -> tuple[Bran
         if any(t.name not in producer for t in node.inputs):
             continue
         fork = idom.get(node.name)
-        if fork is None or fork == src:
+        if fork == src:
+            # The branch also reads tensors made apart from the fork (an attention's mask,
+            # computed from another graph input): y = s + F(s, side inputs).
+            side = _side_branch(node, g(), producer)
+            if side is None:
+                continue
+            t, nodes, fork = side
+            if not any(by_name[n].op in LAYER_OPS for n in nodes):
+                continue
+        elif fork is None:
             continue
-        sides: list[tuple[gs.Tensor, list[str]]] = []
-        for t in node.inputs:
-            seen: dict[str, None] = {}  # ordered set
-            stack = [producer[t.name].name]
-            ok = True
-            while stack:
-                n = stack.pop()
-                if n == fork or n in seen:
-                    continue
-                if n == src or idom.get(n) is None:
-                    ok = False
+        else:
+            sides: list[tuple[gs.Tensor, list[str]]] = []
+            for t in node.inputs:
+                seen: dict[str, None] = {}  # ordered set
+                stack = [producer[t.name].name]
+                ok = True
+                while stack:
+                    n = stack.pop()
+                    if n == fork or n in seen:
+                        continue
+                    if n == src or idom.get(n) is None:
+                        ok = False
+                        break
+                    seen[n] = None
+                    stack.extend(preds[n])
+                if not ok:
+                    sides = []
                     break
-                seen[n] = None
-                stack.extend(p for p in g.predecessors(n))
-            if not ok:
-                sides = []
-                break
-            sides.append((t, list(seen)))
-        if len(sides) != 2:
-            continue
-        layer_counts = [sum(1 for n in s if by_name[n].op in LAYER_OPS) for _, s in sides]
-        if max(layer_counts) == 0:
-            continue
-        k = 0 if layer_counts[0] > layer_counts[1] else 1
-        if layer_counts[0] == layer_counts[1]:
-            # Same number of layers: the branch is the longer path.
-            k = 0 if len(sides[0][1]) > len(sides[1][1]) else 1
-        t, nodes = sides[k]
+                sides.append((t, list(seen)))
+            if len(sides) != 2:
+                continue
+            layer_counts = [sum(1 for n in s if by_name[n].op in LAYER_OPS) for _, s in sides]
+            if max(layer_counts) == 0:
+                continue
+            k = 0 if layer_counts[0] > layer_counts[1] else 1
+            if layer_counts[0] == layer_counts[1]:
+                # Same number of layers: the branch is the longer path.
+                k = 0 if len(sides[0][1]) > len(sides[1][1]) else 1
+            t, nodes = sides[k]
         members = set(nodes)
         reason: Reason | None = None
         for n in nodes:
@@ -1403,7 +896,7 @@ def _weight_groups(layers: Sequence[Layer], kinds: Iterable[str],
 def analyze(model: onnx.ModelProto, kinds: Iterable[str] = DEFAULT_KINDS, name: str = "",
             prepared: bool = False) -> Analysis:
     """Analyse ``model`` and list groups of ``kinds``; the result speaks of ``model`` (see
-    :meth:`WorkingCopy.to_input`).
+    :func:`to_input`).
 
     ``prepared`` says that ``model`` comes from :func:`prepare` (its folding is skipped
     unless its batch is symbolic)."""
@@ -1414,7 +907,7 @@ def analyze(model: onnx.ModelProto, kinds: Iterable[str] = DEFAULT_KINDS, name: 
     if prepared and not symbolic_batch(model) and not _name_nodes(model)[1]:
         return analyze_graph(to_graph(model), kinds_t, name or model.graph.name)
     wc = _prepare(model)
-    return wc.to_input(analyze_graph(wc.graph, kinds_t, name or model.graph.name))
+    return to_input(wc, analyze_graph(wc.graph, kinds_t, name or model.graph.name))
 
 
 def model_layers(model: onnx.ModelProto) -> tuple[Layer, ...]:
@@ -1429,10 +922,10 @@ def analyze_graph(graph: gs.Graph, kinds: Sequence[str] = DEFAULT_KINDS, name: s
                   key: int | None = None) -> Analysis:
     """Analyse a prepared graph (static shapes inferred, constants folded). ``key``: its
     ``graphutil.graph_key`` where the caller has it (else computed)."""
-    e, notes = _propagate(graph)
+    tensors = tensor_map(graph)
+    e, notes = _propagate(graph, tensors)
     ids = _space_ids(e)
     spaces = _build_spaces(e, ids)
-    tensors = tensor_map(graph)
     shapes = {n: tuple(int(d) for d in t.shape) for n, t in tensors.items()
               if isinstance(t, gs.Constant)}
     layers = _layers(graph, e, ids)
@@ -1442,6 +935,10 @@ def analyze_graph(graph: gs.Graph, kinds: Sequence[str] = DEFAULT_KINDS, name: s
         groups += _channel_groups(spaces, shapes)
     if "depth" in kinds:
         groups += _depth_groups(branches, graph)
+    if "head" in kinds:
+        attentions = find_attentions(graph)
+        groups += head_groups(graph, attentions)
+        notes = [*notes, *head_notes(attentions)]
     shared: dict[str, Reason] = {}
     for la in layers:
         users = tensors[la.weight].outputs

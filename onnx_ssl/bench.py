@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 
 from . import env
 from .analysis import analyze, bind_batch, symbolic_batch
 from .errors import InputError
+from .io import ModelProto
 from .runtime import ort, random_inputs
 from .text import format_table
 
@@ -141,7 +141,7 @@ def _batch_source(names: Sequence[str], symbolic: Sequence[bool], given: bool) -
             "the models' batch is symbolic, bound to 1 by default; set it with --batch")
 
 
-def _static_batch(model: onnx.ModelProto) -> int | None:
+def _static_batch(model: ModelProto) -> int | None:
     """The leading dim of the model's first graph input, when it is static."""
     inits = {t.name for t in model.graph.initializer}
     for vi in model.graph.input:
@@ -159,7 +159,7 @@ def _batch_of(sess: Any) -> int | None:
     return None
 
 
-def benchmark(models: Sequence[tuple[str, onnx.ModelProto]], provider: str = "cpu",
+def benchmark(models: Sequence[tuple[str, ModelProto]], provider: str = "cpu",
               iters: int = 20, warmup: int = 3, threads: int = 0, seed: int = 0,
               batch: int | None = None) -> BenchReport:
     """Time ``models`` (name, model) in alternation; the first is the baseline.

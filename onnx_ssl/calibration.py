@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from .errors import InputError, one_line
-from .io import onnx_to_dtype
+from .io import ModelProto, onnx_to_dtype
 
 # Samples per run where the model's batch is symbolic.
 BATCH = 16
@@ -44,7 +43,7 @@ class InputSpec:
         return self.dims[0] if self.dims else None
 
 
-def input_specs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
+def input_specs(model: ModelProto) -> tuple[InputSpec, ...]:
     """The graph inputs that are not initializers (older IR versions list weights too)."""
     inits = {t.name for t in model.graph.initializer}
     out = []

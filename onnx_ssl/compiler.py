@@ -1,15 +1,29 @@
 """``onnx-ssl prune``: the compiler pipeline that turns zero groups into a smaller model.
 
-Pipeline: prepare the working copy (unique node names, a symbolic batch bound, constant
-shape arithmetic folded) -> [ZeroSmallGroupsPass with a threshold, or ZeroGroupsToBudgetPass
-with a MAC or param budget: changes the function, reported separately] ->
-CollapseResidualPass -> RemoveZeroChannelsPass -> ShrinkKernelsPass -> [LowerSparseConvPass,
-with --lower] -> CleanupPass -> the batch made symbolic again -> finish (sort, shape
-inference, checker, ORT load) -> numeric check against the model it read (or the zeroed
-one) -> write. Nodes keep the names of the
-working copy: the input's, and the generated name of a node that was unnamed or shared its
-name (see ``analysis.name_nodes``), which the report's layers use too. MACs are per sample
-when the batch is symbolic.
+The prune is one :class:`~onnx_ssl.pipeline.PassManager` over one model object
+(:class:`PruneModel`: the graph, the model's metadata, and what the passes learn), built by
+:func:`prune_pipeline`; every step is a pass with the same contract, so a failure names its
+pass and the passes before it, and a toolchain can run any part of it from Python:
+
+    prepare       the working copy (:mod:`onnx_ssl.preparation`: unique node names, a
+                  symbolic batch bound, constant shape arithmetic folded, shapes inferred):
+                  the one proto -> graph conversion
+    analyze       the channel analysis the rewrites reuse while the graph matches it
+    [zero-small-groups | zero-to-budget]   with a threshold or a MAC/param budget: changes
+                  the function, reported separately (the zeroed model is the reference)
+    rewrite       :func:`rewrite_passes`: fixpoint(CollapseResidualPass, RemoveHeadsPass,
+                  RemoveZeroChannelsPass) -> ShrinkKernelsPass -> [LowerSparseConvPass,
+                  with --lower] -> CleanupPass
+    count         the result's layers, counted on the rewrite while it has its shapes
+    unbind-batch  the batch made symbolic again
+    finish        sort, export (the one graph -> proto conversion), strict shape
+                  inference, checker (and the ORT load, when no check follows)
+    [verify]      numeric check against the model read (or the zeroed one)
+
+and the caller writes the result. Nodes keep the names of the working copy: the input's,
+and the generated name of a node that was unnamed or shared its name (see
+``preparation.name_nodes``), which the report's layers use too. MACs are per sample when the
+batch is symbolic.
 
 **A budget** (``target_macs``/``target_params``, fractions of the input's counts): the groups
 are scored (:mod:`onnx_ssl.importance`), :class:`ZeroGroupsToBudgetPass` zeroes the least
@@ -28,9 +42,11 @@ budget and a fixed N the selection itself lands on rounded counts
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,18 +56,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .analysis import (
-    SharedAnalysis,
-    analyze_graph,
-    bias_maps,
-    layers_of,
-    model_layers,
-    name_nodes,
-    working_copy,
-)
+from .analysis import SharedAnalysis, analyze_graph, bias_maps, layers_of, model_layers
 from .calibration import Calibration, check_calibration, input_specs, read_calibration
 from .channels import static_shape
-from .errors import InputError
+from .errors import InputError, VerificationError
 from .groups import Analysis, Layer
 from .importance import IMPORTANCES, activation, magnitude
 from .io import ModelMeta, from_graph, weight_bytes
@@ -62,6 +70,7 @@ from .passes.lower_sparse_conv import MARKER as LOWERED
 from .passes.lower_sparse_conv import STRATEGIES as LOWER_STRATEGIES
 from .passes.lower_sparse_conv import LowerSparseConvPass
 from .passes.remove_channels import RemoveZeroChannelsPass
+from .passes.remove_heads import RemoveHeadsPass
 from .passes.round_channels import RoundChannelCounts, parse_round_to
 from .passes.shrink_kernels import ShrinkKernelsPass
 from .passes.zero_small_groups import ZeroSmallGroupsPass
@@ -72,16 +81,23 @@ from .passes.zero_to_budget import (
     check_fraction,
 )
 from .pipeline import (
+    FinishPass,
     FixpointPass,
+    GraphPass,
+    Model,
+    ModelPass,
     PassManager,
     PassResult,
     PipelineReport,
+    PreconditionError,
     Report,
+    StepReport,
     finish,
     gc_paused,
     release_memory,
     settle,
 )
+from .preparation import WorkingCopy, name_nodes, working_copy
 from .rules import RULES
 from .runtime import ATOL, RTOL, Difference, compare
 from .runtime import verify as verify_outputs
@@ -376,77 +392,22 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
         raise InputError(f"--importance must be one of {', '.join(IMPORTANCES)}, got {method!r}")
     if method == "activation" and cal is None:
         raise InputError("--importance activation needs calibration inputs (--data CALIB)")
-    meta = ModelMeta.of(model)
-    # Unique node names and a bound batch; `wc.unbind` makes the result batch-agnostic.
-    wc = working_copy(model)
-    graph = wc.graph
-    # Groups are only needed to zero them; the passes read spaces and branches.
     zeroing = threshold is not None or budget is not None
-    before = analyze_graph(graph, kinds=("channel", "depth") if zeroing else (), name=name)
-    if budget is not None and budget.macs is not None and not before.macs:
-        raise InputError("--target-macs needs static MACs, and a layer's shapes are not "
-                         "(`analyze` notes why); use --target-params")
-    # ONNX Runtime refuses two nodes of one name: the check runs the input uniquely named.
-    model = name_nodes(model)
-    reference = model
-    passes: list[tuple[str, Report]] = []
-    effect: tuple[Difference, ...] = ()
-    effect_inputs = ""
     lowering = LowerSparseConvPass(
         lower, provider=provider, batch=batch, threads=threads,
         cache_dir=_cache_dir(lower_cache)) if lower != "off" else None
-    landed: PassResult[PipelineReport] | None = None
-    if zeroing:
-        if budget is not None:
-            res: PassResult[Report]
-            res, landed = _zero_to_budget(graph, before, budget, method, cal, meta, seed,
-                                          reuse=lowering is None, rounding=rounding)
-        else:
-            assert threshold is not None
-            res = ZeroSmallGroupsPass(threshold, before)(graph)
-        graph = res.graph
-        passes.append((ZeroSmallGroupsPass.name if budget is None else
-                       ZeroGroupsToBudgetPass.name, res.report))
-        # finish() leaves `graph` as it is; unbind() changes it in place: it gets a copy, so
-        # that `graph` stays the one that `before` and the passes below describe.
-        reference = finish(wc.unbind(graph.copy()) if wc.batch else graph, meta)
-        if cal is not None:
-            effect = tuple(compare(model, reference, feeds=list(cal.batches())))
-            effect_inputs = f"{cal.source} ({cal.samples} samples)"
-        elif verify_n:
-            effect = tuple(compare(model, reference, n=verify_n, seed=seed))
-            effect_inputs = f"{verify_n} seeded random input(s) (seed {seed})"
-        del res
-    # The passes reuse `before` while the graph they get matches it (graph_key: zeroing
-    # changes float weights only), and analyse it afresh once a pass changed it.
-    shared = SharedAnalysis(before)
-    maps_before = bias_maps(wc.graph)  # per-position bias maps count as their layer's params
-    settle()  # the working copy and its analysis stay alive: no reason to collect garbage
-    if landed is not None:
-        out = landed  # the budget's last trial ran these very passes on this graph
-    else:
-        out = _exact_passes(shared, seed, lowering, rounding)(graph)
-    passes += list(out.report.results)
-    maps_after = bias_maps(out.graph)
+    state = PruneModel(None, ModelMeta.of(model), model, name=name)
+    pipeline = prune_pipeline(
+        kinds=("channel", "depth", "head") if zeroing else (), threshold=threshold, budget=budget,
+        method=method, cal=cal, seed=seed, verify=verify_n, lowering=lowering,
+        rounding=rounding)
+    out = pipeline(state)
+    final = state.proto
+    before = state.before
+    assert final is not None and before is not None
+    passes = [(n, r) for n, r in out.report.results if not isinstance(r, StepReport)]
     lowered = out.report.get(lowering.name) if lowering is not None else None
-    # The layers of the result, counted on the rewrite while it has its shapes (bound batch,
-    # as model_layers binds it) rather than on a re-import of the exported model.
-    shaped = _shaped_layers(out.graph)
-    rewritten = wc.unbind(out.graph)
-    # Only the rewrite is needed from here on: the working copy (its protos, and the weights
-    # of the graph before the passes) goes before the export and the numeric check's
-    # sessions, so that a large model's weights are not held several times at once.
-    del wc, graph, shared, out, landed
-    # A full collection costs time in proportion to the graph's nodes; it pays for large
-    # weights (what it frees), not for a graph of many small layers.
-    large = weight_bytes(model) >= RELEASE_BYTES
-    if large:
-        release_memory()
-    final = finish(rewritten, meta)
-    del rewritten
-    if large:
-        release_memory()
-    diffs = tuple(verify_outputs(reference, final, n=verify_n, seed=seed)) if verify_n else None
+    shaped, maps_before, maps_after = state.shaped, state.maps_before, state.maps_after
     after_layers = shaped if shaped is not None else model_layers(final)
     if before.layers and not before.macs:
         # The input's MACs are not static (a shape depends on a batch the analysis could not
@@ -469,20 +430,282 @@ def prune(model: onnx.ModelProto, *, threshold: float | None = None, verify: int
         params_before=before.params + sum(maps_before.values()),
         params_after=sum(la.params for la in after_layers) + sum(maps_after.values()),
         macs_before=before.macs, macs_after=sum(la.macs for la in after_layers),
-        passes=tuple(passes), threshold=threshold, effect=effect, verification=diffs,
-        kept=tuple(kept), target_macs=budget.macs if budget else None,
-        target_params=budget.params if budget else None, effect_inputs=effect_inputs)
+        passes=tuple(passes), threshold=threshold, effect=state.effect,
+        verification=state.verification, kept=tuple(kept),
+        target_macs=budget.macs if budget else None,
+        target_params=budget.params if budget else None, effect_inputs=state.effect_inputs)
     return PruneResult(final, report)
 
 
-def _exact_passes(shared: SharedAnalysis, seed: int, lowering: LowerSparseConvPass | None,
-                  rounding: RoundChannelCounts | None = None) -> PassManager:
-    """The passes that keep the function. Removing channels and branches enables more of
-    both: they run to their fixpoint, in place (the graph is the caller's own, and nothing
-    reads it after the passes: copying a large graph cost as much as a third of the channel
-    pass)."""
+@dataclass(eq=False)
+class PruneModel(Model):
+    """The model object a prune hands from pass to pass (see :func:`prune_pipeline`): the
+    graph and metadata, and what the prune's passes learn on the way. ``input``: the model
+    read, its nodes uniquely named (what ONNX Runtime runs in the checks); ``wc``: the
+    working copy's map back to the input (its batch); ``before``: the analysis of the
+    prepared graph; ``reference``: the model the result must compute (the input, or the
+    zeroed one); ``landed``: the budget's last trial, which ran the rewrites already;
+    ``shaped`` and ``maps_after``: the layers and bias maps of the rewrite, counted while
+    it has its shapes."""
+
+    name: str = ""
+    input: onnx.ModelProto | None = None
+    wc: WorkingCopy | None = None
+    before: Analysis | None = None
+    maps_before: dict[str, int] = field(default_factory=dict)
+    reference: onnx.ModelProto | None = None
+    effect: tuple[Difference, ...] = ()
+    effect_inputs: str = ""
+    landed: PassResult[PipelineReport] | None = None
+    shaped: tuple[Layer, ...] | None = None
+    maps_after: dict[str, int] = field(default_factory=dict)
+    verification: tuple[Difference, ...] | None = None
+    large: bool = False
+
+    def working_copy(self) -> WorkingCopy:
+        if self.wc is None:
+            raise PreconditionError("the model was not prepared (no working copy)")
+        return self.wc
+
+    def analysis(self) -> Analysis:
+        if self.before is None:
+            raise PreconditionError("the model was not analysed")
+        return self.before
+
+
+class _Step(ModelPass[StepReport]):
+    """A step of the prune pipeline that changes no weight or channel (its report is a
+    :class:`StepReport`, left out of the prune report's passes)."""
+
+    def call(self, graph: Any) -> PassResult[StepReport]:
+        t0 = time.perf_counter()
+        self.step(graph)
+        return PassResult(graph, StepReport(time.perf_counter() - t0))
+
+    @abc.abstractmethod
+    def step(self, model: PruneModel) -> None:
+        """The step itself, on ``model`` (changed in place)."""
+
+
+class PreparePass(_Step):
+    """Load: the working copy of the model read (see :mod:`onnx_ssl.preparation`: node names
+    made unique, constant shape arithmetic folded at a bound batch, shapes inferred), the
+    one proto -> graph conversion of the pipeline. The proto read stays the ``input`` (the
+    reference of the numeric check)."""
+
+    name = "prepare"
+
+    def requires(self, graph: Any) -> None:
+        if graph.proto is None:
+            raise PreconditionError("no model was read")
+
+    def step(self, model: PruneModel) -> None:
+        proto = model.proto
+        assert proto is not None
+        # Unique node names and a bound batch; `wc.unbind` makes the result batch-agnostic.
+        model.wc = working_copy(proto)
+        model.graph = model.wc.graph
+        # ONNX Runtime refuses two nodes of one name: the check runs the input uniquely named.
+        model.input = model.wc.named if model.wc.named is not None else name_nodes(proto)
+        model.reference = model.input
+        model.large = weight_bytes(proto) >= RELEASE_BYTES
+        model.proto = None
+        settle()  # the working copy stays alive: no reason to collect garbage after this pass
+
+
+class AnalyzePass(_Step):
+    """The channel analysis of the prepared graph (groups of ``kinds``: only the step that
+    zeroes groups needs them; the rewrites read spaces and branches), which the rewrites
+    reuse while the graph matches it."""
+
+    name = "analyze"
+
+    def __init__(self, kinds: Sequence[str], budget: Budget | None = None) -> None:
+        self.kinds = tuple(kinds)
+        self.budget = budget
+
+    def requires(self, graph: Any) -> None:
+        graph.the_graph()
+
+    def step(self, model: PruneModel) -> None:
+        graph = model.the_graph()
+        before = analyze_graph(graph, kinds=self.kinds, name=model.name)
+        if self.budget is not None and self.budget.macs is not None and not before.macs:
+            raise InputError("--target-macs needs static MACs, and a layer's shapes are not "
+                             "(`analyze` notes why); use --target-params")
+        model.before = before
+        model.maps_before = bias_maps(graph)  # per-position bias maps: their layer's params
+        settle()  # the analysis stays alive too
+
+
+class ZeroGroupsPass(ModelPass[Report]):
+    """The step that changes the function: the groups a threshold or a budget picks are
+    zeroed (:class:`ZeroSmallGroupsPass`, :class:`ZeroGroupsToBudgetPass`); the zeroed model
+    becomes the reference of the numeric check, and its difference from the input is
+    measured (``effect``: on the calibration data, or the check's random inputs)."""
+
+    def __init__(self, *, threshold: float | None, budget: Budget | None, method: str,
+                 cal: Calibration | None, seed: int, verify: int, reuse: bool,
+                 rounding: RoundChannelCounts | None) -> None:
+        self.threshold, self.budget, self.method, self.cal = threshold, budget, method, cal
+        self.seed, self.verify, self.reuse, self.rounding = seed, verify, reuse, rounding
+        self.name = ZeroSmallGroupsPass.name if budget is None else ZeroGroupsToBudgetPass.name
+
+    def requires(self, graph: Any) -> None:
+        graph.the_graph()
+        graph.analysis()
+
+    def call(self, graph: Any) -> PassResult[Report]:
+        model: PruneModel = graph
+        g, before, wc = model.the_graph(), model.analysis(), model.working_copy()
+        res: PassResult[Report]
+        if self.budget is not None:
+            res, model.landed = _zero_to_budget(g, before, self.budget, self.method, self.cal,
+                                                model.meta, self.seed, reuse=self.reuse,
+                                                rounding=self.rounding)
+        else:
+            assert self.threshold is not None
+            res = ZeroSmallGroupsPass(self.threshold, before)(g)
+        model.graph = res.graph
+        # finish() leaves the graph as it is; unbind() changes it in place: it gets a copy,
+        # so that the graph stays the one that `before` and the rewrites describe. The
+        # numeric checks below load it in ONNX Runtime.
+        model.reference = reference = finish(
+            wc.unbind(res.graph.copy()) if wc.batch else res.graph, model.meta, load=False)
+        assert model.input is not None
+        if self.cal is not None:
+            model.effect = tuple(compare(model.input, reference,
+                                         feeds=list(self.cal.batches())))
+            model.effect_inputs = f"{self.cal.source} ({self.cal.samples} samples)"
+        elif self.verify:
+            model.effect = tuple(compare(model.input, reference, n=self.verify,
+                                         seed=self.seed))
+            model.effect_inputs = (f"{self.verify} seeded random input(s) (seed "
+                                   f"{self.seed})")
+        settle()  # the zeroed graph is the rewrites' input: no reason to collect it
+        return PassResult(model, res.report)
+
+
+class RewritePass(ModelPass[PipelineReport]):
+    """The rewrites that keep the function (:func:`rewrite_passes`), to their fixpoint; a
+    budget's last trial ran them already (its result is taken as it is). Their reports are
+    the prune report's passes."""
+
+    name = "rewrite"
+
+    def __init__(self, seed: int, lowering: LowerSparseConvPass | None,
+                 rounding: RoundChannelCounts | None) -> None:
+        self.seed, self.lowering, self.rounding = seed, lowering, rounding
+
+    def requires(self, graph: Any) -> None:
+        graph.the_graph()
+        graph.analysis()
+
+    def call(self, graph: Any) -> PassResult[PipelineReport]:
+        model: PruneModel = graph
+        settle()  # the working copy and its analysis stay alive: no reason to collect garbage
+        if model.landed is not None:
+            out, model.landed = model.landed, None
+        else:
+            # The passes reuse the analysis while the graph they get matches it (graph_key:
+            # zeroing changes float weights only), and analyse it afresh once one changed it.
+            shared = SharedAnalysis(model.analysis())
+            out = rewrite_passes(shared, self.seed, self.lowering, self.rounding)(
+                model.the_graph())
+        model.graph = out.graph
+        return PassResult(model, out.report)
+
+
+class CountPass(_Step):
+    """The layers and bias maps of the rewrite, counted while it has its shapes (bound batch,
+    as ``model_layers`` binds it) rather than on a re-import of the exported model."""
+
+    name = "count"
+
+    def step(self, model: PruneModel) -> None:
+        graph = model.the_graph()
+        model.maps_after = bias_maps(graph)
+        model.shaped = _shaped_layers(graph)
+
+
+class UnbindBatchPass(_Step):
+    """The batch made symbolic again (:meth:`WorkingCopy.unbind`); the working copy goes,
+    so that a large model's weights are not held several times at once in the export and
+    the check."""
+
+    name = "unbind-batch"
+
+    def step(self, model: PruneModel) -> None:
+        model.graph = model.working_copy().unbind(model.the_graph())
+        model.wc = None
+        # A full collection costs time in proportion to the graph's nodes; it pays for large
+        # weights (what it frees), not for a graph of many small layers.
+        if model.large:
+            release_memory()
+
+
+class VerifyPass(_Step):
+    """The numeric check: ``n`` seeded random inputs, the result against the reference
+    (raises VerificationError beyond the tolerance); it loads the result in ONNX Runtime
+    (:class:`FinishPass` leaves that load to it)."""
+
+    name = "verify"
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+
+    def step(self, model: PruneModel) -> None:
+        if model.large:
+            release_memory()
+        assert model.proto is not None and model.reference is not None
+        model.verification = tuple(verify_outputs(model.reference, model.proto, n=self.n,
+                                                  seed=self.seed))
+
+
+def prune_pipeline(*, kinds: Sequence[str] = (), threshold: float | None = None,
+                   budget: Budget | None = None, method: str = "magnitude",
+                   cal: Calibration | None = None, seed: int = 0, verify: int = 3,
+                   lowering: LowerSparseConvPass | None = None,
+                   rounding: RoundChannelCounts | None = None) -> PassManager:
+    """The whole prune as one pipeline of passes over a :class:`PruneModel`:
+
+    prepare -> analyze -> [zero-small-groups | zero-to-budget] -> rewrite (the passes of
+    :func:`rewrite_passes`) -> count -> unbind-batch -> finish -> [verify].
+
+    ``prepare`` is the one proto -> graph conversion, ``finish`` the one graph -> proto
+    conversion; ONNX Runtime loads the result once (in the check, or in finish without
+    one). A failure names its pass and the passes before it (the input's errors and a
+    failed check keep their message, with the pass in a note). A new rewrite that keeps
+    the function is registered in :func:`rewrite_passes`.
+    """
+    zeroing = threshold is not None or budget is not None
+    steps: list[GraphPass[Any]] = [PreparePass(), AnalyzePass(kinds, budget)]
+    if zeroing:
+        steps.append(ZeroGroupsPass(threshold=threshold, budget=budget, method=method,
+                                    cal=cal, seed=seed, verify=verify,
+                                    reuse=lowering is None, rounding=rounding))
+    steps += [RewritePass(seed, lowering, rounding), CountPass(), UnbindBatchPass(),
+              FinishPass(load=not verify)]
+    if verify:
+        steps.append(VerifyPass(verify, seed))
+    return PassManager(steps, name="prune", as_they_are=(InputError, VerificationError))
+
+
+def rewrite_passes(shared: SharedAnalysis, seed: int, lowering: LowerSparseConvPass | None,
+                   rounding: RoundChannelCounts | None = None) -> PassManager:
+    """The passes that keep the function, on the prepared graph. Removing channels and
+    branches enables more of both: they run to their fixpoint, in place (the graph is the
+    caller's own, and nothing reads it after the passes: copying a large graph cost as much
+    as a third of the channel pass).
+
+    **Registering a rewrite**: a pass that removes structure and can enable (or be enabled
+    by) the others goes into the fixpoint's list; a one-off rewrite goes after it, before
+    the lowering and the cleanup. It takes the graph and returns ``PassResult(graph,
+    report)`` (see :class:`~onnx_ssl.pipeline.PassBase`); an analysed pass takes ``shared``
+    to reuse the analysis."""
     return PassManager([
         FixpointPass([CollapseResidualPass(seed=seed, shared=shared, in_place=True),
+                      RemoveHeadsPass(seed=seed, shared=shared, in_place=True),
                       RemoveZeroChannelsPass(seed=seed, shared=shared, in_place=True,
                                              rounding=rounding)]),
         ShrinkKernelsPass(), *([lowering] if lowering else []), CleanupPass()])
@@ -541,7 +764,7 @@ def _zero_to_budget(graph: gs.Graph, before: Analysis, budget: Budget, method: s
                                       aim=Budget(aim.get("macs"), aim.get("params")),
                                       round_to=rounding.multiple if rounding else None
                                       )(graph)
-        out = _exact_passes(SharedAnalysis(before), seed, None, rounding)(zero.graph.copy())
+        out = rewrite_passes(SharedAnalysis(before), seed, None, rounding)(zero.graph.copy())
         real = _count(out, before, meta, maps_before)
         est = {k: getattr(zero.report, "estimated_" + k) for k in targets}
         under = min(targets[k] - real[k] for k in targets)

@@ -7,15 +7,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from . import runtime
-from .io import clamp_ir, dtype_to_onnx, export_skeleton, infer_shapes, tensor_map
+from .io import ModelProto, clamp_ir, dtype_to_onnx, export_skeleton, infer_shapes, tensor_map
 from .names import fresh_name
 
 
-def export(graph: gs.Graph) -> onnx.ModelProto:
+def export(graph: gs.Graph) -> ModelProto:
     model = gs.export_onnx(graph, do_type_check=True)
     return clamp_ir(model)
 

@@ -25,9 +25,9 @@ from .reasons import Reason, reason_json
 Role = Literal["out", "in", "stat"]
 # "act" marks an activation tensor's axis in ChannelRef (never a group member).
 RefRole = Literal["out", "in", "stat", "act"]
-Kind = Literal["channel", "depth", "shape", "filter2d", "neuron"]
-KINDS: tuple[Kind, ...] = ("channel", "depth", "shape", "filter2d", "neuron")
-DEFAULT_KINDS: tuple[Kind, ...] = ("channel", "depth")
+Kind = Literal["channel", "depth", "head", "shape", "filter2d", "neuron"]
+KINDS: tuple[Kind, ...] = ("channel", "depth", "head", "shape", "filter2d", "neuron")
+DEFAULT_KINDS: tuple[Kind, ...] = ("channel", "depth", "head")
 
 # One entry per tensor axis: None is the whole axis, a tuple selects those indices.
 Slice = tuple[tuple[int, ...] | None, ...]

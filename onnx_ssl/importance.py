@@ -7,7 +7,7 @@ prunable channel and depth group of the model in one list by these scores, lowes
 members: the producing filters, biases and norm parameters; its ``in`` members: the
 consumers' input slices; BatchNorm statistics are no part of it)::
 
-    n_g = ||g||_2 = sqrt(sum_j ||w_j||_2^2)                    (zero_small_groups.group_norm)
+    n_g = ||g||_2 = sqrt(sum_j ||w_j||_2^2)                    (norms.group_norm, "l2")
     s_g = n_g / mean_{h in S} n_h
 
 the normalisation of Torch-Pruning's ``GroupMagnitudeImportance`` (``normalizer="mean"``):
@@ -17,7 +17,7 @@ layer of large weights does not outrank a layer of small weights as a whole. For
 group ``b`` (every weight of a residual branch) the branch's RMS is normalised over the
 model's prunable branches::
 
-    r_b = ||w_b||_2 / sqrt(|w_b|),      s_b = K_b * r_b / mean_{b' prunable} r_b'
+    r_b = ||w_b||_2 / sqrt(|w_b|),      s_b = K_b * r_b / mean_{b' prunable} r_b'   ("rms")
 
 where ``K_b`` is the number of filters of the branch's layers. Removing a branch removes
 all of them: ``K_b`` counts each as an average channel (score 1), and ``r_b / mean r``
@@ -61,7 +61,7 @@ import onnx_graphsurgeon as gs
 from .calibration import Calibration
 from .groups import Analysis, ChannelRef, Group, Member
 from .io import tensor_map
-from .passes.zero_small_groups import group_norm, group_norms
+from .norms import group_norm, group_norms
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ class Scores:
 
 
 def scoreable(analysis: Analysis) -> list[Group]:
-    """The groups a budget may zero: prunable channel and depth groups with weights."""
-    return [g for g in analysis.groups if g.kind in ("channel", "depth") and g.prunable
+    """The groups a budget may zero: prunable channel, depth and head groups with weights."""
+    return [g for g in analysis.groups if g.kind in ("channel", "depth", "head") and g.prunable
             and any(m.role != "stat" for m in g.members)]
 
 
@@ -99,12 +99,9 @@ def _normalised(raw: Mapping[str, float], peers: Mapping[str, str]) -> dict[str,
 
 
 def _peers(groups: Iterable[Group]) -> dict[str, str]:
-    return {g.id: g.space if g.kind == "channel" and g.space else "\0depth" for g in groups}
-
-
-def _rms(g: Group, values: Mapping[str, np.ndarray]) -> float:
-    size = sum(int(np.prod(values[m.tensor].shape)) for m in g.members if m.role != "stat")
-    return group_norm(g, dict(values)) / math.sqrt(size) if size else 0.0
+    """Peer sets: a channel's space, the heads of one attention, all depth groups."""
+    return {g.id: g.space if g.kind == "channel" and g.space
+            else f"\0head:{g.node}" if g.kind == "head" else "\0depth" for g in groups}
 
 
 def _depth_weights(analysis: Analysis, groups: Iterable[Group]) -> dict[str, float]:
@@ -129,7 +126,7 @@ def magnitude(analysis: Analysis, graph: gs.Graph) -> Scores:
     groups = scoreable(analysis)
     values = _values(graph, groups)
     raw = group_norms([g for g in groups if g.kind == "channel"], values)
-    raw.update({g.id: _rms(g, values) for g in groups if g.kind != "channel"})
+    raw.update(group_norms([g for g in groups if g.kind != "channel"], values, "rms"))
     return Scores("magnitude", _scored(analysis, groups, raw))
 
 
@@ -181,16 +178,39 @@ def activation(analysis: Analysis, graph: gs.Graph, calibration: Calibration) ->
         other = next((t.name for t in add.inputs if t.name != b.branch_output), None)
         if other is not None:
             residual[g.id] = (b.branch_output, other)
+    # A head: its output projection rows times the norms of the heads' output there.
+    tensors = tensor_map(graph)
+    head_reads: dict[str, tuple[Member, str, int, tuple[int, ...]]] = {}
+    for g in groups:
+        wo = next((x for x in g.members if x.role == "in"), None) if g.kind == "head" else None
+        if wo is None:
+            continue
+        x = data_input(wo.tensor)
+        shape = tensors[x].shape if x is not None and x in tensors else None
+        rows = next((sl for sl in wo.slice if sl is not None), None)
+        if x is not None and shape and rows is not None:
+            head_reads[g.id] = (wo, x, len(shape) - 1, rows)
     axes = {(r.tensor, r.axis) for ps in reads.values() for _, r in ps}
+    axes |= {(x, axis) for _, x, axis, _ in head_reads.values()}
     wanted = sorted({t for t, _ in axes} | {t for pair in residual.values() for t in pair})
     squares = _channel_squares(graph, wanted, calibration, axes)
     raw: dict[str, float] = {}
     norms = group_norms([g for g in groups if g.space in fallback], values)
     for g in groups:
+        if g.kind == "head":
+            hr = head_reads.get(g.id)
+            if hr is None:
+                raw[g.id] = group_norm(g, values, "rms")
+                continue
+            wo, x, axis, rows = hr
+            w = values[wo.tensor]
+            raw[g.id] = (float(np.sum(np.abs(w[wo.index(w.shape)]), dtype=np.float64))
+                         * math.sqrt(float(squares[(x, axis)][list(rows)].sum())))
+            continue
         if g.kind == "depth":
             pair = residual.get(g.id)
             if pair is None:
-                raw[g.id] = _rms(g, values)
+                raw[g.id] = group_norm(g, values, "rms")
                 continue
             out, short = (math.sqrt(squares[(t, None)].sum()) for t in pair)
             raw[g.id] = out / max(short, 1e-30)

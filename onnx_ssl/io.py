@@ -32,6 +32,9 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 # In-memory mark on a model loaded with external data, so that outputs keep it external.
 EXTERNAL_MARK = "onnx_ssl.external_data"
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+# The model type other modules name in their signatures, from the door: ruff bans `import
+# onnx` outside the door modules (pyproject.toml, [tool.ruff.lint.per-file-ignores]).
+ModelProto = onnx.ModelProto
 
 
 @dataclass(frozen=True)
@@ -393,12 +396,6 @@ def export_skeleton(graph: gs.Graph) -> onnx.ModelProto:
 def shaped_graph(model: onnx.ModelProto, strict: bool = False) -> gs.Graph:
     """``to_graph(infer_shapes(model, strict))`` without the copy of ``model`` (and of every
     weight) that :func:`infer_shapes` makes: the graph's constants read ``model``'s."""
-    from onnx_graphsurgeon.importers.onnx_importer import (
-        get_onnx_tensor_dtype,
-        get_onnx_tensor_shape,
-        get_onnx_tensor_type,
-    )
-
     inferred = _inferred(model, strict)
     graph = to_graph(model)
     tensors = tensor_map(graph)
@@ -406,15 +403,30 @@ def shaped_graph(model: onnx.ModelProto, strict: bool = False) -> gs.Graph:
     for name, t in tensors.items():  # what the model's own value_info said goes
         if isinstance(t, gs.Variable) and name not in io_names:
             t.dtype, t.shape, t.type = None, None, "tensor"
+    write_shapes(graph, inferred)
+    return graph
+
+
+def write_shapes(graph: gs.Graph, inferred: onnx.ModelProto, inputs: bool = False) -> None:
+    """Give ``graph``'s variables the types and shapes of ``inferred`` (shape inference on a
+    model of the same graph): inner tensors and outputs, and with ``inputs`` the inputs."""
+    from onnx_graphsurgeon.importers.onnx_importer import (
+        get_onnx_tensor_dtype,
+        get_onnx_tensor_shape,
+        get_onnx_tensor_type,
+    )
+
+    tensors = tensor_map(graph)
     outputs = {t.name for t in graph.outputs}
+    ins = {t.name for t in graph.inputs}
     for vi in (*inferred.graph.value_info,
-               *(o for o in inferred.graph.output if o.name in outputs)):
+               *(o for o in inferred.graph.output if o.name in outputs),
+               *(i for i in inferred.graph.input if inputs and i.name in ins)):
         t = tensors.get(vi.name)
         if isinstance(t, gs.Variable) and vi.type.ByteSize() > 0:
             t.dtype = get_onnx_tensor_dtype(vi)
             t.shape = get_onnx_tensor_shape(vi)
             t.type = get_onnx_tensor_type(vi)
-    return graph
 
 
 def _inferred(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
@@ -443,10 +455,77 @@ def _inferred(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=strict,
                                                      strict_mode=strict, data_prop=True)
+        # ONNX's inference does not know ONNX Runtime's contrib ops: those that keep their
+        # input's shape pass it on, and inference goes on from there.
+        for _ in range(len(sg.node)):
+            added = _contrib_shapes(sg, inferred.graph)
+            if not added:
+                break
+            sg.value_info.extend(added)
+            inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=strict,
+                                                         strict_mode=strict, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
         first = one_line(e)
         raise InputError(f"shape inference failed: {first}") from e
     return inferred
+
+
+# com.microsoft ops whose listed outputs have the shape and type of their first input.
+_SAME_SHAPE_CONTRIB = {"Gelu": (0,), "QuickGelu": (0,), "BiasGelu": (0,), "FastGelu": (0,),
+                       "BiasAdd": (0,), "SkipLayerNormalization": (0, 3),
+                       "SkipSimplifiedLayerNormalization": (0, 3)}
+
+
+def _contrib_shapes(graph: onnx.GraphProto, inferred: onnx.GraphProto
+                    ) -> list[onnx.ValueInfoProto]:
+    """Value infos for the outputs of shape-preserving contrib ops that inference left
+    without a shape (empty when there are none)."""
+    known = {vi.name: vi for vi in (*inferred.value_info, *inferred.input, *inferred.output)
+             if vi.type.tensor_type.HasField("shape")}
+    out: list[onnx.ValueInfoProto] = []
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    dims.update({i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
+                 for i in graph.input})
+    for n in graph.node:
+        # Attention: the input's shape with the last dim the V size of the packed weight.
+        if (n.domain == "com.microsoft" and n.op_type == "Attention" and len(n.input) > 1
+                and n.input[0] in known and n.output[0] not in known
+                and len(dims.get(n.input[1], [])) == 2):
+            sizes = next((list(a.ints) for a in n.attribute if a.name == "qkv_hidden_sizes"),
+                         None) or [dims[n.input[1]][1] // 3] * 3
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(known[n.input[0]])
+            vi.name = n.output[0]
+            vi.type.tensor_type.shape.dim[-1].Clear()
+            vi.type.tensor_type.shape.dim[-1].dim_value = sizes[2]
+            out.append(vi)
+            known[vi.name] = vi
+            continue
+        # MultiHeadAttention with separate 3-D Q, K, V: the query's shape, V's hidden size.
+        if (n.domain == "com.microsoft" and n.op_type == "MultiHeadAttention"
+                and len(n.input) > 2 and n.input[0] in known and n.input[2] in known
+                and n.output[0] not in known
+                and len(known[n.input[2]].type.tensor_type.shape.dim) == 3):
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(known[n.input[0]])
+            vi.name = n.output[0]
+            vi.type.tensor_type.shape.dim[-1].CopyFrom(
+                known[n.input[2]].type.tensor_type.shape.dim[-1])
+            out.append(vi)
+            known[vi.name] = vi
+            continue
+        slots = _SAME_SHAPE_CONTRIB.get(n.op_type) if n.domain == "com.microsoft" else None
+        src = known.get(n.input[0]) if slots and n.input else None
+        if src is None:
+            continue
+        for k in slots or ():
+            if k < len(n.output) and n.output[k] and n.output[k] not in known:
+                vi = onnx.ValueInfoProto()
+                vi.CopyFrom(src)
+                vi.name = n.output[k]
+                out.append(vi)
+                known[vi.name] = vi
+    return out
 
 
 def fold_trivial_constants(model: onnx.ModelProto) -> onnx.ModelProto:

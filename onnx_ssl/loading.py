@@ -8,15 +8,17 @@ benchmarks) share this one reading of a model argument.
 from __future__ import annotations
 
 from pathlib import Path
-
-import onnx
+from typing import TYPE_CHECKING
 
 from .errors import OnnxSslError
+
+if TYPE_CHECKING:
+    from .io import ModelProto
 
 BUILTIN = "builtin:"
 
 
-def load(spec: str) -> onnx.ModelProto:
+def load(spec: str) -> ModelProto:
     """The model ``spec`` names: a file, or ``builtin:NAME`` from :mod:`onnx_ssl.models`."""
     from .io import load_model
 

@@ -15,6 +15,11 @@ postcondition ``ensures`` checked on its result. :class:`PassManager` and
 postcondition of a whole pipeline: it checks and exports the graph the passes left, and
 never changes it.
 
+A whole pipeline (``prune``: load -> preparation -> rewrites -> finish -> check) runs on one
+:class:`Model` object, the graph and the model's metadata: its steps are
+:class:`ModelPass` es with the same contract, a graph pass runs on the model's graph through
+:class:`OnGraph`, and :class:`FinishPass` exports the graph once at the end.
+
 A rewrite that enables more rewrites runs to its fixpoint: :class:`FixpointPass` runs its
 passes again and again until a round changes nothing (removing a channel can leave a filter
 that nobody reads, or an upstream channel that only that filter read), so that running the
@@ -174,12 +179,21 @@ R = TypeVar("R", bound=Report, covariant=True)
 
 @dataclass(frozen=True)
 class PassResult(Generic[R]):
-    graph: gs.Graph
+    """What a pass returns: the graph (a :class:`Model`, from a :class:`ModelPass`) and its
+    report."""
+
+    graph: Any
     report: R
 
     @property
     def modified(self) -> bool:
         return self.report.modified
+
+    @property
+    def model(self) -> Model:
+        """The :class:`Model` a model pass returned."""
+        assert isinstance(self.graph, Model), type(self.graph).__name__
+        return self.graph
 
 
 class GraphPass(Protocol[R]):
@@ -391,10 +405,14 @@ class PassManager(PassBase[PipelineReport]):
     works in place when all its passes do, and changes its input when one of them does.
     """
 
-    def __init__(self, passes: Sequence[GraphPass[Any]], name: str | None = None) -> None:
+    def __init__(self, passes: Sequence[GraphPass[Any]], name: str | None = None, *,
+                 as_they_are: tuple[type[Exception], ...] = ()) -> None:
         self.passes = tuple(passes)
         self.name = name or "pipeline(" + ", ".join(p.name for p in self.passes) + ")"
         self.in_place = all(_in_place(p) for p in self.passes)
+        # Errors of these types (the user's input, a failed numeric check) keep their one-line
+        # message; a note names the pass (shown in the traceback with --debug).
+        self.as_they_are = as_they_are
 
     @property
     def changes_input(self) -> bool:
@@ -409,6 +427,9 @@ class PassManager(PassBase[PipelineReport]):
                 res = p(graph)
             except Exception as e:
                 before = ", ".join(ran) if ran else "none"
+                if isinstance(e, self.as_they_are):
+                    e.add_note(f"in pass {p.name} (after: {before})")
+                    raise
                 msg = f"pass {p.name} failed (after: {before}): {_one_line(e)}"
                 if isinstance(e, OnnxSslError):
                     raise type(e)(msg) from e
@@ -465,6 +486,68 @@ class FixpointPass(PassBase[FixpointReport]):
                         f"rounds")
 
 
+# --- one model object from load to write -------------------------------------------------
+
+
+@dataclass(eq=False)
+class Model:
+    """The one object a whole pipeline hands from pass to pass (load -> preparation ->
+    rewrites -> finish -> check): the graph the passes rewrite and the model-level fields of
+    the model it was read from (``meta``); ``proto``: the model as read until a pass
+    imports it (the one proto -> graph conversion), and the model handed out once
+    :class:`FinishPass` exported it (the one graph -> proto conversion). A pipeline's own
+    state (an analysis, the model the result is checked against) lives in a subclass."""
+
+    graph: gs.Graph | None
+    meta: ModelMeta
+    proto: onnx.ModelProto | None = None
+
+    def the_graph(self) -> gs.Graph:
+        """``graph``, which a pass that needs it requires."""
+        if self.graph is None:
+            raise PreconditionError("the model has no graph (it was not imported)")
+        return self.graph
+
+
+M = TypeVar("M", bound=Model)
+
+
+@dataclass(frozen=True)
+class StepReport(Report):
+    """The report of a step of a whole pipeline that changes no weight or channel: the
+    preparation, finishing and checking passes (a prune's report lists the rewrites'
+    reports only). ``seconds``: how long it took."""
+
+    seconds: float = field(default=0.0, metadata={"info": True})
+
+
+class ModelPass(PassBase[R]):
+    """A pass over a :class:`Model` (changed in place and returned: ``in_place``), with the
+    contract of a graph pass: :class:`PassManager` runs model passes as it runs graph
+    passes, and names the one that failed."""
+
+    in_place = True
+
+    @abc.abstractmethod
+    def call(self, graph: Any) -> PassResult[R]:
+        """The pass itself, on the :class:`Model` ``graph``."""
+
+
+class OnGraph(ModelPass[Report]):
+    """A graph pass (or pipeline) run on the graph of a :class:`Model`: the model gets the
+    graph the pass returns, and the report is the pass's own (under the pass's name)."""
+
+    def __init__(self, inner: GraphPass[Any]) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def call(self, graph: Any) -> PassResult[Report]:
+        model: Model = graph
+        res = self.inner(model.the_graph())
+        model.graph = res.graph
+        return PassResult(model, res.report)
+
+
 def unfinished_reason(graph: gs.Graph) -> str | None:
     """Why ``graph`` is not as a pipeline must leave it, or None: its nodes sorted (in the
     order of onnx-graphsurgeon's ``toposort``, by depth) and none of them dead (every node
@@ -494,9 +577,10 @@ def unfinished_reason(graph: gs.Graph) -> str | None:
     return None
 
 
-def finish(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:
+def finish(graph: gs.Graph, meta: ModelMeta, load: bool = True) -> onnx.ModelProto:
     """The postcondition of every pipeline, and the model it hands out: the graph sorted
-    without dead nodes, exported, strict shape inference, checker, ORT load.
+    without dead nodes, exported, strict shape inference, checker, ORT load (``load``
+    False leaves the load to the numeric check that follows, which loads the model anyway).
 
     ``graph`` is never changed (the caller may still be using it: the thresholded graph is
     the passes' input). A pipeline ends with :class:`~onnx_ssl.passes.cleanup.CleanupPass`,
@@ -513,5 +597,29 @@ def finish(graph: gs.Graph, meta: ModelMeta) -> onnx.ModelProto:
         onnx.checker.check_model(model, full_check=False)
     except onnx.checker.ValidationError as e:
         raise PassError(f"rewritten model fails the ONNX checker: {_one_line(e)}") from e
-    runtime.session(model)
+    if load:
+        runtime.session(model)
     return model
+
+
+class FinishPass(ModelPass[StepReport]):
+    """:func:`finish` as the last pass of a whole pipeline: the model's graph exported (the
+    one graph -> proto conversion) and checked; the model's ``proto`` is the result and its
+    graph is dropped (nothing reads it after this). ``load``: load the result in ONNX
+    Runtime here; a pipeline whose numeric check follows leaves that load to the check,
+    rather than open a session only to throw it away."""
+
+    name = "finish"
+
+    def __init__(self, load: bool = True) -> None:
+        self.load = load
+
+    def requires(self, graph: Any) -> None:
+        graph.the_graph()
+
+    def call(self, graph: Any) -> PassResult[StepReport]:
+        model: Model = graph
+        t0 = time.perf_counter()
+        model.proto = finish(model.the_graph(), model.meta, load=self.load)
+        model.graph = None
+        return PassResult(model, StepReport(time.perf_counter() - t0))

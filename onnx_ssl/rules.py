@@ -350,13 +350,21 @@ def flow_concat(e: Engine, node: gs.Node, rule: OpRule) -> None:
     if ref.axis != axis:
         # Concatenation along another axis: channel i of every input is channel i of the output.
         ok = True
+        consts: list[gs.Tensor] = []
         for i, (t, lay) in enumerate(zip(node.inputs, tracked, strict=True)):
-            if lay is None:
+            if lay is None and is_const(t) and (d := dims(t)) is not None and len(d) == r \
+                    and d[ref.axis] == ref.size:
+                # A constant (a class token expanded to the batch, folded): per channel, and
+                # sliced with it like a bias.
+                consts.append(t)
+            elif lay is None:
                 e.block(ref, _why(node, f"input {i}: {_untracked(t)}"))
                 ok = False
             elif lay is not ref:
                 ok = e.unite(ref, lay, node) and ok
         if ok:
+            for t in consts:
+                e.add_refs(t, ref.axis, "out", ref, node, is_weight=True)
             e.set_layout(node.outputs[0], ref, node)
         return
     segs: list[Seg] = []
@@ -933,8 +941,32 @@ RULES: dict[str, OpRule] = {
 }
 
 
+# ONNX Runtime's contrib ops (domain com.microsoft) as its transformers optimizer writes them
+# around fused attention: element-wise GELUs with a bias sliced with the channel, and the
+# LayerNorm of a residual sum (which normalises over the channels, as LayerNormalization).
+MS_RULES: dict[str, OpRule] = {
+    "Gelu": OpRule(flow_unary),
+    "QuickGelu": OpRule(flow_unary),
+    "BiasGelu": OpRule(flow_binary, note="bias sliced with the channel"),
+    "FastGelu": OpRule(flow_binary, note="bias sliced with the channel"),
+    "SkipLayerNormalization": OpRule(
+        flow_block, note="normalises the residual sum over the channel axis (LayerNorm)",
+        passthrough=True),
+    "SkipSimplifiedLayerNormalization": OpRule(
+        flow_block, note="normalises the residual sum over the channel axis (RMSNorm)",
+        passthrough=True),
+}
+
+
+def rule_of(node: gs.Node) -> OpRule | None:
+    """The rule of ``node``'s op in its domain (None: not in the tables)."""
+    if node.domain in (None, "", "ai.onnx"):
+        return RULES.get(node.op)
+    return MS_RULES.get(node.op) if node.domain == "com.microsoft" else None
+
+
 def apply_rule(e: Engine, node: gs.Node) -> None:
-    rule = RULES.get(node.op) if node.domain in (None, "", "ai.onnx") else None
+    rule = rule_of(node)
     if rule is None:
         flow_block(e, node, rule)
         return

@@ -60,9 +60,10 @@ EXPECTED: dict[str, tuple[int, int, int]] = {
     "hf_bert": (6, 1, 48),
     # Only the two MLP inner spaces (64 + 128): Q/K/V split into heads, LayerNorm elsewhere.
     "hf_swin": (12, 2, 192),
-    # The two MLP inner spaces (2 x 128); the patch Conv's space is concatenated with the
-    # class token (not tracked), Q/K/V split into heads, LayerNorm on the residual stream.
-    "hf_vit": (11, 2, 256),
+    # The two MLP inner spaces (2 x 128); the patch Conv's space is the residual stream (the
+    # class token concatenated to it is sliced with it), LayerNorm on it; Q/K/V split into
+    # heads.
+    "hf_vit": (10, 2, 256),
     # The two MLP inner spaces (2 x 256): the fused Q/K/V splits into heads, LayerNorm on the
     # residual stream.
     "hf_gpt2": (5, 2, 512),

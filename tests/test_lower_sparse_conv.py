@@ -18,6 +18,7 @@ from onnx_ssl.passes.lower_sparse_conv import (
     ConvSpec,
     LowerSparseConvPass,
     Timer,
+    aligned_chunks,
     candidate_macs,
     dense_macs,
     kernel_classes,
@@ -188,19 +189,97 @@ def test_auto_picks_the_fastest_by_measurement(rng):
     from onnx_ssl.io import to_graph
 
     graph = to_graph(model)
-    measure, calls = fake_timer({"dense": 1.0, "kernel-classes": 0.9, "compact-gemm": 0.5,
-                                 "blocks": 0.1})
+    measure, calls = fake_timer({"dense": 1.0, "kernel-classes": 0.9, "group-classes": 0.7,
+                                 "compact-gemm": 0.5, "blocks": 0.1})
     res = LowerSparseConvPass("auto", timer=measure)(graph)
     # No 2D filter is zero, so blocks saves nothing and is not a candidate.
-    assert calls == [["compact-gemm", "dense", "kernel-classes"]]
+    assert calls == [["compact-gemm", "dense", "group-classes", "kernel-classes"]]
     (e,) = res.report.lowered
     assert e.strategy == "compact-gemm"
-    assert dict(e.times_ms) == {"dense": 1.0, "kernel-classes": 0.9, "compact-gemm": 0.5}
+    assert dict(e.times_ms) == {"dense": 1.0, "kernel-classes": 0.9, "group-classes": 0.7,
+                                "compact-gemm": 0.5}
     # Nothing beats the dense conv by the margin: it stays, and the report says so.
-    measure, _ = fake_timer({"dense": 1.0, "kernel-classes": 0.97, "compact-gemm": 1.2})
+    measure, _ = fake_timer({"dense": 1.0, "kernel-classes": 0.97, "group-classes": 0.99,
+                             "compact-gemm": 1.2})
     res = LowerSparseConvPass("auto", timer=measure)(graph)
     assert not res.modified
     assert [d.strategy for d in res.report.dense] == ["dense"]
+
+
+def test_auto_never_picks_a_form_measured_slower(rng):
+    """Whatever the timings, the choice is the fastest form measured in the same run, and a
+    lowering only when it beats the conv the pass was given (after channel removal) by the
+    margin."""
+    w = sparse_weight(rng, 6, 8, 3, 3, holes=0.5)
+    from onnx_ssl.io import to_graph
+
+    graph = to_graph(conv_model(w, rand(rng, 6), (1, 1, 1, 1)))
+    for trial in range(20):
+        t = dict(zip(["dense", *STRATEGIES], rng.uniform(0.5, 1.5, 1 + len(STRATEGIES)),
+                     strict=True))
+        measure, _ = fake_timer(t)
+        rep = LowerSparseConvPass("auto", timer=measure)(graph).report
+        (e,) = rep.lowered or rep.dense
+        times = dict(e.times_ms)
+        assert e.strategy in times, trial
+        assert times[e.strategy] == min(times.values()) or (
+            e.strategy == "dense" and min(times.values()) >= 0.95 * times["dense"]), trial
+        assert times[e.strategy] <= times["dense"], trial
+
+
+def test_auto_times_only_the_candidates_given(rng):
+    w = sparse_weight(rng, 6, 8, 3, 3, holes=0.6)
+    from onnx_ssl.io import to_graph
+
+    graph = to_graph(conv_model(w, rand(rng, 6), (1, 1, 1, 1)))
+    measure, calls = fake_timer({"dense": 1.0, "kernel-classes": 0.9, "group-classes": 0.5,
+                                 "compact-gemm": 0.7, "blocks": 0.8})
+    rep = LowerSparseConvPass("auto", timer=measure,
+                              candidates=("kernel-classes", "compact-gemm"))(graph).report
+    assert calls == [["compact-gemm", "dense", "kernel-classes"]]
+    assert rep.lowered[0].strategy == "compact-gemm"
+    with pytest.raises(ValueError, match="candidates must be among"):
+        LowerSparseConvPass("auto", candidates=("bogus",))
+
+
+def test_aligned_chunks_pad_or_split_for_nchwc():
+    assert aligned_chunks(12) == [(0, 12, 12)]  # fewer than a block: as it is
+    assert aligned_chunks(32) == [(0, 32, 32)]
+    assert aligned_chunks(105) == [(0, 105, 112)]  # 7 channels of padding, under 15%
+    assert aligned_chunks(20) == [(0, 16, 16), (16, 20, 4)]  # 12 would be 60%: split
+    assert aligned_chunks(35) == [(0, 32, 32), (32, 35, 3)]
+
+
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_group_classes_padded_and_split_classes_are_exact(rng, group, bias):
+    """Classes large enough to be padded (58 -> 64) and split (22 -> 16 + 6) for NCHWc, a
+    random zero pattern inside the full boxes, a cropped border box, and other class sizes
+    in the second conv group."""
+    cg = 80
+    mask = np.zeros((6 * group, cg, 3, 3), bool)
+    for g in range(group):
+        f = slice(6 * g, 6 * (g + 1))
+        perm = rng.permutation(cg)
+        centre, full, edge = perm[:58 - 4 * g], perm[58 - 4 * g:78 - 4 * g], perm[78 - 4 * g:]
+        mask[f, centre, 1, 1] = True
+        full_mask = rng.random((6, len(full), 3, 3)) >= 0.3
+        full_mask[:, :, 0, 0] = full_mask[:, :, 2, 2] = True  # the box stays 3x3
+        mask[f, full] = full_mask
+        mask[f, edge, 0, :2] = True  # box (0, 0, 0, 1): its conv crops the bottom row
+    w = rand(rng, 6 * group, cg, 3, 3) * mask
+    spec = ConvSpec(w, rand(rng, 6 * group) if bias else None, group, (1, 1), (1, 1, 1, 1),
+                    (1, 1), (cg * group, 7, 6))
+    x = {"x": rand(rng, 2, cg * group, 7, 6)}
+    model = layer_model(spec, "group-classes", 2)
+    init = {t.name: t for t in model.graph.initializer}
+    widths = {int(init[n.input[1]].dims[1]) for n in model.graph.node if n.op_type == "Conv"}
+    assert {64, 16, 6} <= widths  # padded, and split into a block multiple and the rest
+    ref = run(session(layer_model(spec, "dense", 2)), x)["y"]
+    got = run(session(model), x)["y"]
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 + 1e-5 * np.abs(ref).max())
+    assert candidate_macs(spec, "group-classes") < dense_macs(spec)
 
 
 def test_timer_cache_avoids_retiming(rng, tmp_path: Path):

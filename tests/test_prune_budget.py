@@ -38,7 +38,7 @@ from onnx_ssl.compiler import LANDING, prune
 from onnx_ssl.errors import InputError
 from onnx_ssl.importance import magnitude
 from onnx_ssl.io import to_graph
-from onnx_ssl.passes.zero_small_groups import group_norm, group_norms
+from onnx_ssl.norms import group_norm, group_norms
 from onnx_ssl.passes.zero_to_budget import Budget, ZeroGroupsToBudgetPass
 from onnx_ssl.runtime import run, session
 

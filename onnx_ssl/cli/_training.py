@@ -10,8 +10,8 @@ from typing import Any
 
 from ._common import Opt, add_options, options_from
 
-# The defaults shown by --help come from the modules that use them.
-LAMBDA_FLAGS = ("filter", "channel", "shape", "filter2d", "neuron", "depth", "coupled")
+# The defaults shown by --help come from the modules that use them; the --lambda-* options
+# are the penalty's structures (onnx_ssl.training.penalty.STRUCTURES, from the group kinds).
 LAMBDA_HELP = {
     "filter": "filter-wise groups W[n,:,:,:] of every convolution (eq. 2)",
     "channel": "channel-wise groups W[:,c,:,:] of every convolution (eq. 2): one input "
@@ -69,6 +69,12 @@ def with_workers(args: argparse.Namespace, body: Callable[[Any], int]) -> int:
         w.close()
 
 
+def _lambda_flags() -> tuple[str, ...]:
+    from onnx_ssl.training.penalty import STRUCTURES
+
+    return STRUCTURES
+
+
 def add_lambdas(p: argparse.ArgumentParser, defaults: dict[str, float]) -> None:
     g = p.add_argument_group(
         "group-Lasso strengths (lambda_g of equation 1)",
@@ -77,10 +83,11 @@ def add_lambdas(p: argparse.ArgumentParser, defaults: dict[str, float]) -> None:
         "keeps 22.8% of the MACs at +0.25 points of held-out error. The step is lr x "
         "lambda, so fewer steps per epoch need a larger lambda (the demo's digits use 0.1).",
     )
-    for s in LAMBDA_FLAGS:
+    for s in _lambda_flags():
         d = defaults.get(s, 0.0)
+        what = LAMBDA_HELP.get(s, f"the {s} groups of `analyze`, one per group")
         g.add_argument(f"--lambda-{s}", type=float, default=None, metavar="X",
-                       help=f"{LAMBDA_HELP[s]} (default {d:g})")
+                       help=f"{what} (default {d:g})")
     g.add_argument("--scale-by-size", action="store_true",
                    help="multiply each group's term by sqrt(its number of weights)")
     g.add_argument("--lambda-scale", action="append", default=[], metavar="STRUCTURE:LAYER=X",
@@ -93,7 +100,7 @@ def lambdas(args: argparse.Namespace, defaults: dict[str, float]) -> Any:
     from onnx_ssl.training.penalty import Lambdas
 
     scales = [Lambdas.parse_scale(item) for item in getattr(args, "lambda_scale", None) or []]
-    given = {s: getattr(args, f"lambda_{s}") for s in LAMBDA_FLAGS}
+    given = {s: getattr(args, f"lambda_{s}") for s in _lambda_flags()}
     if any(v is not None for v in given.values()):
         return Lambdas(**{s: float(v or 0.0) for s, v in given.items()}, scales=tuple(scales))
     return Lambdas(**defaults, scales=tuple(scales))
@@ -167,7 +174,7 @@ def _distill_opts() -> tuple[Opt, ...]:
 def add_chain_options(p: argparse.ArgumentParser, d: Any) -> dict[str, float]:
     """The options of ``ssl`` and ``demo`` (defaults from the SslOptions ``d``); returns the
     lambdas used when no --lambda-* option is given."""
-    defaults = {s: d.lambdas.get(s) for s in LAMBDA_FLAGS if d.lambdas.get(s) > 0}
+    defaults = {s: d.lambdas.get(s) for s in _lambda_flags() if d.lambdas.get(s) > 0}
     add_lambdas(p, defaults)
     add_options(p.add_argument_group(
         "budget (instead of choosing lambdas: they become the controller's starting point)"),

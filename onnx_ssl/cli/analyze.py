@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from onnx_ssl.groups import DEFAULT_KINDS, KINDS
+
 if TYPE_CHECKING:
     from onnx_ssl.groups import Analysis
 
@@ -24,9 +26,8 @@ def register(sub: Any) -> None:
     a.add_argument("--json", metavar="OUT",
                    help="also write the analysis as JSON to OUT ('-': stdout, and the table "
                         "goes to stderr); see docs/contract.md")
-    a.add_argument("--kinds", default="channel,depth",
-                   help="group kinds: channel,depth,shape,filter2d,neuron (default "
-                        "channel,depth)")
+    a.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                   help=f"group kinds: {','.join(KINDS)} (default {','.join(DEFAULT_KINDS)})")
     a.add_argument("--bind-batch", type=int, default=None, metavar="N",
                    help="bind a symbolic batch dim of the inputs to N, for a model whose batch "
                         "is declared dynamic but does not run at other sizes (the result is "
@@ -51,6 +52,16 @@ def summary(a: Analysis, initializer_params: int | None = None) -> list[str]:
             f"a prunable space" if a.macs else "the MACs are not static")
     lines = [f"prunable: {_share(ch_prunable, ch_total)} of the channels ({ch_prunable:,} of "
              f"{ch_total:,}, in {len(prunable)} of {len(a.spaces)} spaces); {macs}"]
+    heads = [g for g in a.groups if g.kind == "head"]
+    if heads:
+        ok = [g for g in heads if g.prunable]
+        weights = {x.tensor for g in ok for x in g.members}
+        macs_heads = sum(la.macs for la in a.layers if la.weight in weights)
+        lines.append(
+            f"heads: {len(ok)} of {len(heads)} prunable, in "
+            f"{len({g.node for g in ok})} of {len({g.node for g in heads})} attentions"
+            + (f"; their Q/K/V and output projections hold {_share(macs_heads, a.macs)} of "
+               f"the MACs" if a.macs and ok else ""))
     counted = (f"params: {a.params:,} in the weights and biases of the {len(a.layers)} "
                f"Conv/ConvTranspose/Gemm/MatMul layers (the table's column)")
     if initializer_params is not None:

@@ -1,21 +1,21 @@
-"""ZeroSmallGroupsPass: set to zero every prunable group whose L2 norm is at most T.
+"""ZeroSmallGroupsPass: set to zero every prunable group whose L2 norm (or RMS) is at most T.
 
 For a coupled channel group ``g`` with members ``w_1 .. w_m`` (its ``out`` and ``in``
 slices; ``stat`` members such as BatchNorm running statistics are not part of the norm and
 are left alone), the pass sets every member to zero when
 
-    ||g||_2 = sqrt(sum_j ||w_j||_2^2) <= T.
+    ||g||_2 = sqrt(sum_j ||w_j||_2^2) <= T,
 
-Depth groups (every weight of a residual branch) are handled the same way. This CHANGES
-the model's function: it is the explicit thresholding step between SSL training (which
-drives groups towards zero) and the exact prune passes. The caller reports the output
-difference it caused.
+or, with ``norm="rms"``, when ``||g||_2 / sqrt(|g|) <= T`` (:mod:`onnx_ssl.norms`, the one
+measure every threshold compares). Depth groups (every weight of a residual branch) are
+handled the same way. This CHANGES the model's function: it is the explicit thresholding
+step between SSL training (which drives groups towards zero) and the exact prune passes.
+The caller reports the output difference it caused.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +23,9 @@ import onnx_graphsurgeon as gs
 
 from onnx_ssl.analysis import SharedAnalysis
 from onnx_ssl.graphutil import require_unique_node_names
-from onnx_ssl.groups import Analysis, Group
+from onnx_ssl.groups import Analysis
 from onnx_ssl.io import tensor_map
+from onnx_ssl.norms import Norm, group_is_zero, group_norm
 from onnx_ssl.pipeline import PassBase, PassResult, Report
 
 
@@ -35,53 +36,20 @@ class ZeroSmallGroupsReport(Report):
     threshold: float = 0.0
 
 
-def group_norm(group: Group, values: dict[str, np.ndarray]) -> float:
-    total = 0.0
-    for m in group.members:
-        if m.role == "stat":
-            continue
-        v = values[m.tensor]
-        total += float(np.sum(np.square(v[m.index(v.shape)], dtype=np.float64)))
-    return float(np.sqrt(total))
-
-
-def group_norms(groups: Iterable[Group], values: dict[str, np.ndarray]) -> dict[str, float]:
-    """:func:`group_norm` of each group, by id, at a fraction of the cost for many groups: a
-    member that slices one axis of its tensor is read from that axis' per-position sums of
-    squares, computed once per tensor and axis."""
-    sums: dict[tuple[str, int], np.ndarray] = {}
-    out: dict[str, float] = {}
-    for g in groups:
-        total = 0.0
-        for m in g.members:
-            if m.role == "stat":
-                continue
-            v = values[m.tensor]
-            cut = [a for a, s in enumerate(m.slice) if s is not None]
-            if len(cut) != 1:
-                total += float(np.sum(np.square(v[m.index(v.shape)], dtype=np.float64)))
-                continue
-            key = (m.tensor, cut[0])
-            if key not in sums:
-                other = tuple(a for a in range(v.ndim) if a != cut[0])
-                sums[key] = np.sum(np.square(v, dtype=np.float64), axis=other)
-            total += float(sums[key][list(m.slice[cut[0]] or ())].sum())
-        out[g.id] = float(np.sqrt(total))
-    return out
-
-
 class ZeroSmallGroupsPass(PassBase[ZeroSmallGroupsReport]):
     name = "zero-small-groups"
 
     def __init__(self, threshold: float, analysis: Analysis | None = None,
-                 kinds: tuple[str, ...] = ("channel", "depth")) -> None:
+                 kinds: tuple[str, ...] = ("channel", "depth"), norm: Norm = "l2") -> None:
         """``analysis`` is used only for a graph it matches, with groups of ``kinds`` (see
-        :class:`~onnx_ssl.analysis.SharedAnalysis`); any other graph is analysed afresh."""
+        :class:`~onnx_ssl.analysis.SharedAnalysis`); any other graph is analysed afresh.
+        ``norm`` is what ``threshold`` is compared with (:func:`onnx_ssl.norms.group_norm`)."""
         if threshold < 0:
             raise ValueError("threshold must be >= 0")
         self.threshold = threshold
         self.shared = SharedAnalysis(analysis)
         self.kinds = kinds
+        self.norm = norm
 
     def requires(self, graph: gs.Graph) -> None:
         require_unique_node_names(graph)
@@ -99,11 +67,9 @@ class ZeroSmallGroupsPass(PassBase[ZeroSmallGroupsReport]):
             members = [m for m in g.members if m.role != "stat"]
             if not members:
                 continue
-            # Already zero: nothing changes (keeps the pass idempotent).
-            if all(not np.any(values[m.tensor][m.index(values[m.tensor].shape)])
-                   for m in members):
-                continue
-            if group_norm(g, values) > self.threshold:
+            if group_is_zero(g, values):
+                continue  # already zero: nothing changes (keeps the pass idempotent)
+            if group_norm(g, values, self.norm) > self.threshold:
                 continue
             for m in members:
                 v = values[m.tensor]

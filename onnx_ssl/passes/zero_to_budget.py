@@ -1,10 +1,11 @@
 """ZeroGroupsToBudgetPass: zero the least important groups until an estimate of the pruned
 model's MACs (and/or params) meets a budget.
 
-The candidates are the prunable channel groups and depth groups (whole residual branches),
-ranked in one list by their normalised importance (:mod:`onnx_ssl.importance`), lowest
-first. The pass walks the list and zeroes each candidate whose removal the analysis allows,
-until the estimate meets every budget ``F * count_before``:
+The candidates are the prunable channel groups, head groups (attention heads) and depth
+groups (whole residual branches), ranked in one list by their normalised importance
+(:mod:`onnx_ssl.importance`), lowest first. The pass walks the list and zeroes each
+candidate whose removal the analysis allows, until the estimate meets every budget
+``F * count_before``:
 
 - a space keeps at least one channel, and so does every part of it that a Split or Slice
   cuts out (the channel pass keeps one there anyway; zeroing it would change the function
@@ -12,6 +13,9 @@ until the estimate meets every budget ``F * count_before``:
 - a space split into blocks by grouped convolutions (its ``constraint``) loses channels in
   equal numbers per block and keeps one per block: its candidates are *bundles*, the r-th
   least important channel of every block, scored by their mean;
+- an attention keeps at least one head (the head pass keeps one anyway), unless a depth group
+  removes the branch it lies in; a head takes its rows of the Q, K, V projections (out) and
+  of the output projection (in);
 - a candidate that would save nothing towards an unmet budget is skipped.
 
 **The estimate** is the prune's own accounting applied to the analysis' layers. A layer of
@@ -70,6 +74,7 @@ from onnx_ssl.errors import InputError
 from onnx_ssl.graphutil import require_unique_node_names
 from onnx_ssl.groups import Analysis, Group, Layer, Space
 from onnx_ssl.io import tensor_map
+from onnx_ssl.norms import group_is_zero
 from onnx_ssl.passes.round_channels import round_down, step
 from onnx_ssl.pipeline import PassBase, PassResult, Report
 
@@ -158,6 +163,21 @@ class _Estimate:
                     c = r.space_start + j
                     per[c].append((i, side, r.positions(c)))
             self.effects[sp.id] = per
+        # Per head group: (layer, "out"/"in", positions) of its Q/K/V and output rows.
+        self.head_effects: dict[str, list[tuple[int, str, tuple[int, ...]]]] = {}
+        for g in analysis.groups:
+            if g.kind != "head":
+                continue
+            eff = []
+            for m in g.members:
+                i = self.index.get(m.tensor)
+                axes = [a for a, sl in enumerate(m.slice) if sl is not None]
+                if i is None or len(axes) != 1:
+                    continue
+                la = self.layers[i]
+                side = "out" if axes[0] == la.out_axis else "in"
+                eff.append((i, side, tuple(m.slice[axes[0]] or ())))
+            self.head_effects[g.id] = eff
 
     def _layer_cost(self, i: int, gone_out: int, gone_in: int, dead: bool
                     ) -> tuple[float, float]:
@@ -183,9 +203,13 @@ class _Estimate:
             return new[i]
 
         for g in groups:
-            if g.kind != "channel" or g.space is None or g.index is None:
+            if g.kind == "head":
+                effects = self.head_effects.get(g.id, [])
+            elif g.kind != "channel" or g.space is None or g.index is None:
                 continue
-            for i, side, pos in self.effects[g.space][g.index]:
+            else:
+                effects = self.effects[g.space][g.index]
+            for i, side, pos in effects:
                 gone = self.out_gone[i] if side == "out" else self.in_gone[i]
                 e = entry(i)
                 k = 0 if side == "out" else 1
@@ -215,6 +239,11 @@ class _Estimate:
         return {k: totals[k] / self.before[k] if self.before[k] else 1.0 for k in totals}
 
 
+def _attention_key(g: Group) -> str:
+    """The key under which :class:`_Selection` counts an attention's heads."""
+    return f"\0head:{g.node}"
+
+
 def _parts(sp: Space) -> list[tuple[int, int]]:
     """Channel ranges of ``sp`` that must each keep a channel: the space, and every part a
     tensor holds of it alone (a Split or Slice output)."""
@@ -239,9 +268,13 @@ def candidates(analysis: Analysis, scores: Mapping[str, float], round_to: int | 
             by_space.setdefault(g.space, []).append(g)
         elif g.kind == "depth" and g.id in branches:
             nodes = set(branches[g.id].nodes)
-            covers = frozenset(sp.id for sp in analysis.spaces
-                               if sp.nodes and set(sp.nodes) <= nodes)
+            covers = frozenset([*(sp.id for sp in analysis.spaces
+                                  if sp.nodes and set(sp.nodes) <= nodes),
+                                *(_attention_key(h) for h in analysis.groups
+                                  if h.kind == "head" and h.node in nodes)])
             out.append(_Candidate((g,), scores[g.id], covers))
+        elif g.kind == "head":
+            out.append(_Candidate((g,), scores[g.id]))
     for sid, groups in by_space.items():
         sp = analysis.space(sid)
         blocks = math.lcm(*sp.partitions) if sp.partitions else 1
@@ -293,6 +326,10 @@ class _Selection:
         self.branches = {f"{b.add}/depth": b for b in analysis.branches}
         # Per space: each range that must keep a channel -> the channels it still has.
         self.left = {sp.id: {p: p[1] - p[0] for p in _parts(sp)} for sp in analysis.spaces}
+        # Per attention: how many heads it still has (it keeps one).
+        heads: Counter[str] = Counter(_attention_key(g) for g in analysis.groups
+                                      if g.kind == "head")
+        self.heads_left = dict(heads)
         self.gone: set[str] = set()  # spaces whose branch was removed
         self.chosen: list[_Candidate] = []
 
@@ -323,6 +360,9 @@ class _Selection:
         first = c.groups[0]
         if first.kind == "depth":
             return c not in self.chosen
+        if first.kind == "head":
+            key = _attention_key(first)
+            return c not in self.chosen and key not in self.gone and self.heads_left[key] > 1
         if first.space in self.gone:
             return False
         need: Counter[tuple[int, int]] = Counter()
@@ -337,6 +377,8 @@ class _Selection:
         self.est.after(c.groups, self._layers(c), apply=True)
         self.chosen.append(c)
         self.gone.update(c.covers)
+        if c.groups[0].kind == "head":
+            self.heads_left[_attention_key(c.groups[0])] -= 1
         for g in c.groups if c.groups[0].kind == "channel" else ():
             for p in self._ranges(g):
                 self.left[g.space or ""][p] -= 1
@@ -345,6 +387,8 @@ class _Selection:
         self.est.after(c.groups, self._layers(c), apply=True, undo=True)
         self.chosen.remove(c)
         self.gone.difference_update(c.covers)
+        if c.groups[0].kind == "head":
+            self.heads_left[_attention_key(c.groups[0])] += 1
         for g in c.groups if c.groups[0].kind == "channel" else ():
             for p in self._ranges(g):
                 self.left[g.space or ""][p] += 1
@@ -354,13 +398,14 @@ class _Selection:
         return _Snapshot([set(x) for x in e.out_gone], [set(x) for x in e.in_gone],
                          list(e.dead), {k: list(v) for k, v in e.cost.items()}, dict(e.total),
                          {k: dict(v) for k, v in self.left.items()}, set(self.gone),
-                         list(self.chosen))
+                         list(self.chosen), dict(self.heads_left))
 
     def restore(self, snap: _Snapshot) -> None:
         e = self.est
         e.out_gone, e.in_gone, e.dead, e.cost, e.total = (
             snap.out_gone, snap.in_gone, snap.dead, snap.cost, snap.total)
         self.left, self.gone, self.chosen = snap.left, snap.gone, snap.chosen
+        self.heads_left = snap.heads_left
 
 
 @dataclass
@@ -375,6 +420,7 @@ class _Snapshot:
     left: dict[str, dict[tuple[int, int], int]]
     gone: set[str]
     chosen: list[_Candidate]
+    heads_left: dict[str, int]
 
 
 def select(analysis: Analysis, scores: Mapping[str, float], aim: Budget, band: float = BAND,
@@ -414,7 +460,7 @@ def select(analysis: Analysis, scores: Mapping[str, float], aim: Budget, band: f
         for c in reversed(list(sel.chosen)):
             if not sel.far_under():
                 break
-            if c.groups[0].kind == "channel":
+            if c.groups[0].kind in ("channel", "head"):
                 if sel.met(sel.trial(c, undo=True)):
                     sel.give_back(c)
                 continue
@@ -450,6 +496,7 @@ class ZeroGroupsToBudgetPass(PassBase[ZeroToBudgetReport]):
         self.aim = aim or budget
         self.scores = scores
         self.shared = SharedAnalysis(analysis)
+        self.kinds = analysis.kinds  # the candidates are of the kinds handed in
         self.importance = importance
         self.round_to = round_to
 
@@ -457,7 +504,7 @@ class ZeroGroupsToBudgetPass(PassBase[ZeroToBudgetReport]):
         require_unique_node_names(graph)
 
     def call(self, graph: gs.Graph) -> PassResult[ZeroToBudgetReport]:
-        analysis = self.shared.of(graph, ("channel", "depth"))  # checked against this graph
+        analysis = self.shared.of(graph, self.kinds)  # checked against this graph
         chosen, est, rounding = select(analysis, self.scores, self.aim, round_to=self.round_to)
         graph = graph.copy()
         tensors = tensor_map(graph)
@@ -469,8 +516,7 @@ class ZeroGroupsToBudgetPass(PassBase[ZeroToBudgetReport]):
             for m in members:
                 if m.tensor not in values:
                     values[m.tensor] = np.array(tensors[m.tensor].values)
-            if all(not np.any(values[m.tensor][m.index(values[m.tensor].shape)])
-                   for m in members):
+            if group_is_zero(g, values):
                 continue  # already zero: nothing changes (keeps the pass idempotent)
             for m in members:
                 v = values[m.tensor]

@@ -157,7 +157,7 @@ def build_artifacts(
     opset = default_opset(model)
     forms = _batch_forms(model, opts.fallback_batch)
     an = _analysis.analyze(
-        forms.analysed, kinds=("depth",), name=name or model.graph.name, prepared=True
+        forms.analysed, kinds=("depth", "head"), name=name or model.graph.name, prepared=True
     )
     base = forms.base
     # The training graph: imported once, put in training form and lowered on the graph,

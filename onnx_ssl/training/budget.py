@@ -64,7 +64,7 @@ import onnx
 from onnx_ssl.errors import InputError
 
 from .forms import export_inference_model
-from .penalty import Penalty, term_tensors
+from .penalty import STRUCTURE_OF_KIND, STRUCTURES, Penalty, term_tensors
 from .probe import with_static_batch
 from .spec import Artifacts
 
@@ -76,7 +76,7 @@ FALLING = 0.85
 CHANCE_EPOCHS = 3
 # Structures whose groups all being zero mean the layer is cut (a depth group is a whole
 # residual branch, which may go).
-_CUTTING = ("filter", "channel", "shape", "filter2d", "neuron", "coupled")
+_CUTTING = tuple(s for s in STRUCTURES if s != STRUCTURE_OF_KIND["depth"])
 
 
 class CollapseError(InputError):
@@ -142,7 +142,7 @@ class BudgetController:
             return False
         pen = art.info.penalty
         below = b"".join(
-            np.flatnonzero(pen.rms(t, live) <= threshold).tobytes() + b"|"
+            np.flatnonzero(pen.norms(t, live, "rms") <= threshold).tobytes() + b"|"
             for t in pen.active_terms)
         if below == self._below:
             return False
@@ -203,7 +203,7 @@ def threshold_for_budget(
     p0 = project(art, params, threshold)
     if not ctl.over(p0):
         return threshold, p0
-    rms = np.unique(np.concatenate([pen.rms(t, params) for t in pen.active_terms]))
+    rms = np.unique(np.concatenate([pen.norms(t, params, "rms") for t in pen.active_terms]))
     cand = rms[rms > threshold]
     lo, hi = 0, len(cand) - 1
     best = (float(cand[hi]), project(art, params, float(cand[hi]))) if len(cand) else (
@@ -336,7 +336,7 @@ INPUT_ZEROS_HINT = ("for example a BatchNorm scale initialised to zero, as timm 
 def below_threshold(penalty: Penalty, params: Mapping[str, np.ndarray],
                     threshold: float) -> tuple[np.ndarray, ...]:
     """For every active term, which of its groups have an RMS at most ``threshold``."""
-    return tuple(penalty.rms(t, params) <= threshold for t in penalty.active_terms)
+    return tuple(penalty.norms(t, params, "rms") <= threshold for t in penalty.active_terms)
 
 
 def input_zeros(penalty: Penalty, params: Mapping[str, np.ndarray], threshold: float,

@@ -52,11 +52,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
 from onnx_ssl.compiler import LayerStat
 from onnx_ssl.errors import InputError
-from onnx_ssl.io import save_model, write_text_atomic
+from onnx_ssl.io import ModelProto, save_model, write_text_atomic
 from onnx_ssl.text import format_table as _table
 
 from .acceptance import Metric, Verdict, check_max_drop, judge, names_text, rejected_path
@@ -473,11 +472,11 @@ class SslReport:
 
 @dataclass(frozen=True)
 class SslResult:
-    model: onnx.ModelProto
+    model: ModelProto
     report: SslReport
     output: Path | None = None
     # The SSL phase's model with its small groups zeroed, before pruning (for the figures).
-    thresholded: onnx.ModelProto | None = None
+    thresholded: ModelProto | None = None
 
 
 
@@ -485,7 +484,7 @@ class SslResult:
 # --- the chain ------------------------------------------------------------------------------
 
 
-def _prune_keeping_batch(model: onnx.ModelProto, **kw: Any) -> Any:
+def _prune_keeping_batch(model: ModelProto, **kw: Any) -> Any:
     """``onnx_ssl.prune`` on ``model`` as it is, so that a symbolic batch stays symbolic and
     what the analysis bound to it is written back computed from it (a batch index folded at
     batch 1 would give every sample sample 0's attention mask); where the batch cannot be
@@ -502,10 +501,10 @@ def _prune_keeping_batch(model: onnx.ModelProto, **kw: Any) -> Any:
     return prune(with_static_batch(model), **kw)
 
 
-def _restore_io(original: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+def _restore_io(original: ModelProto, model: ModelProto) -> ModelProto:
     """Give ``model`` the input/output declarations of ``original`` if it runs with them."""
     decl = {vi.name: vi for vi in (*original.graph.input, *original.graph.output)}
-    m = onnx.ModelProto()
+    m = ModelProto()
     m.CopyFrom(model)
     changed = False
     for vi in (*m.graph.input, *m.graph.output):
@@ -533,7 +532,7 @@ def work_files(work_dir: str | Path | None) -> list[Path]:
             *(Path(work_dir) / phase / f for phase in PHASES for f in per_phase)]
 
 
-def _run_identity(model: onnx.ModelProto, data: Dataset, opts: SslOptions) -> dict[str, Any]:
+def _run_identity(model: ModelProto, data: Dataset, opts: SslOptions) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one."""
     import hashlib
 
@@ -576,7 +575,7 @@ def _start_or_resume(work: Path, ident: dict[str, Any], resume: bool) -> None:
 
 
 def run_ssl(
-    model: onnx.ModelProto,
+    model: ModelProto,
     data: Dataset,
     options: SslOptions | None = None,
     *,
@@ -684,7 +683,7 @@ def run_ssl(
                                       target_params=opts.target_params, calib=calib)
             threshold = opts.threshold
             zeroed = live_zeroed = pr.report.groups_zeroed
-            thresholded: onnx.ModelProto | None = None
+            thresholded: ModelProto | None = None
             pruned = _restore_io(model, pr.model)
         else:
             hook = _epoch_hook(art, opts, ctl, zeros)

@@ -17,9 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from onnx_ssl.compiler import LayerStat
+from onnx_ssl.io import ModelProto
 from onnx_ssl.text import format_table as _table
 
 from .artifacts import build_artifacts
@@ -49,7 +48,7 @@ class DemoResult:
     ssl: SslResult
     table: str
     seconds: float
-    baseline: onnx.ModelProto | None = None
+    baseline: ModelProto | None = None
 
 
 def table1(report: SslReport, baseline_error: float | None, conv_only: bool = True) -> str:

@@ -42,9 +42,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
-import onnx
 
 from onnx_ssl.errors import InputError
+from onnx_ssl.io import ModelProto
 
 from .data import Dataset
 from .spec import DISTILL_LOSSES, TensorSpec, check_temperature  # noqa: F401 (re-exported)
@@ -127,7 +127,7 @@ def parse_weights(spec: str | Sequence[float] | None, outputs: Sequence[str]) ->
     return tuple(v / total for v in values)
 
 
-def teacher_targets(model: onnx.ModelProto, data: Dataset, batch_size: int = 256) -> Dataset:
+def teacher_targets(model: ModelProto, data: Dataset, batch_size: int = 256) -> Dataset:
     """``data`` fitted to ``model``'s inputs, with the model's outputs on every sample as
     ``targets`` and each output's RMS over the data set as ``target_rms``.
 
@@ -165,7 +165,7 @@ def teacher_targets(model: onnx.ModelProto, data: Dataset, batch_size: int = 256
     return replace(fitted, targets=values, target_rms=rms)
 
 
-def teacher_failure(model: onnx.ModelProto, e: BaseException, source: str) -> str:
+def teacher_failure(model: ModelProto, e: BaseException, source: str) -> str:
     """One line for ONNX Runtime failing to run the teacher: the node (from the runtime's
     message), its op, and the graph inputs it depends on."""
     from .native import ort_error_line
@@ -183,7 +183,7 @@ def teacher_failure(model: onnx.ModelProto, e: BaseException, source: str) -> st
             f"({op}{via}): {why}")
 
 
-def _inputs_of(model: onnx.ModelProto, node_name: str) -> list[str]:
+def _inputs_of(model: ModelProto, node_name: str) -> list[str]:
     """The graph inputs that node ``node_name`` reads, directly or through other nodes."""
     graph_inputs = {i.name for i in model.graph.input} - {t.name for t in
                                                           model.graph.initializer}

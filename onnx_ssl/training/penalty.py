@@ -8,7 +8,13 @@ The training loss is the paper's equation (1)::
     E(W) = E_D(W) + lambda * R(W) + sum_g lambda_g * sum_l R_g(W^(l)),
     R_g(w) = sum over groups G of ||w^(G)||_2,
 
-with one ``lambda_g`` per *structure*:
+with one ``lambda_g`` per *structure*. The structures share the analysis' vocabulary: each
+kind of group the analysis lists (:data:`onnx_ssl.groups.KINDS`) is a structure named after
+the kind (:data:`STRUCTURE_OF_KIND`), except the coupled channel (kind ``channel``), which is
+``coupled`` because the paper's channel-wise structure of one layer already has that name;
+``filter`` and ``channel`` are the paper's structures of one layer's weight that no analysis
+group is (:data:`LAYER_STRUCTURES`). A kind added to ``KINDS`` is a structure here, with its
+``--lambda-KIND`` option:
 
 ``filter``   ``W[n, :, :, :]`` of every convolution (equation 2, rows of the lowered matrix)
 ``channel``  ``W[:, c, :, :]`` of every convolution (equation 2, its input channels)
@@ -27,8 +33,10 @@ layer's output-channel axis and ``W[:, c, ...]`` its input-channel axis (the ana
 ``Layer.out_axis`` and ``in_axis``).
 
 Each group norm is computed as ``sqrt(sum(w^2) + eps)`` so that a group already at zero has
-a finite (zero) gradient; with ``scale_by_size`` a group's term is multiplied by
-``sqrt(number of weights in the group)`` (the group-Lasso weighting of Yuan & Lin).
+a finite (zero) gradient (the thresholds and statistics compare the norms without ``eps``,
+through :func:`onnx_ssl.norms.norm_of_sums`, as every threshold of onnx-ssl does); with
+``scale_by_size`` a group's term is multiplied by ``sqrt(number of weights in the group)``
+(the group-Lasso weighting of Yuan & Lin).
 
 The proximal operator of ``t * lambda * ||w||`` is group soft-thresholding::
 
@@ -43,29 +51,25 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from onnx_ssl.errors import InputError
-from onnx_ssl.groups import Analysis, ChannelRef
+from onnx_ssl.groups import KINDS, Analysis, ChannelRef, Group, Kind
 from onnx_ssl.names import fresh_name
+from onnx_ssl.norms import Norm, norm_of_sums
 from onnx_ssl.rules import RULES
 
 log = logging.getLogger(__name__)
 
-Structure = Literal["filter", "channel", "shape", "filter2d", "neuron", "depth", "coupled"]
-STRUCTURES: tuple[Structure, ...] = (
-    "filter",
-    "channel",
-    "shape",
-    "filter2d",
-    "neuron",
-    "depth",
-    "coupled",
-)
+# One vocabulary with the analysis: the structure of each kind of group (see the module doc).
+STRUCTURE_OF_KIND: dict[Kind, str] = {k: "coupled" if k == "channel" else k for k in KINDS}
+# The paper's filter-wise and channel-wise structures of one layer's weight (equation 2).
+LAYER_STRUCTURES: tuple[str, ...] = ("filter", "channel")
+STRUCTURES: tuple[str, ...] = (*LAYER_STRUCTURES, *STRUCTURE_OF_KIND.values())
 DEFAULT_EPS = 1e-12
 # Layers by their kind in the op table: convolutions get filter/channel/shape/filter2d terms,
 # fully connected layers neuron terms.
@@ -73,28 +77,31 @@ CONV_OPS = tuple(op for op, r in RULES.items() if r.layer is not None and r.laye
 FC_OPS = tuple(op for op, r in RULES.items() if r.layer is not None and r.layer.kind == "fc")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Lambdas:
-    """The per-structure strengths ``lambda_g`` of equation (1) (0 disables a structure), and
-    per-term multipliers: ``scales`` maps a term's key ``structure:layer`` (``filter:conv2``;
-    the layer is the node name, a coupled term's space id, a depth term's branch) to a factor
-    on that term's lambda, like the per-layer multipliers of the paper's Caffe solvers. The
-    key is the one ``ssl``'s reports list zero groups under."""
+    """The per-structure strengths ``lambda_g`` of equation (1) (0 disables a structure),
+    given by structure name (``Lambdas(filter=1e-3, coupled=1e-2)``, one of
+    :data:`STRUCTURES`; kept as ``strengths``, every structure in order), and per-term
+    multipliers: ``scales`` maps a term's key ``structure:layer`` (``filter:conv2``; the layer
+    is the node name, a coupled term's space id, a depth term's branch) to a factor on that
+    term's lambda, like the per-layer multipliers of the paper's Caffe solvers. The key is the
+    one ``ssl``'s reports list zero groups under."""
 
-    filter: float = 0.0
-    channel: float = 0.0
-    shape: float = 0.0
-    filter2d: float = 0.0
-    neuron: float = 0.0
-    depth: float = 0.0
-    coupled: float = 0.0
-    scales: tuple[tuple[str, float], ...] = ()
+    strengths: tuple[tuple[str, float], ...]
+    scales: tuple[tuple[str, float], ...]
 
-    def __post_init__(self) -> None:
-        for f in STRUCTURES:
-            v = getattr(self, f)
+    def __init__(self, *, scales: tuple[tuple[str, float], ...] = (),
+                 **strengths: float) -> None:
+        unknown = [s for s in strengths if s not in STRUCTURES]
+        if unknown:
+            raise TypeError(f"Lambdas: no structure {unknown[0]!r}; the structures are "
+                            f"{', '.join(STRUCTURES)}")
+        for f, v in strengths.items():
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise InputError(f"lambda for {f} must be a finite number >= 0, got {v!r}")
+        object.__setattr__(self, "strengths",
+                           tuple((s, float(strengths.get(s, 0.0))) for s in STRUCTURES))
+        object.__setattr__(self, "scales", tuple(scales))
         for k, v in self.scales:
             if k.split(":", 1)[0] not in STRUCTURES or ":" not in k:
                 raise InputError(f"lambda scale {k!r}: the key must be STRUCTURE:LAYER with "
@@ -103,7 +110,10 @@ class Lambdas:
                 raise InputError(f"lambda scale {k}: must be a finite number >= 0, got {v!r}")
 
     def get(self, s: str) -> float:
-        return float(getattr(self, s))
+        for name, v in self.strengths:
+            if name == s:
+                return v
+        raise KeyError(f"no structure {s!r}; the structures are {', '.join(STRUCTURES)}")
 
     @staticmethod
     def parse_scale(item: str) -> tuple[str, float]:
@@ -393,14 +403,12 @@ class Penalty:
         return w
 
     # --- numpy, vectorised ------------------------------------------------------------
-    def norms(self, term: Term, params: Mapping[str, np.ndarray]) -> np.ndarray:
-        """The group L2 norms (no epsilon) of one term."""
-        return np.sqrt(term.sumsq(params))
-
-    def rms(self, term: Term, params: Mapping[str, np.ndarray]) -> np.ndarray:
-        """The group RMS values of one term: norm divided by ``sqrt(size)``, what the
-        ``--threshold`` of ``ssl`` is compared with."""
-        return np.sqrt(term.sumsq(params) / np.maximum(term.sizes(), 1))
+    def norms(self, term: Term, params: Mapping[str, np.ndarray],
+              norm: Norm = "l2") -> np.ndarray:
+        """The group norms (no epsilon) of one term: L2, or ``"rms"`` (divided by
+        ``sqrt(size)``), what the ``--threshold`` and ``--zero-tol`` of ``ssl`` are compared
+        with (:func:`onnx_ssl.norms.norm_of_sums`)."""
+        return norm_of_sums(term.sumsq(params), term.sizes(), norm)
 
     def value(self, params: Mapping[str, np.ndarray]) -> float:
         """``sum_g lambda_g sum_G sqrt(||w_G||^2 + eps)`` over the active terms."""
@@ -417,7 +425,7 @@ class Penalty:
         """
         zero = 0
         for t in self.active_terms:
-            n = np.sqrt(t.sumsq(params))
+            n = self.norms(t, params)
             thr = step * self.weights(t)
             with np.errstate(divide="ignore", invalid="ignore"):
                 factor = np.where(n > thr, 1.0 - thr / np.where(n > 0, n, 1.0), 0.0)
@@ -430,20 +438,19 @@ class Penalty:
         ``sqrt(size)``) is at most ``threshold``; returns how many groups were zeroed."""
         count = 0
         for t in self.active_terms:
-            factor = np.where(self.rms(t, params) <= threshold, 0.0, 1.0)
+            factor = np.where(self.norms(t, params, "rms") <= threshold, 0.0, 1.0)
             if np.any(factor == 0):
                 t.scale(params, factor)
             count += int(np.sum(factor == 0))
         return count
 
     def sparsity(self, params: Mapping[str, np.ndarray], tol: float = 0.0) -> list[SparsityRow]:
-        """For every term (active or not): how many of its groups are zero, i.e. have a norm
-        of at most ``tol * sqrt(size)``."""
+        """For every term (active or not): how many of its groups are zero, i.e. have an RMS
+        (a norm divided by ``sqrt(size)``) of at most ``tol``."""
         rows = []
         for t in self.terms:
-            n = np.sqrt(t.sumsq(params))
-            lim = tol * np.sqrt(t.sizes())
-            rows.append(SparsityRow(t.structure, t.label, int(np.sum(n <= lim)), t.groups))
+            zero = int(np.sum(self.norms(t, params, "rms") <= tol))
+            rows.append(SparsityRow(t.structure, t.label, zero, t.groups))
         return rows
 
     # --- json -------------------------------------------------------------------------
@@ -530,6 +537,8 @@ def build_penalty(
     take part. Structures whose lambda is 0 are kept as inactive terms for the statistics,
     except ``coupled`` and ``depth``, which are only built when asked for (they may be large).
     """
+    of_kind = STRUCTURE_OF_KIND
+    filter_, channel = LAYER_STRUCTURES
     terms: list[Term] = []
     seen: set[tuple[str, str, tuple[int, ...]]] = set()
     layers: list[str] = []
@@ -541,29 +550,30 @@ def build_penalty(
         layers.append(la.node)
         if la.op_type in CONV_OPS and len(shape) >= 3:
             spatial = tuple(a for a in range(len(shape)) if a not in (la.out_axis, la.in_axis))
-            kinds: list[tuple[str, tuple[int, ...]]] = [
-                ("filter", (la.out_axis,)),
-                ("channel", (la.in_axis,)),
-                ("shape", tuple(sorted((la.in_axis, *spatial)))),
-                ("filter2d", tuple(sorted((la.out_axis, la.in_axis)))),
+            structures: list[tuple[str, tuple[int, ...]]] = [
+                (filter_, (la.out_axis,)),
+                (channel, (la.in_axis,)),
+                (of_kind["shape"], tuple(sorted((la.in_axis, *spatial)))),
+                (of_kind["filter2d"], tuple(sorted((la.out_axis, la.in_axis)))),
             ]
         elif la.op_type in FC_OPS and len(shape) == 2:
-            kinds = [("neuron", (la.out_axis,)), ("neuron", (la.in_axis,))]
+            structures = [(of_kind["neuron"], (la.out_axis,)), (of_kind["neuron"], (la.in_axis,))]
         else:
             continue
-        for structure, keep in kinds:
+        for structure, keep in structures:
             key = (structure, la.weight, keep)
             if key in seen:
                 continue
             seen.add(key)
-            side = (
-                ("rows" if keep == (la.out_axis,) else "columns") if structure == "neuron" else ""
-            )
+            side = (("rows" if keep == (la.out_axis,) else "columns")
+                    if structure == of_kind["neuron"] else "")
             terms.append(
                 AxisTerm(structure, la.node, la.weight, shape, keep,
                          lambdas.for_term(structure, la.node), side)
             )
-    if lambdas.coupled > 0:
+    # The analysis' channel groups, one per channel of a space, as one term per space.
+    coupled = of_kind["channel"]
+    if lambdas.get(coupled) > 0:
         for sp in analysis.spaces:
             if not sp.prunable:
                 continue
@@ -573,9 +583,10 @@ def build_penalty(
                 if r.is_weight and r.role in ("out", "in") and r.tensor in trainable
             )
             if parts:
-                terms.append(CoupledTerm("coupled", sp.id, sp.channels, parts,
-                                         lambdas.for_term("coupled", sp.id)))
-    if lambdas.depth > 0:
+                terms.append(CoupledTerm(coupled, sp.id, sp.channels, parts,
+                                         lambdas.for_term(coupled, sp.id)))
+    depth = of_kind["depth"]
+    if lambdas.get(depth) > 0:
         depth_groups = [g for g in analysis.groups if g.kind == "depth"]
         if not depth_groups and analysis.branches:
             log.warning(
@@ -599,13 +610,28 @@ def build_penalty(
                 label = g.node
                 terms.append(
                     DepthTerm(
-                        "depth",
+                        depth,
                         label,
                         names,
                         tuple(tuple(int(d) for d in trainable[n]) for n in names),
-                        lambdas.for_term("depth", label),
+                        lambdas.for_term(depth, label),
                     )
                 )
+    head = of_kind["head"]
+    if lambdas.get(head) > 0:
+        by_attention: dict[str, list[Group]] = {}
+        for g in analysis.groups:
+            if g.kind == "head" and g.prunable and g.node is not None:
+                by_attention.setdefault(g.node, []).append(g)
+        for node, heads in by_attention.items():
+            heads.sort(key=lambda g: g.index or 0)
+            head_parts = _head_parts(heads, trainable)
+            if head_parts is None:
+                log.warning("attention %s: its heads are not equal runs of rows; no head "
+                            "penalty", node)
+                continue
+            terms.append(CoupledTerm(head, node, len(heads), head_parts,
+                                     lambdas.for_term(head, node)))
     keys = {f"{t.structure}:{t.label}" for t in terms}
     unknown = [k for k, _ in lambdas.scales if k not in keys]
     if unknown:
@@ -616,6 +642,54 @@ def build_penalty(
         if not any(t.structure == s and t.lam > 0 for t in terms):
             log.warning("lambda-%s is set but the model has no %s groups", s, s)
     return Penalty(tuple(terms), lambdas, scale_by_size, eps, tuple(layers))
+
+
+def _head_parts(heads: Sequence[Group], trainable: Mapping[str, Sequence[int]]
+                ) -> tuple[CoupledPart, ...] | None:
+    """The heads of one attention as parts of a coupled term: in each tensor, head ``u``
+    holds the same runs of positions along one axis, shifted by ``u`` runs (Q, K, V rows of
+    a fused projection are three runs). None when they are not laid out so."""
+    parts: list[CoupledPart] = []
+    tensors = dict.fromkeys(x.tensor for x in heads[0].members)
+    for name in tensors:
+        if name not in trainable:
+            continue
+        per: list[tuple[int, ...]] = []
+        axis = -1
+        for g in heads:
+            ms = [x for x in g.members if x.tensor == name]
+            if len(ms) != 1:
+                return None
+            axes = [i for i, sl in enumerate(ms[0].slice) if sl is not None]
+            if len(axes) != 1 or axis not in (-1, axes[0]):
+                return None
+            axis = axes[0]
+            per.append(tuple(ms[0].slice[axis] or ()))
+        runs = _runs(per[0])
+        shape = tuple(int(d) for d in trainable[name])
+        for start, length in runs:
+            if start % length:
+                return None
+            for u, pos in enumerate(per):
+                want = [p + u * length for r0, n in runs for p in range(r0, r0 + n)]
+                if list(pos) != want:
+                    return None
+            ref = ChannelRef(tensor=name, axis=axis, role="out", space=heads[0].node or "",
+                             space_start=0, tensor_start=start // length, length=len(heads),
+                             block=length, node=heads[0].node or "", is_weight=True)
+            parts.append(CoupledPart(ref, shape))
+    return tuple(parts) or None
+
+
+def _runs(pos: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive positions: (start, length)."""
+    out: list[tuple[int, int]] = []
+    for p in pos:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
 
 
 # --- the ONNX graph of the penalty ---------------------------------------------------------

@@ -37,10 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
 from onnx_ssl.errors import InputError, OnnxSslError
-from onnx_ssl.io import check_writable, save_model, write_text_atomic
+from onnx_ssl.io import ModelProto, check_writable, save_model, write_text_atomic
 
 from . import _ort
 from .data import Dataset, fit_inputs, fit_targets
@@ -199,7 +198,7 @@ SCALE_PROPERTY = "onnx_ssl.lambda_scale"
 class TrainResult:
     history: tuple[EpochStats, ...]
     params: Mapping[str, np.ndarray]
-    model: onnx.ModelProto | None
+    model: ModelProto | None
     export_path: Path | None
     train: Dataset
     val: Dataset | None
