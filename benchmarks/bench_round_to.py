@@ -34,7 +34,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from common import CACHE, table  # noqa: E402
+from common import CACHE, single_thread_session, table  # noqa: E402
 
 NETS = ("hf_resnet_basic", "hf_resnet_bottleneck", "hf_mobilenet_v2", "hf_regnet",
         "hf_efficientnet", "hf_convnext")
@@ -93,17 +93,7 @@ def zero_half(model: onnx.ModelProto, seed: int, fraction: float = 0.5) -> onnx.
 
 def time_models(models: dict[str, onnx.ModelProto], seconds: float) -> dict[str, float]:
     """Median ms per run of each model, in alternating runs (1 thread, batch 1)."""
-    import onnxruntime as ort
-
-    sessions = {}
-    for k, m in models.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        sessions[k] = ort.InferenceSession(m.SerializeToString(), so,
-                                           providers=["CPUExecutionProvider"])
+    sessions = {k: single_thread_session(m) for k, m in models.items()}
     inp = next(iter(sessions.values())).get_inputs()[0]
     x = np.random.default_rng(0).standard_normal(
         [d if isinstance(d, int) else 1 for d in inp.shape]).astype(np.float32)

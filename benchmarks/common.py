@@ -132,3 +132,21 @@ def table(rows: list[tuple[str, ...]]) -> str:
            for r in rows]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
+
+
+def single_thread_session(model: onnx.ModelProto, profile_prefix: str | None = None) -> Any:
+    """An ONNX Runtime CPU session of ``model`` on 1 thread with every graph optimisation;
+    with ``profile_prefix``, profiling on and the optimised model written beside it."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+        so.optimized_model_filepath = profile_prefix + ".opt.onnx"
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])

@@ -12,7 +12,8 @@ pass and the passes before it, and a toolchain can run any part of it from Pytho
     [zero-small-groups | zero-to-budget]   with a threshold or a MAC/param budget: changes
                   the function, reported separately (the zeroed model is the reference)
     rewrite       :func:`rewrite_passes`: fixpoint(CollapseResidualPass, RemoveHeadsPass,
-                  RemoveZeroChannelsPass) -> ShrinkKernelsPass -> [LowerSparseConvPass,
+                  RemoveZeroChannelsPass) -> SimplifyContiguousIndexingPass ->
+                  ShrinkKernelsPass -> [LowerSparseConvPass,
                   with --lower] -> CleanupPass
     count         the result's layers, counted on the rewrite while it has its shapes
     unbind-batch  the batch made symbolic again
@@ -65,6 +66,7 @@ from .importance import IMPORTANCES, activation, magnitude
 from .io import ModelMeta, from_graph, weight_bytes
 from .ops import LayerSlots
 from .passes.cleanup import CleanupPass
+from .passes.cleanup_contiguous import SimplifyContiguousIndexingPass
 from .passes.collapse_residual import CollapseResidualPass
 from .passes.lower_sparse_conv import MARKER as LOWERED
 from .passes.lower_sparse_conv import STRATEGIES as LOWER_STRATEGIES
@@ -708,7 +710,8 @@ def rewrite_passes(shared: SharedAnalysis, seed: int, lowering: LowerSparseConvP
                       RemoveHeadsPass(seed=seed, shared=shared, in_place=True),
                       RemoveZeroChannelsPass(seed=seed, shared=shared, in_place=True,
                                              rounding=rounding)]),
-        ShrinkKernelsPass(), *([lowering] if lowering else []), CleanupPass()])
+        SimplifyContiguousIndexingPass(), ShrinkKernelsPass(),
+        *([lowering] if lowering else []), CleanupPass()])
 
 
 def _budget(target_macs: float | None, target_params: float | None,

@@ -100,7 +100,10 @@ class Attention:
     o: Projection | None = None
     units: tuple[Unit, ...] = ()
     reason: Reason | None = None
-    # The V rows of a unit whose V weight slice is zero are its V bias (see the docstring).
+    # A unit whose V weight slice is zero has V rows equal to its V bias (the V path adds
+    # and scales nothing else) ...
+    v_linear: bool = False
+    # ... and outputs that bias at every position (the softmax's weights sum to one).
     v_bias_only: bool = False
     # Tensor name -> channel map, in one numbering of all the attention's projection
     # channels: projection ``p``'s channel ``c`` is ``bases[p] + c``.
@@ -422,7 +425,10 @@ def _bias_of(layer: gs.Node) -> tuple[str | None, gs.Node | None]:
     """The 1-D constant added right after ``layer`` (Gemm's C, or a following Add)."""
     if layer.op == "Gemm" and len(layer.inputs) > 2 and layer.inputs[2].name:
         c = const_value(layer.inputs[2])
-        return (layer.inputs[2].name if c is not None and c.ndim == 1 else None), None
+        if c is None or c.ndim != 1:
+            raise _fail(layer, f"its bias {layer.inputs[2].name} is not a constant vector "
+                               f"(the heads would cut it)", layer.inputs[2])
+        return layer.inputs[2].name, None
     y = layer.outputs[0]
     if len(y.outputs) == 1 and y.outputs[0].op == "Add":
         add = y.outputs[0]
@@ -579,8 +585,8 @@ def _attention(graph: gs.Graph, qk: gs.Node, score: list[gs.Node], softmax: gs.N
     guarded = any(n.op == "IsNaN" for n in score) and any(
         not isinstance(t, gs.Constant) and t.name not in score_names
         for n in score for t in n.inputs if t.name)
-    attn.v_bias_only = (soft_axis == len(s_shape) - 1 and not guarded
-                        and _v_path_linear(v_names, layers["v"], touched))
+    attn.v_linear = _v_path_linear(v_names, layers["v"], touched)
+    attn.v_bias_only = soft_axis == len(s_shape) - 1 and not guarded and attn.v_linear
     attn.nodes = tuple(n.name for n in _topo(
         list(touched.values()) + [qk, *score, pv] + o_nodes, graph))
     return attn
@@ -707,7 +713,7 @@ def _fused_attention(graph: gs.Graph, node: gs.Node, outputs: set[str]) -> Atten
         for h in range(heads))
     attn.labels = np.zeros((1,), dtype=np.int64)
     # ONNX Runtime masks with a large finite negative: every row of weights sums to one.
-    attn.v_bias_only = True
+    attn.v_linear = attn.v_bias_only = True
     attn.nodes = tuple(n.name for n in [node, *o_nodes])
     return attn
 
@@ -772,7 +778,8 @@ def _fused_mha(graph: gs.Graph, node: gs.Node, outputs: set[str]) -> Attention:
     attn.units = tuple(units)
     attn.labels = np.zeros((1,), dtype=np.int64)
     # The V bias of the packed input is added inside, after the projection: no V-bias fold.
-    attn.v_bias_only = not ins[3].name and _v_path_linear(v_names, layers["v"], touched)
+    attn.v_linear = _v_path_linear(v_names, layers["v"], touched)
+    attn.v_bias_only = not ins[3].name and attn.v_linear
     attn.nodes = tuple(n.name for n in [*_topo(touched.values(), graph), node, *o_nodes])
     return attn
 

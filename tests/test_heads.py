@@ -492,3 +492,19 @@ def test_heads_of_a_fused_multi_head_attention_prune_exactly() -> None:
     want, got = runtime.run(ref, feeds), runtime.run(new, feeds)
     np.testing.assert_allclose(got["y"], want["y"], rtol=0,
                                atol=1e-6 + 1e-5 * float(np.abs(want["y"]).max()))
+
+
+def test_a_zero_v_slice_behind_an_unrecognised_constant_keeps_the_head() -> None:
+    """V's bias as a [1, 1, C] constant: not the projection's own bias vector, so a zero V
+    weight slice proves nothing about the head's output, and the head stays."""
+    m = gqa_model(seed=5)
+    arrs = arrays(m)
+    arrs["bv"] = arrs["bv"].reshape(1, 1, -1)
+    m = with_arrays(m, arrs)
+    g = heads_of(m)[0]
+    wv = next(x for x in g.members if x.tensor == "Wv")
+    arrs["Wv"][wv.index(arrs["Wv"].shape)] = 0
+    zeroed = with_arrays(m, arrs)
+    result = prune(zeroed, verify=2)
+    assert dict(result.report.passes)["remove-heads"].heads_removed == 0
+    assert_same_outputs(zeroed, result.model, seed=6)

@@ -63,7 +63,7 @@ def removable(a: Attention, values: dict[str, np.ndarray],
         if _zero(rows):
             out[i] = None
             continue
-        if not _zero(np.take(wv, list(u.v), axis=a.v.axis)):
+        if not a.v_linear or not _zero(np.take(wv, list(u.v), axis=a.v.axis)):
             continue
         if a.packed_bias is not None:  # a fused op adds its own V bias inside
             name, slot, chan = a.packed_bias
