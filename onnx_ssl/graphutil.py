@@ -10,13 +10,20 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import runtime
-from .io import ModelProto, clamp_ir, dtype_to_onnx, export_skeleton, infer_shapes, tensor_map
+from .io import (
+    ModelProto,
+    clamp_ir,
+    dtype_to_onnx,
+    export_graph,
+    export_skeleton,
+    infer_shapes,
+    tensor_map,
+)
 from .names import fresh_name
 
 
 def export(graph: gs.Graph) -> ModelProto:
-    model = gs.export_onnx(graph, do_type_check=True)
-    return clamp_ir(model)
+    return clamp_ir(export_graph(graph))
 
 
 def _static(d: object) -> bool:
@@ -145,6 +152,73 @@ def clear_inner_shapes(graph: gs.Graph) -> None:
             t.shape = None
 
 
+def has_subgraphs(graph: gs.Graph) -> bool:
+    """Does a node of ``graph`` hold a subgraph (control flow)? ``Node.subgraphs()`` without
+    its generator per node."""
+    graph_type = gs.Graph
+    for n in graph.nodes:
+        attrs = n.attrs
+        if attrs:
+            for v in attrs.values():
+                if isinstance(v, graph_type):
+                    return True
+    return False
+
+
+def _flat(graph: gs.Graph) -> bool:
+    """No local functions and no subgraphs: what the fast paths below need (onnx-graphsurgeon
+    recurses into those)."""
+    return not graph.functions and not has_subgraphs(graph)
+
+
+def toposort(graph: gs.Graph) -> gs.Graph:
+    """``graph.toposort()`` (in place), skipped when it would not move a node: every node's
+    producers come before it and the depth onnx-graphsurgeon sorts by (1 + the deepest
+    producer's, 0 without one) never decreases along the list. onnx-graphsurgeon's stable
+    sort keeps such a list as it is, at several times the cost of this check."""
+    if not _flat(graph):
+        return graph.toposort()
+    level: dict[int, int] = {}
+    last = 0
+    for n in graph.nodes:
+        d = 0
+        for t in n.inputs:
+            for p in t.inputs:
+                lp = level.get(id(p))
+                if lp is None:  # made by a later node (or by none in the list)
+                    return graph.toposort()
+                if lp >= d:
+                    d = lp + 1
+        if d < last:
+            return graph.toposort()
+        last = level[id(n)] = d
+    return graph
+
+
+def cleanup(graph: gs.Graph) -> gs.Graph:
+    """``graph.cleanup(remove_unused_graph_inputs=False)`` (in place), skipped when it would
+    remove nothing: every node reaches a graph output, no graph input has a producer, and
+    no two tensors share a name (onnx-graphsurgeon walks tensors by name)."""
+    if not _flat(graph) or any(t.inputs for t in graph.inputs):
+        return graph.cleanup(remove_unused_graph_inputs=False)
+    seen: dict[str, gs.Tensor] = {}
+    live: set[int] = set()
+    todo = list(graph.outputs)
+    while todo:
+        t = todo.pop()
+        if not t.is_empty():
+            other = seen.setdefault(t.name, t)
+            if other is not t:
+                return graph.cleanup(remove_unused_graph_inputs=False)
+        for p in t.inputs:
+            if id(p) not in live:
+                live.add(id(p))
+                todo.extend(p.inputs)
+    if any(id(n) not in live for n in graph.nodes):
+        return graph.cleanup(remove_unused_graph_inputs=False)
+    return graph
+
+
 def refresh_shapes(graph: gs.Graph) -> None:
     """Infer again the inner shapes a rewrite changed (in place; graph I/O keep theirs).
 
@@ -154,7 +228,7 @@ def refresh_shapes(graph: gs.Graph) -> None:
     type (an op it does not know) stays without a shape.
     """
     clear_inner_shapes(graph)
-    graph.toposort()
+    toposort(graph)
     inferred = infer_shapes(export_skeleton(graph), strict=False)
     dims = {vi.name: vi.type.tensor_type.shape.dim for vi in inferred.graph.value_info
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}

@@ -45,7 +45,7 @@ import onnx_graphsurgeon as gs
 from .analysis import SharedAnalysis
 from .errors import OnnxSslError, PassError
 from .errors import one_line as _one_line
-from .graphutil import require_unique_node_names
+from .graphutil import has_subgraphs, require_unique_node_names
 from .io import ModelMeta, from_graph, infer_shapes
 
 if TYPE_CHECKING:
@@ -552,7 +552,7 @@ def unfinished_reason(graph: gs.Graph) -> str | None:
     """Why ``graph`` is not as a pipeline must leave it, or None: its nodes sorted (in the
     order of onnx-graphsurgeon's ``toposort``, by depth) and none of them dead (every node
     feeds a graph output). Linear in the graph's size."""
-    if any(next(n.subgraphs(), None) is not None for n in graph.nodes):
+    if has_subgraphs(graph):
         return "it has subgraphs"  # control flow: left to onnx-graphsurgeon's cleanup
     depth: dict[str, int] = {t.name: -1 for t in graph.inputs}
     last = -1

@@ -13,7 +13,7 @@ import onnx.shape_inference
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnx_ssl import compiler, runtime
+from onnx_ssl import compiler, graphutil, io, runtime
 from onnx_ssl.compiler import PruneModel, prune, prune_pipeline
 from onnx_ssl.errors import InputError, PassError
 from onnx_ssl.io import ModelMeta
@@ -27,7 +27,8 @@ STEPS = ["prepare", "analyze", "rewrite", "count", "unbind-batch", "finish", "ve
 
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Every onnx-graphsurgeon import and export, every ONNX shape inference, and every
+    """Every onnx-graphsurgeon import, every graph export (``io.export_graph``, which
+    stands for ``gs.export_onnx``, or that itself), every ONNX shape inference, and every
     ONNX Runtime session of a whole model (``runtime.session``: the checks, the batch
     check, the load in finish) adds 1 here."""
     calls: Counter[str] = Counter()
@@ -40,6 +41,9 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
     monkeypatch.setattr(gs, "import_onnx", counting("import", gs.import_onnx))
     monkeypatch.setattr(gs, "export_onnx", counting("export", gs.export_onnx))
+    export = counting("export", io.export_graph)
+    monkeypatch.setattr(io, "export_graph", export)
+    monkeypatch.setattr(graphutil, "export_graph", export)
     monkeypatch.setattr(onnx.shape_inference, "infer_shapes",
                         counting("infer", onnx.shape_inference.infer_shapes))
     monkeypatch.setattr(runtime, "session", counting("session", runtime.session))

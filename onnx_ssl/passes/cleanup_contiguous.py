@@ -19,7 +19,9 @@ unknown size is left alone, except a Slice from 0 to ``INT64_MAX``):
   entries counted from ``d``) equals ``Slice(x, [s], [s+k], [a])``, and is the identity
   when ``s = 0`` and ``k = d``. A 0-D index removes the axis and is left alone.
 
-A node whose output is a graph output is left as it is (the graph keeps its output names).
+A node whose output is a graph output is left as it is (the graph keeps its output names),
+and so is a Gather of part of a graph input (the selection of the input features the
+channel pass keeps, which it recognises again on a second prune).
 The rewrite is exact; it changes no value. One pass reaches the fixpoint (it creates no node
 that it would rewrite again), so running it twice reports no change the second time.
 """
@@ -130,14 +132,20 @@ class SimplifyContiguousIndexingPass(PassBase[SimplifyContiguousIndexingReport])
 
     def call(self, graph: gs.Graph) -> PassResult[SimplifyContiguousIndexingReport]:
         outputs = {t.name for t in graph.outputs}
+        inputs = {t.name for t in graph.inputs}
 
         def candidate(n: gs.Node) -> bool:
             if n.op not in ("Slice", "Gather") or len(n.outputs) != 1 or not n.inputs:
                 return False
             if n.outputs[0].name in outputs:
                 return False
-            return _is_identity_slice(n) if n.op == "Slice" else (
-                _contiguous_gather(n) is not None)
+            if n.op == "Slice":
+                return _is_identity_slice(n)
+            found = _contiguous_gather(n)
+            # The Gather of the input features a prune keeps stays a Gather (the channel
+            # pass finds its own selection again by it: pruning twice changes nothing).
+            return found is not None and (
+                n.inputs[0].name not in inputs or (found[1] == 0 and found[2] == found[3]))
 
         if not any(candidate(n) for n in graph.nodes):
             return PassResult(graph, SimplifyContiguousIndexingReport())

@@ -58,6 +58,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_ssl.analysis import SharedAnalysis
 from onnx_ssl.graphutil import (
+    cleanup,
     dynamic_input_reason,
     evaluate_seeds,
     fresh_names,
@@ -272,7 +273,7 @@ class RemoveZeroChannelsPass(AnalysedPass[RemoveZeroChannelsReport]):
                 ) -> PassResult[RemoveZeroChannelsReport]:
         folded, maps = self._fold(graph, contributions)
         gathered = self._apply(graph, analysis, plan)
-        graph.cleanup(remove_unused_graph_inputs=False)
+        cleanup(graph)
         refresh_shapes(graph)
         changes = tuple(SpaceChange(s, analysis.space(s).channels,
                                     analysis.space(s).channels - len(u | c), len(u), len(c - u))

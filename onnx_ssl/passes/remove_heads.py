@@ -116,12 +116,14 @@ class RemoveHeadsPass(AnalysedPass[RemoveHeadsReport]):
     name = "remove-heads"
 
     def call(self, graph: gs.Graph) -> PassResult[RemoveHeadsReport]:
-        values = _values(graph)
+        values: dict[str, np.ndarray] | None = None  # read once a prunable attention needs them
         plans = []
         nodes = {n.name: n for n in graph.nodes}
         for a in find_attentions(graph):
             if not a.prunable:
                 continue
+            if values is None:
+                values = _values(graph)
             packed = {}
             if a.packed_bias is not None:
                 packed[(a.packed_bias[0], a.packed_bias[1])] = \
