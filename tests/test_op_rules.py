@@ -294,12 +294,15 @@ def test_pruning_a_zeroed_channel_through_the_op_keeps_the_function(op):
     inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
     if RULES[op].rewrite is None:
         return
+    if op == "Slice":
+        # Rewritten to 0:2 of 2 (channels 1:4 of 4; 0, unread, and 1, zeroed, gone), it
+        # selects the whole axis: SimplifyContiguousIndexingPass removed it.
+        assert op not in nodes
+        return
     # The op's rewrite followed the removal.
     node = nodes[op]
     if op == "Split":
         assert sorted(inits[node.input[1]].tolist()) == [1, 2]
-    elif op == "Slice":  # channels 1:4 of 4; 0 (unread) and 1 (zeroed) gone: 0:2 of 2
-        assert (inits[node.input[1]].tolist(), inits[node.input[2]].tolist()) == ([0], [2])
     elif op == "Reshape":
         assert inits[node.input[1]].tolist() == [1, 108]
     elif op in ("Resize", "Upsample"):
