@@ -20,9 +20,15 @@ all the Q heads that read it.
 A unit contributes a constant to the attention's output, and is removed exactly, when
 
 * its rows of the output projection are all zero (it contributes nothing); or
-* its V weight slice is zero: then its V rows are the V bias, the same at every key
-  position, and since the softmax's weights sum to one over the keys its output is that
-  bias; the constant ``bias @ O_rows`` goes into the output projection's bias.
+* its V weight slice is zero and the V path adds nothing but the projection's bias: then
+  its V rows are the V bias, the same at every key position, and since the softmax's
+  weights sum to one over the keys its output is that bias; the constant ``bias @ O_rows``
+  goes into the output projection's bias.
+
+ONNX Runtime's fused ``com.microsoft`` ``Attention`` (one packed Q/K/V weight inside the op)
+and ``MultiHeadAttention`` (Q, K and V from projections, an optional packed bias) have their
+heads as units too, ``num_heads`` at a time; ``GroupQueryAttention`` and any attention with a
+key/value cache keep theirs (the cache's layout is the caller's).
 
 ``find_attentions`` returns what :mod:`onnx_ssl.passes.remove_heads` rewrites and what the
 analysis turns into ``head`` groups; an attention this module cannot follow exactly gets a

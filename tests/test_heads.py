@@ -333,8 +333,11 @@ def test_a_model_after_the_ort_transformers_optimizer_prunes_heads_and_mlp(tmp_p
         pytest.skip(f"onnxruntime.transformers.optimizer does not import: {e}")
     src = tmp_path / "bert.onnx"
     onnx.save(model("hf_bert", "ts"), str(src))
-    optimize_model(str(src), model_type="bert", num_heads=2, hidden_size=32,
-                   opt_level=0).save_model_to_file(str(tmp_path / "opt.onnx"))
+    try:
+        optimize_model(str(src), model_type="bert", num_heads=2, hidden_size=32,
+                       opt_level=0).save_model_to_file(str(tmp_path / "opt.onnx"))
+    except ImportError as e:  # newer runtimes' optimizer also wants sympy
+        pytest.skip(f"onnxruntime.transformers.optimizer needs a package: {e}")
     m = onnx.load(str(tmp_path / "opt.onnx"))
     domains = {(n.domain, n.op_type) for n in m.graph.node}
     assert ("com.microsoft", "SkipLayerNormalization") in domains

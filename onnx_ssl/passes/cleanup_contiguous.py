@@ -110,7 +110,8 @@ def _contiguous_gather(node: gs.Node) -> tuple[int, int, int, int] | None:
     d = int(dims[axis])  # type: ignore[arg-type]
     i = idx.astype(np.int64)
     i = np.where(i < 0, i + d, i)
-    if i.min() < 0 or i.max() >= d or not np.array_equal(i, np.arange(i[0], i[0] + i.size)):
+    if int(np.min(i)) < 0 or int(np.max(i)) >= d or not np.array_equal(
+            i, np.arange(i[0], i[0] + i.size)):
         return None
     return axis, int(i[0]), int(i[0]) + int(i.size), d
 
