@@ -47,7 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from ssl_budget_lenet_mnist import train_baseline  # noqa: E402
+from ssl_budget_lenet_mnist import lenet_budget_parser, train_baseline  # noqa: E402
 
 
 def run_ssl_cli(baseline: Path, spec: str, out: Path, tag: str, args: argparse.Namespace,
@@ -72,16 +72,7 @@ def run_ssl_cli(baseline: Path, spec: str, out: Path, tag: str, args: argparse.N
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mnist"))
-    ap.add_argument("--out-dir", required=True)
-    ap.add_argument("--target-macs", type=float, default=0.33)
-    ap.add_argument("--limit", type=int, default=0, help="use the first N images only")
-    ap.add_argument("--baseline-epochs", type=int, default=10)
-    ap.add_argument("--epochs", type=int, default=20, help="SSL epochs")
-    ap.add_argument("--finetune-epochs", type=int, default=10)
-    ap.add_argument("--lambda", dest="lam", type=float, default=None,
-                    help="starting filter and channel lambda (default: ssl's)")
+    ap = lenet_budget_parser(__doc__.splitlines()[0])
     ap.add_argument("--distill-loss", default="kl", choices=("mse", "kl", "cosine"),
                     help="the label-free run's loss (default kl)")
     ap.add_argument("--distill-temperature", type=float, default=1.0,

@@ -84,18 +84,25 @@ def train_baseline(data: Any, out: Path, epochs: int) -> tuple[Any, Path]:
     return base, baseline
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def lenet_budget_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a LeNet/MNIST run to a MAC budget (this script's and the label-free
+    one's, scripts/distill_lenet_mnist.py)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mnist"))
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--target-macs", type=float, default=0.33)
-    ap.add_argument("--plots", default=None, help="figures folder (default OUT_DIR/figures)")
     ap.add_argument("--limit", type=int, default=0, help="use the first N images only")
     ap.add_argument("--baseline-epochs", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=20, help="SSL epochs")
     ap.add_argument("--finetune-epochs", type=int, default=10)
     ap.add_argument("--lambda", dest="lam", type=float, default=None,
                     help="starting filter and channel lambda (default: ssl's)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = lenet_budget_parser(__doc__.splitlines()[0])
+    ap.add_argument("--plots", default=None, help="figures folder (default OUT_DIR/figures)")
     args = ap.parse_args(argv)
 
 
