@@ -1,6 +1,7 @@
 """Shape-wise sparsity as speed: the paper's Table 4 pattern (AlexNet 2) on CaffeNet's convs.
 
     python benchmarks/bench_lowering.py [--iters 10] [--batches 1 8] [--threads 1] [--seeds 0 1]
+        [--profile RUNS]
 
 Each conv of ``onnx_ssl.models.build("caffenet")`` (random weights) is taken alone, as a
 one-layer model (the whole layer is timed: the Conv, or every node of its lowering: Gather,
@@ -146,6 +147,39 @@ def time_models(models_: dict[str, onnx.ModelProto], iters: int, threads: int,
     return {n: 1e3 * min(v) for n, v in times.items()}
 
 
+PROFILE_HEADER = (
+    "pattern", "seed", "batch", "layer", "choice", "dense kernels (ms)", "dense GMAC/s",
+    "compute (ms)", "compute GMAC/s", "movement (ms)", "movement nodes", "MACs / bound MACs",
+    "compute-only / bound", "profiled / bound", "im2col+GEMM dense (ms)",
+    "profiled / bound over im2col+GEMM")
+COMPUTE = ("Conv", "MatMul", "Gemm")
+
+
+def profile_row(models_: dict[str, onnx.ModelProto], runs: int, bound: float
+                ) -> tuple[str, ...]:
+    """Where the lowered layer's time goes, from ORT's profiler (each node's fastest run):
+    compute nodes against data movement, the MACs done (channels rounded up to NCHWc blocks)
+    against the bound's, and the ratio to the bound with and without the data movement; last,
+    the ratio over ``im2col`` (the dense conv lowered to im2col + GEMM, the paper's Caffe
+    baseline) instead of the dense Conv."""
+    from bench_networks import BLOCK, macs_by_kind, profile_models
+
+    # One at a time: the lowered layer reads fewer channels than the dense one.
+    prof = {k: profile_models({k: m}, runs)[k] for k, m in models_.items()}
+    d, lo = prof["dense"], prof["lowered"]
+    comp = sum(v for k, v in lo.ms.items() if k.startswith(COMPUTE))
+    move = lo.kernel_ms - comp
+    moves = sum(n for k, n in lo.nodes.items() if not k.startswith(COMPUTE))
+    dense_macs = sum(macs_by_kind(models_["dense"]).values())
+    done = sum(macs_by_kind(models_["lowered"], BLOCK).values())
+    c = prof["im2col"].kernel_ms
+    return (f"{d.kernel_ms:.3f}", f"{dense_macs / d.kernel_ms / 1e6:.0f}", f"{comp:.3f}",
+            f"{done / comp / 1e6:.0f}", f"{move:.3f}", str(moves),
+            f"{done * bound / dense_macs:.2f}", f"{d.kernel_ms / bound / comp:.2f}",
+            f"{d.kernel_ms / bound / lo.kernel_ms:.2f}", f"{c:.3f}",
+            f"{c / bound / lo.kernel_ms:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=10)
@@ -157,6 +191,13 @@ def main() -> None:
     ap.add_argument("--before", nargs="+", choices=CANDIDATES, default=None,
                     help="also time 'before': auto over only these candidates, in the same "
                          "alternation (kernel-classes compact-gemm blocks: before group-classes)")
+    ap.add_argument("--profile", type=int, default=0, metavar="RUNS",
+                    help="also profile dense and lowered with ONNX Runtime's profiler over RUNS "
+                         "runs of each (one at a time) and print where the lowered layer's time "
+                         "goes: "
+                         "compute nodes (Conv, MatMul) against data movement (Gather, Slice, "
+                         "Pad, Concat, NCHWc reorders), and the ratio to the bound it would "
+                         "reach if data movement took no time")
     ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
                     help="cpu: the calling thread's CPU time, where ORT runs at 1 thread "
                          "(the default there); wall: elapsed time (the default otherwise)")
@@ -168,6 +209,7 @@ def main() -> None:
         *(("before (ms)", "before choice", "before / bound") if args.before else ()),
         "lowered (ms)", "choice",
         "speed-up removal", "speed-up lowered", "FLOP bound", "lowered / bound", "paper")]
+    prof_rows: list[tuple[str, ...]] = [PROFILE_HEADER]
     runs = [(p, s, b, k, name) for p in args.patterns for s in args.seeds for b in args.batches
             for k, name in enumerate(args.layers)]
     for pattern, seed, batch, k, name in runs:
@@ -195,7 +237,17 @@ def main() -> None:
                      f"{s_rem:.2f}x", f"{s_low:.2f}x", f"{bound:.2f}x",
                      f"{s_low / bound:.2f}", f"{PAPER[name]:.2f}x"))
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+        if args.profile and choice["lowered"] != "dense":
+            prof_rows.append((pattern, str(seed), str(batch), name, choice["lowered"],
+                              *profile_row({"dense": dense, "lowered": ms["lowered"],
+                                            "im2col": layer_model(convs[name], "compact-gemm",
+                                                                  batch)},
+                                           args.profile, bound)))
+            print(" | ".join(prof_rows[-1]), file=sys.stderr, flush=True)
     print(table(rows))
+    if len(prof_rows) > 1:
+        print()
+        print(table(prof_rows))
     print(f"clock: {clock}")
     if hasattr(os, "getloadavg"):
         print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")

@@ -823,6 +823,18 @@ def _branches(graph: gs.Graph, e: Engine, weight_layers: set[str]) -> tuple[Bran
                         reason = Reason(ReasonCode.READ_OUTSIDE_BRANCH,
                                         f"{n} ({bn.op}): output {out.name} is also read by "
                                         f"{c.name}", node=n, tensor=out.name)
+            if n in weight_layers:
+                # A layer weight shared with a layer outside the branch (ALBERT's layers
+                # share theirs): zeroing the branch would zero the other layer too. Only
+                # matrices and kernels: an exporter merges equal constants, and freshly
+                # initialised biases and norm scales often are equal.
+                for w in bn.inputs:
+                    if (isinstance(w, gs.Constant) and len(w.shape) >= 2
+                            and any(c.name not in members for c in w.outputs)):
+                        other = next(c.name for c in w.outputs if c.name not in members)
+                        reason = Reason(ReasonCode.SHARED_WEIGHT,
+                                        f"{n} ({bn.op}): weight {w.name} is shared with "
+                                        f"{other}, outside the branch", node=n, tensor=w.name)
         ordered = sorted(members, key=order.__getitem__)
         result.append(Branch(
             add=node.name, fork=fork, branch_output=t.name, nodes=tuple(ordered),
@@ -929,6 +941,11 @@ def analyze_graph(graph: gs.Graph, kinds: Sequence[str] = DEFAULT_KINDS, name: s
     shapes = {n: tuple(int(d) for d in t.shape) for n, t in tensors.items()
               if isinstance(t, gs.Constant)}
     layers = _layers(graph, e, ids)
+    unknown = [la.node for la in layers if la.macs == 0]
+    if unknown and len(unknown) < len(layers):
+        notes = [*notes, f"the MACs of {len(unknown)} of {len(layers)} layers are not static "
+                 f"(their shapes are not), so neither are the model's: "
+                 f"{', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}"]
     branches = _branches(graph, e, {la.node for la in layers})
     groups: list[Group] = []
     if "channel" in kinds:

@@ -219,6 +219,10 @@ class Analysis:
 
     @property
     def macs(self) -> int:
+        """The layers' MACs; 0 (not static) when any layer's are unknown (0): a sum without
+        them would understate the model, and a MAC budget measured against it would miss."""
+        if any(layer.macs == 0 for layer in self.layers):
+            return 0
         return sum(layer.macs for layer in self.layers)
 
     @cached_property

@@ -256,6 +256,10 @@ class _Tracer:
         x = node.inputs[data[0]]
         m = self.maps[x.name]
         outs = node.outputs
+        if op in ("Reshape", "Expand") and const_value(node.inputs[1]) is None:
+            # The rewrite sets the shape's head dims: it must be a constant.
+            raise _fail(node, f"its target shape {node.inputs[1].name} is computed at run "
+                              f"time", node.inputs[1], ReasonCode.RUNTIME_SHAPE)
         if op in ("Identity", "Cast", "Dropout", "Neg"):
             self.maps[outs[0].name] = m
         elif op == "Transpose":
@@ -548,11 +552,12 @@ def _attention(graph: gs.Graph, qk: gs.Node, score: list[gs.Node], softmax: gs.N
             unit_of[cs] = u
     if np.any(unit_of < 0):
         raise _fail(qk, "some projection channels reach no head")
-    # The score path: its operands other than the scores must not differ between heads.
+    # The score path: its operands other than the scores must not differ between heads,
+    # unless they are constants (a per-head position bias: Swin, LeViT), cut with the heads.
     s_shape = _shape(qk.outputs[0])
     score_names = {qk.outputs[0].name} | {n.outputs[0].name for n in score}
     for n in score:
-        for inp in n.inputs:
+        for slot, inp in enumerate(n.inputs):
             if inp.name in score_names or not inp.name:
                 continue
             s = static_shape(inp)
@@ -561,7 +566,9 @@ def _attention(graph: gs.Graph, qk: gs.Node, score: list[gs.Node], softmax: gs.N
                             ReasonCode.RUNTIME_SHAPE)
             s = (1,) * (len(s_shape) - len(s)) + s
             if any(s[ax] > 1 and labels.shape[ax] > 1 for ax in range(len(s_shape))):
-                raise _fail(n, f"operand {inp.name} differs between heads", inp)
+                if not isinstance(inp, gs.Constant) or n.outputs[0].name not in score_names:
+                    raise _fail(n, f"operand {inp.name} differs between heads", inp)
+                tracer.sliced.append((n.name, inp.name, slot))
     soft_axis = int(softmax.attrs.get("axis", -1)) % len(s_shape)
     # The PV product carries V channels, the same for every query position.
     o = pv.outputs[0]
@@ -807,18 +814,51 @@ def find_attentions(graph: gs.Graph) -> list[Attention]:
             found.append(_fused_attention(graph, node, outputs))
         except _Fail as e:
             found.append(Attention(qk=node.name, pv=node.name, reason=e.reason))
-    # Two attentions must not share a projection (the units of one would cut the other's).
-    seen: dict[str, str] = {}
+    _block_shared(graph, found)
+    return found
+
+
+def _block_shared(graph: gs.Graph, found: Sequence[Attention]) -> None:
+    """Give a reason to every attention whose projections, or their weights or biases, are
+    another attention's too or are read elsewhere: cutting one attention's units would cut
+    the other reader's channels (ALBERT's layers share one set of weights, for example)."""
+    tensors = graph.tensors()
+    by_name = {n.name: n for n in graph.nodes}
+    owners: dict[str, set[str]] = {}  # projection node or weight/bias tensor -> attentions
     for a in found:
         if a.reason is not None:
             continue
-        for p in {x.node for x in (a.q, a.k, a.v, a.o) if x is not None}:
-            if p in seen and seen[p] != a.qk:
-                a.reason = Reason(ReasonCode.SHARED_WEIGHT,
-                                  f"{p}: a projection of two attentions ({seen[p]}, {a.qk})",
-                                  node=p)
-            seen.setdefault(p, a.qk)
-    return found
+        for p in {x for x in (a.q, a.k, a.v, a.o) if x is not None}:
+            for key in (p.node, p.weight, p.bias):
+                if key is not None:
+                    owners.setdefault(key, set()).add(a.qk)
+    for a in found:
+        if a.reason is not None:
+            continue
+        projections = {x for x in (a.q, a.k, a.v, a.o) if x is not None}
+        mine = {p.node for p in projections}
+        # A bias is read by its projection (Gemm's C) or by the Add right after it.
+        bias_readers = mine | {c.name for p in projections
+                               for c in by_name[p.node].outputs[0].outputs}
+        for p in sorted(projections, key=lambda x: x.node):
+            for key, allowed in ((p.node, None), (p.weight, mine), (p.bias, bias_readers)):
+                if key is None:
+                    continue
+                others = sorted(owners.get(key, set()) - {a.qk})
+                outside: list[str] = []
+                t = tensors.get(key)
+                if allowed is not None and t is not None:
+                    outside = sorted(n.name for n in t.outputs if n.name not in allowed)
+                if others or outside:
+                    by = ", ".join(others) if others else ", ".join(outside)
+                    what = "projection" if key == p.node else "weight"
+                    a.reason = Reason(ReasonCode.SHARED_WEIGHT,
+                                      f"{p.node}: its {what} {key} is shared with "
+                                      f"{'attention(s) ' if others else ''}{by}",
+                                      node=p.node, tensor=None if key == p.node else key)
+                    break
+            if a.reason is not None:
+                break
 
 
 # --- groups ------------------------------------------------------------------------------

@@ -190,17 +190,18 @@ def test_auto_picks_the_fastest_by_measurement(rng):
 
     graph = to_graph(model)
     measure, calls = fake_timer({"dense": 1.0, "kernel-classes": 0.9, "group-classes": 0.7,
-                                 "compact-gemm": 0.5, "blocks": 0.1})
+                                 "compact-gemm": 0.5, "row-gather": 0.6, "blocks": 0.1})
     res = LowerSparseConvPass("auto", timer=measure)(graph)
     # No 2D filter is zero, so blocks saves nothing and is not a candidate.
-    assert calls == [["compact-gemm", "dense", "group-classes", "kernel-classes"]]
+    assert calls == [["compact-gemm", "dense", "group-classes", "kernel-classes",
+                      "row-gather"]]
     (e,) = res.report.lowered
     assert e.strategy == "compact-gemm"
     assert dict(e.times_ms) == {"dense": 1.0, "kernel-classes": 0.9, "group-classes": 0.7,
-                                "compact-gemm": 0.5}
+                                "compact-gemm": 0.5, "row-gather": 0.6}
     # Nothing beats the dense conv by the margin: it stays, and the report says so.
     measure, _ = fake_timer({"dense": 1.0, "kernel-classes": 0.97, "group-classes": 0.99,
-                             "compact-gemm": 1.2})
+                             "compact-gemm": 1.2, "row-gather": 1.1})
     res = LowerSparseConvPass("auto", timer=measure)(graph)
     assert not res.modified
     assert [d.strategy for d in res.report.dense] == ["dense"]
@@ -340,3 +341,18 @@ def test_unavailable_provider_is_an_input_error(rng):
     with pytest.raises(InputError, match="CUDAExecutionProvider is not available"):
         prune(conv_model(w, None, (1, 1, 1, 1)), lower="auto", provider="cuda",
               lower_cache="")
+
+
+def test_forms_measured_and_not_kept_are_exact(rng):
+    """``benchmarks/bench_lowering_forms.py`` times forms that were rejected against the kept
+    ones; its figures in the docs mean something only while those forms compute the conv."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_lowering_forms import FORMS, form_model, max_rel_diff
+
+    for group, pads in ((1, (1, 1, 1, 1)), (2, (2, 1, 0, 1))):
+        w = sparse_weight(rng, 4, 6 // group, 5, 3, group, holes=0.6)
+        spec = ConvSpec(w, rand(rng, 4), group, (1, 1), pads, (1, 2), (6, 13, 10))
+        diff = max_rel_diff({f: form_model(spec, f, 2) for f in FORMS}, spec, 2)
+        assert set(diff) == set(FORMS) and max(diff.values()) < 1e-5, diff

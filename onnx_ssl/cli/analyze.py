@@ -62,6 +62,11 @@ def summary(a: Analysis, initializer_params: int | None = None) -> list[str]:
             f"{len({g.node for g in ok})} of {len({g.node for g in heads})} attentions"
             + (f"; their Q/K/V and output projections hold {_share(macs_heads, a.macs)} of "
                f"the MACs" if a.macs and ok else ""))
+        blocked: dict[str, str] = {}  # attention -> why its heads stay (one line each)
+        for g in heads:
+            if not g.prunable and g.reason is not None and g.node is not None:
+                blocked.setdefault(g.node, g.reason.text)
+        lines += [f"  {node}: {why}" for node, why in blocked.items()]
     counted = (f"params: {a.params:,} in the weights and biases of the {len(a.layers)} "
                f"Conv/ConvTranspose/Gemm/MatMul layers (the table's column)")
     if initializer_params is not None:

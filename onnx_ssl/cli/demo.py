@@ -20,8 +20,8 @@ def register(sub: Any) -> None:
         description="Build LeNet, train a baseline on scikit-learn's digits, run the SSL "
         "chain with filter- and channel-wise sparsity and print a table in the "
         "form of the paper's Table 1 (error, filters and channels per layer, "
-        "FLOP per layer, measured ONNX Runtime CPU speedups). A few minutes on "
-        "two cores.",
+        "FLOP per layer, measured ONNX Runtime CPU speedups). About 37 s of CPU: "
+        "a quarter of a minute to a minute and a half on two cores, with the load.",
     )
     p.add_argument("--data", default="digits", metavar="SPEC",
                    help="data instead of the digits (a .npz or a folder of MNIST IDX files)")

@@ -7,7 +7,8 @@ weight, ``auto_pad`` NOTSET/VALID) into an exact equivalent that does less work.
 ``y = conv(x, W) + b`` and ``X_col`` the im2col matrix (rows ``(c, m, k)``, columns the
 output positions ``p = (i, j)``), ``y[n, p] = sum_{c,m,k} W[n, c, m, k] X_col[(c,m,k), p]
 + b[n]``; a zero column of ``W`` (a zero fiber) drops one row of ``X_col``. Candidates
-(``group-classes``, ``compact-gemm`` and ``blocks`` lower a grouped conv group by group):
+(``group-classes``, ``compact-gemm``, ``row-gather`` and ``blocks`` lower a grouped conv
+group by group):
 
 * ``kernel-classes``: input channels are grouped by the bounding box ``[r0, r1] x [c0, c1]``
   of the kernel positions they still use (channels with no position are dropped). Because
@@ -28,12 +29,21 @@ output positions ``p = (i, j)``), ``y[n, p] = sum_{c,m,k} W[n, c, m, k] X_col[(c
   channels, else split into a multiple and the rest (``aligned_chunks``). ORT folds each
   Add into the NCHWc Conv before it.
 * ``compact-gemm``: the paper's Caffe lowering restricted to the non-zero rows of
-  ``X_col``: the input is padded once; for each kernel position ``(m, k)`` a Gather takes
-  the channels still read there and a strided Slice the window ``x_p[:, :, m*d + i*s,
-  k*d + j*s]``; the pieces are concatenated into ``[N, K, Ho*Wo]`` (``K`` the non-zero
-  columns), and one MatMul with the compacted ``W[:, cols]`` (shape ``[N_f, K]``) plus the
-  bias gives ``[N, N_f, Ho*Wo]``, reshaped to ``[N, N_f, Ho, Wo]``. (One Gather with flat
-  indices builds the same matrix but copies element by element: measured 4x slower.)
+  ``X_col``: the input is padded once; one Gather per conv group takes the channels still
+  read at each kernel position ``(m, k)``, position after position (a position that reads
+  a contiguous range of channels needs none), and for each position a strided Slice its
+  channels and the window ``x_p[:, :, m*d + i*s, k*d + j*s]``; the pieces
+  are concatenated into ``[N, K, Ho*Wo]`` (``K`` the non-zero columns), and one MatMul with
+  the compacted ``W[:, cols]`` (shape ``[N_f, K]``) plus the bias gives ``[N, N_f,
+  Ho*Wo]``, reshaped to ``[N, N_f, Ho, Wo]``. (One Gather with flat indices builds the same
+  matrix but copies element by element: measured 4x slower.)
+* ``row-gather``: the same im2col matrix and MatMul in fewer nodes: one strided Slice per
+  kernel column ``k`` of the padded input (``x_p[:, :, :, k*d + j*s]``, all channels and rows),
+  concatenated into rows of ``Wo`` values, and one Gather per group of the ``Ho`` rows of
+  each kept column ``(c, m, k)``. It copies the input once per kernel column and gathers whole
+  output rows: ahead of ``compact-gemm`` where many kernel positions each read few channels
+  (CaffeNet's 5x5 conv2 with random zero columns: 110 nodes become 17), behind it on 3x3
+  kernels.
 * ``blocks``: filters and channels joined by a non-zero 2D filter ``W[n, c]`` form the
   connected components of a bipartite graph; ``y[:, F] = conv(x[:, C_F], W[F, C_F])`` for
   each component ``(F, C_F)``, so the conv is the concatenation of smaller convs, the output
@@ -76,7 +86,7 @@ from onnx_ssl.pipeline import PassBase, PassResult, Report
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = ("kernel-classes", "group-classes", "compact-gemm", "blocks")
+CANDIDATES = ("kernel-classes", "group-classes", "compact-gemm", "row-gather", "blocks")
 STRATEGIES = ("auto", "off", *CANDIDATES)
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MARKER = ".lowered"
@@ -293,7 +303,7 @@ def candidate_macs(spec: ConvSpec, strategy: str, min_class: int = 4) -> int:
         return _classes_macs(spec, min_class)
     if strategy == "group-classes":
         return _group_classes_macs(spec, min_class)
-    if strategy == "compact-gemm":
+    if strategy in ("compact-gemm", "row-gather"):
         return _gemm_macs(spec)
     if strategy == "blocks":
         return _blocks_macs(spec)
@@ -458,20 +468,33 @@ def _emit_gemm(em: _Emitter, x: gs.Tensor, spec: ConvSpec, y: gs.Variable) -> No
     outs: list[gs.Variable | None] = []
     for g, (chans, wg, _) in enumerate(spec.groups()):
         used = np.any(wg != 0, axis=0)  # [Cg, kh, kw]
-        pieces, cols = [], []
+        # The rows (c, m, k) of X_col, position after position: the channels read at (m, k),
+        # then the window. A position that reads a contiguous range of channels is one Slice
+        # of x; the channels of all other positions come from one Gather, which each
+        # position's Slice then cuts (a Gather per position cost a node each: up to 7% of
+        # conv3's time; one Gather of a whole range would copy x once more per position).
+        spans: list[tuple[bool, int, int, int, int]] = []
+        rows: list[int] = []
+        cols = []
         for m, k in zip(*np.nonzero(used.any(axis=0)), strict=True):
             cs = np.flatnonzero(used[:, m, k])
-            tag = f"g{g}m{m}k{k}"
-            # The rows (c, m, k) of X_col: the channels read at (m, k), then the window.
-            xc = em.channels(x, chans[cs], c, tag)
-            pieces.append(em.node("Slice", f"{tag}_win", [
-                xc, em.ints(f"{tag}.starts", [m * dh, k * dw]),
-                em.ints(f"{tag}.ends", [m * dh + sh * (ho - 1) + 1, k * dw + sw * (wo - 1) + 1]),
-                em.ints(f"{tag}.axes", [2, 3]), em.ints(f"{tag}.steps", [sh, sw])]))
+            cc = chans[cs]
+            if np.array_equal(cc, np.arange(cc[0], cc[0] + len(cc))):
+                spans.append((False, int(cc[0]), int(cc[0]) + len(cc), int(m), int(k)))
+            else:
+                spans.append((True, len(rows), len(rows) + len(cs), int(m), int(k)))
+                rows += [int(v) for v in cc]
             cols.append(wg[:, cs, m, k])
-        if not pieces:
+        if not spans:
             outs.append(None)
             continue
+        xg = em.channels(x, np.array(rows), c, f"g{g}") if rows else x
+        pieces = [em.node("Slice", f"g{g}m{m}k{k}_win", [
+            xg if gathered else x, em.ints(f"g{g}m{m}k{k}.starts", [a, m * dh, k * dw]),
+            em.ints(f"g{g}m{m}k{k}.ends",
+                    [b, m * dh + sh * (ho - 1) + 1, k * dw + sw * (wo - 1) + 1]),
+            em.ints(f"g{g}m{m}k{k}.axes", [1, 2, 3]),
+            em.ints(f"g{g}m{m}k{k}.steps", [1, sh, sw])]) for gathered, a, b, m, k in spans]
         cat = em.join(pieces, "Concat", f"g{g}im2col", None)  # [N, K, Ho, Wo]
         xcol = em.node("Reshape", f"g{g}xcol", [cat, em.ints(f"g{g}.xshape", [0, -1, ho * wo])])
         wc = np.concatenate(cols, axis=1)  # [Ng, K]
@@ -482,6 +505,55 @@ def _emit_gemm(em: _Emitter, x: gs.Tensor, spec: ConvSpec, y: gs.Variable) -> No
             z = _zero_group(em, x_in, spec, g, None)
             outs[g] = em.node("Reshape", f"g{g}zflat", [z, em.ints(f"g{g}zs", [0, ng, -1])])
     cat = em.join([o for o in outs if o is not None], "Concat", "concat", None)
+    if spec.b is not None:
+        cat = em.node("Add", "bias", [cat, em.const("b", spec.b.reshape(-1, 1), True)])
+    em.node("Reshape", "unflatten", [cat, em.ints("out_shape", [0, spec.w.shape[0], ho, wo])],
+            out=y)
+
+
+def _emit_row_gather(em: _Emitter, x: gs.Tensor, spec: ConvSpec, y: gs.Variable) -> None:
+    c = spec.in_shape[0]
+    p = spec.pads
+    (sh, sw), (dh, dw) = spec.strides, spec.dilations
+    ho, wo = spec.out_hw
+    hp = spec.in_shape[1] + p[0] + p[2]
+    xp = x
+    if any(p):
+        xp = em.node("Pad", "pad", [x, em.ints("pads", [0, 0, p[0], p[1], 0, 0, p[2], p[3]])])
+    groups = spec.groups()
+    used = [np.any(wg != 0, axis=0) for _, wg, _ in groups]  # [Cg, kh, kw] each
+    ks = sorted({int(k) for u in used for k in np.flatnonzero(u.any(axis=(0, 1)))})
+    rows: gs.Tensor | None = None
+    if ks:
+        # Copy k of the input holds x_p[:, :, r, k*dw + j*sw]: a row r of channel c is the
+        # Wo values the output row reads at kernel column k.
+        shifted = [em.node("Slice", f"k{k}", [
+            xp, em.ints(f"k{k}.starts", [k * dw]),
+            em.ints(f"k{k}.ends", [k * dw + sw * (wo - 1) + 1]),
+            em.ints(f"k{k}.axes", [3]), em.ints(f"k{k}.steps", [sw])]) for k in ks]
+        cat = em.join(shifted, "Concat", "shifts", None)  # [N, len(ks)*C, Hp, Wo]
+        rows = em.node("Reshape", "rows", [cat, em.ints("rows_shape",
+                                                        [0, len(ks) * c * hp, wo])])
+    ng = spec.w.shape[0] // spec.group
+    outs: list[gs.Variable] = []
+    for g, ((chans, wg, _), u) in enumerate(zip(groups, used, strict=True)):
+        idx, cols = [], []
+        for m, k in zip(*np.nonzero(u.any(axis=0)), strict=True):
+            cs = np.flatnonzero(u[:, m, k])
+            base = ks.index(int(k)) * c * hp + int(m) * dh
+            idx += [[base + int(chans[i]) * hp + r * sh for r in range(ho)] for i in cs]
+            cols.append(wg[:, cs, m, k])
+        if rows is None or not idx:
+            z = _zero_group(em, x, spec, g, None)
+            outs.append(em.node("Reshape", f"g{g}zflat", [z, em.ints(f"g{g}zs", [0, ng, -1])]))
+            continue
+        xg = em.node("Gather", f"g{g}im2col", [rows, em.const(f"g{g}.idx", np.array(
+            idx, dtype=np.int64))], {"axis": 1})  # [N, K, Ho, Wo]
+        xcol = em.node("Reshape", f"g{g}xcol", [xg, em.ints(f"g{g}.xshape",
+                                                             [0, len(idx), ho * wo])])
+        outs.append(em.node("MatMul", f"g{g}gemm", [
+            em.const(f"g{g}.w", np.concatenate(cols, axis=1), True), xcol]))
+    cat = em.join(outs, "Concat", "concat", None)
     if spec.b is not None:
         cat = em.node("Add", "bias", [cat, em.const("b", spec.b.reshape(-1, 1), True)])
     em.node("Reshape", "unflatten", [cat, em.ints("out_shape", [0, spec.w.shape[0], ho, wo])],
@@ -527,6 +599,8 @@ def emit(graph: gs.Graph, x: gs.Tensor, spec: ConvSpec, y: gs.Variable, strategy
         _emit_classes(em, x, spec, y, min_class)
     elif strategy == "compact-gemm":
         _emit_gemm(em, x, spec, y)
+    elif strategy == "row-gather":
+        _emit_row_gather(em, x, spec, y)
     elif strategy == "blocks":
         _emit_blocks(em, x, spec, y)
     elif strategy == "group-classes":
@@ -556,14 +630,18 @@ def layer_model(spec: ConvSpec, strategy: str, batch: int, opset: int = 17,
 @dataclass(frozen=True)
 class Timer:
     """Times one-layer models with ONNX Runtime (graph optimisations on, in alternation, each
-    round starting one model later; the minimum of at most ``iters`` runs, fewer once
-    ``budget_s`` is spent). At one CPU thread the clock is the calling thread's CPU time."""
+    round starting one model later; the minimum of ``iters`` runs, fewer once ``budget_s``
+    is spent, and more, up to ten times ``iters``, until ``min_s`` has passed: a burst of
+    another job's work on a shared core, which slows every model it overlaps, then covers
+    only part of the rounds). At one CPU thread the clock is the calling thread's CPU
+    time."""
 
     provider: str = "cpu"
     batch: int = 1
     threads: int = 0
     iters: int = 30
     budget_s: float = 0.5
+    min_s: float = 0.2
     cache_dir: Path | None = None
 
     def key(self, spec: ConvSpec, names: Sequence[str]) -> str:
@@ -629,15 +707,17 @@ class Timer:
         # without the time slices other jobs on a shared machine take.
         clock = time.thread_time if self.threads == 1 and self.provider == "cpu" else (
             time.perf_counter)
-        t_end = time.perf_counter() + self.budget_s
+        t0 = time.perf_counter()
+        t_min, t_end = t0 + min(self.min_s, self.budget_s), t0 + self.budget_s
         names = list(sessions)
-        for i in range(self.iters):
+        for i in range(10 * self.iters):
             # A rotating order: the model after a larger one finds less of its data cached.
             for n in names[i % len(names):] + names[:i % len(names)]:
                 t = clock()
                 sessions[n].run(None, feeds)
                 samples[n].append(clock() - t)
-            if i >= 2 and time.perf_counter() > t_end:
+            now = time.perf_counter()
+            if i >= 2 and now > t_end or i + 1 >= self.iters and now > t_min:
                 break
         # The minimum: other jobs on the machine only ever add time.
         return {n: 1e3 * min(v) for n, v in samples.items()}

@@ -147,7 +147,8 @@ class RoundChannelCounts:
         self.batch = batch
         self.margin = margin
         self.measure: Measure = timer or Timer(provider, batch, threads, iters=10,
-                                               budget_s=0.25, cache_dir=cache_dir).measure
+                                               budget_s=0.25, min_s=0.1,
+                                               cache_dir=cache_dir).measure
         # Per distinct layer shape: the time measured (and whether from the cache).
         self._memo: dict[tuple[object, ...], tuple[dict[str, float], bool]] = {}
 
