@@ -40,17 +40,16 @@ from common import table  # noqa: E402
 
 from onnx_ssl.graphutil import export  # noqa: E402
 from onnx_ssl.io import ModelProto  # noqa: E402
-from onnx_ssl.passes.lower_sparse_conv import ConvSpec, Timer, _Emitter, layer_model  # noqa: E402
+from onnx_ssl.passes.lower_sparse_conv import (  # noqa: E402
+    ConvSpec,
+    Timer,
+    _Emitter,
+    layer_model,
+    padded,
+)
 from onnx_ssl.runtime import session  # noqa: E402
 
 FORMS = ("shift-rows", "batched-gather")
-
-
-def _padded(em: _Emitter, x: gs.Tensor, spec: ConvSpec) -> gs.Tensor:
-    p = spec.pads
-    if not any(p):
-        return x
-    return em.node("Pad", "pad", [x, em.ints("pads", [0, 0, p[0], p[1], 0, 0, p[2], p[3]])])
 
 
 def _used(spec: ConvSpec) -> list[np.ndarray]:
@@ -69,7 +68,7 @@ def emit_shift_rows(em: _Emitter, x: gs.Tensor, spec: ConvSpec, y: gs.Variable) 
     c, (ho, wo), (dh, dw) = spec.in_shape[0], spec.out_hw, spec.dilations
     p = spec.pads
     hp, wp = spec.in_shape[1] + p[0] + p[2], spec.in_shape[2] + p[1] + p[3]
-    flat = em.node("Reshape", "flat", [_padded(em, x, spec), em.ints("fs", [0, c, hp * wp])])
+    flat = em.node("Reshape", "flat", [padded(em, x, spec), em.ints("fs", [0, c, hp * wp])])
     length = (ho - 1) * wp + wo  # output (i, j) is column i * wp + j
     outs = []
     for g, ((chans, wg, _), used) in enumerate(zip(spec.groups(), _used(spec), strict=True)):
@@ -115,7 +114,7 @@ def emit_batched_gather(em: _Emitter, x: gs.Tensor, spec: ConvSpec, y: gs.Variab
             wk = np.zeros((wg.shape[0], width), np.float32)
             wk[:, :len(cs)] = wg[:, cs, m, k]
             ws[g].append(wk)
-    xg = em.node("Gather", "rows", [_padded(em, x, spec),
+    xg = em.node("Gather", "rows", [padded(em, x, spec),
                                     em.const("idx", np.array(idx, np.int64))], {"axis": 1})
     sl = [em.node("Slice", f"s{i}", [xg, em.ints(f"s{i}a", [a, m * dh, k * dw]),
                                      em.ints(f"s{i}b", [b, m * dh + sh * (ho - 1) + 1,

@@ -457,14 +457,38 @@ def _zero_group(em: _Emitter, x: gs.Tensor, spec: ConvSpec, g: int,
                    f"g{g}zero")
 
 
+def padded(em: _Emitter, x: gs.Tensor, spec: ConvSpec) -> gs.Tensor:
+    """``x`` with the conv's pads applied (one Pad), or ``x`` when it has none."""
+    p = spec.pads
+    if not any(p):
+        return x
+    return em.node("Pad", "pad", [x, em.ints("pads", [0, 0, p[0], p[1], 0, 0, p[2], p[3]])])
+
+
+def _gemm_output(em: _Emitter, x: gs.Tensor, spec: ConvSpec,
+                 outs: list[gs.Variable | None], y: gs.Variable) -> None:
+    """``y`` from each group's product ``[N, N_g, Ho*Wo]`` (None: a group whose weights are
+    all zero): the groups concatenated, plus the bias, reshaped to ``[N, N_f, Ho, Wo]``."""
+    ng = spec.w.shape[0] // spec.group
+    full: list[gs.Variable] = []
+    for g, o in enumerate(outs):
+        if o is None:
+            z = _zero_group(em, x, spec, g, None)
+            o = em.node("Reshape", f"g{g}zflat", [z, em.ints(f"g{g}zs", [0, ng, -1])])
+        full.append(o)
+    cat = em.join(full, "Concat", "concat", None)
+    if spec.b is not None:
+        cat = em.node("Add", "bias", [cat, em.const("b", spec.b.reshape(-1, 1), True)])
+    ho, wo = spec.out_hw
+    em.node("Reshape", "unflatten", [cat, em.ints("out_shape", [0, spec.w.shape[0], ho, wo])],
+            out=y)
+
+
 def _emit_gemm(em: _Emitter, x: gs.Tensor, spec: ConvSpec, y: gs.Variable) -> None:
     c = spec.in_shape[0]
-    p = spec.pads
     (sh, sw), (dh, dw) = spec.strides, spec.dilations
     ho, wo = spec.out_hw
-    x_in = x
-    if any(p):
-        x = em.node("Pad", "pad", [x, em.ints("pads", [0, 0, p[0], p[1], 0, 0, p[2], p[3]])])
+    x_in, x = x, padded(em, x, spec)
     outs: list[gs.Variable | None] = []
     for g, (chans, wg, _) in enumerate(spec.groups()):
         used = np.any(wg != 0, axis=0)  # [Cg, kh, kw]
@@ -499,27 +523,15 @@ def _emit_gemm(em: _Emitter, x: gs.Tensor, spec: ConvSpec, y: gs.Variable) -> No
         xcol = em.node("Reshape", f"g{g}xcol", [cat, em.ints(f"g{g}.xshape", [0, -1, ho * wo])])
         wc = np.concatenate(cols, axis=1)  # [Ng, K]
         outs.append(em.node("MatMul", f"g{g}gemm", [em.const(f"g{g}.w", wc, True), xcol]))
-    ng = spec.w.shape[0] // spec.group
-    for g, o in enumerate(outs):
-        if o is None:
-            z = _zero_group(em, x_in, spec, g, None)
-            outs[g] = em.node("Reshape", f"g{g}zflat", [z, em.ints(f"g{g}zs", [0, ng, -1])])
-    cat = em.join([o for o in outs if o is not None], "Concat", "concat", None)
-    if spec.b is not None:
-        cat = em.node("Add", "bias", [cat, em.const("b", spec.b.reshape(-1, 1), True)])
-    em.node("Reshape", "unflatten", [cat, em.ints("out_shape", [0, spec.w.shape[0], ho, wo])],
-            out=y)
+    _gemm_output(em, x_in, spec, outs, y)
 
 
 def _emit_row_gather(em: _Emitter, x: gs.Tensor, spec: ConvSpec, y: gs.Variable) -> None:
     c = spec.in_shape[0]
-    p = spec.pads
     (sh, sw), (dh, dw) = spec.strides, spec.dilations
     ho, wo = spec.out_hw
-    hp = spec.in_shape[1] + p[0] + p[2]
-    xp = x
-    if any(p):
-        xp = em.node("Pad", "pad", [x, em.ints("pads", [0, 0, p[0], p[1], 0, 0, p[2], p[3]])])
+    hp = spec.in_shape[1] + spec.pads[0] + spec.pads[2]
+    xp = padded(em, x, spec)
     groups = spec.groups()
     used = [np.any(wg != 0, axis=0) for _, wg, _ in groups]  # [Cg, kh, kw] each
     ks = sorted({int(k) for u in used for k in np.flatnonzero(u.any(axis=(0, 1)))})
@@ -534,8 +546,7 @@ def _emit_row_gather(em: _Emitter, x: gs.Tensor, spec: ConvSpec, y: gs.Variable)
         cat = em.join(shifted, "Concat", "shifts", None)  # [N, len(ks)*C, Hp, Wo]
         rows = em.node("Reshape", "rows", [cat, em.ints("rows_shape",
                                                         [0, len(ks) * c * hp, wo])])
-    ng = spec.w.shape[0] // spec.group
-    outs: list[gs.Variable] = []
+    outs: list[gs.Variable | None] = []
     for g, ((chans, wg, _), u) in enumerate(zip(groups, used, strict=True)):
         idx, cols = [], []
         for m, k in zip(*np.nonzero(u.any(axis=0)), strict=True):
@@ -544,8 +555,7 @@ def _emit_row_gather(em: _Emitter, x: gs.Tensor, spec: ConvSpec, y: gs.Variable)
             idx += [[base + int(chans[i]) * hp + r * sh for r in range(ho)] for i in cs]
             cols.append(wg[:, cs, m, k])
         if rows is None or not idx:
-            z = _zero_group(em, x, spec, g, None)
-            outs.append(em.node("Reshape", f"g{g}zflat", [z, em.ints(f"g{g}zs", [0, ng, -1])]))
+            outs.append(None)
             continue
         xg = em.node("Gather", f"g{g}im2col", [rows, em.const(f"g{g}.idx", np.array(
             idx, dtype=np.int64))], {"axis": 1})  # [N, K, Ho, Wo]
@@ -553,11 +563,7 @@ def _emit_row_gather(em: _Emitter, x: gs.Tensor, spec: ConvSpec, y: gs.Variable)
                                                              [0, len(idx), ho * wo])])
         outs.append(em.node("MatMul", f"g{g}gemm", [
             em.const(f"g{g}.w", np.concatenate(cols, axis=1), True), xcol]))
-    cat = em.join(outs, "Concat", "concat", None)
-    if spec.b is not None:
-        cat = em.node("Add", "bias", [cat, em.const("b", spec.b.reshape(-1, 1), True)])
-    em.node("Reshape", "unflatten", [cat, em.ints("out_shape", [0, spec.w.shape[0], ho, wo])],
-            out=y)
+    _gemm_output(em, x, spec, outs, y)
 
 
 def _emit_blocks(em: _Emitter, x: gs.Tensor, spec: ConvSpec, y: gs.Variable) -> None:
