@@ -61,6 +61,11 @@ COLS = {"conv1": 0.0, "conv2": 0.632, "conv3": 0.769, "conv4": 0.847, "conv5": 0
 PAPER = {"conv1": 1.05, "conv2": 3.37, "conv3": 6.27, "conv4": 9.73, "conv5": 4.93}
 
 
+def flop_bound(name: str) -> float:
+    """The FLOP bound of CaffeNet conv ``name`` at the paper's rows and columns."""
+    return 1 / ((1 - ROWS[name]) * (1 - COLS[name]))
+
+
 def caffenet_convs() -> dict[str, ConvSpec]:
     m = onnx.shape_inference.infer_shapes(models.build("caffenet"))
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
@@ -162,7 +167,7 @@ def profile_row(models_: dict[str, onnx.ModelProto], runs: int, bound: float
     against the bound's, and the ratio to the bound with and without the data movement; last,
     the ratio over ``im2col`` (the dense conv lowered to im2col + GEMM, the paper's Caffe
     baseline) instead of the dense Conv."""
-    from bench_networks import BLOCK, macs_by_kind, profile_models
+    from bench_networks import profile_models
 
     # One at a time: the lowered layer reads fewer channels than the dense one.
     prof = {k: profile_models({k: m}, runs)[k] for k, m in models_.items()}
@@ -170,8 +175,7 @@ def profile_row(models_: dict[str, onnx.ModelProto], runs: int, bound: float
     comp = sum(v for k, v in lo.ms.items() if k.startswith(COMPUTE))
     move = lo.kernel_ms - comp
     moves = sum(n for k, n in lo.nodes.items() if not k.startswith(COMPUTE))
-    dense_macs = sum(macs_by_kind(models_["dense"]).values())
-    done = sum(macs_by_kind(models_["lowered"], BLOCK).values())
+    dense_macs, done = sum(d.macs.values()), lo.block_macs
     c = prof["im2col"].kernel_ms
     return (f"{d.kernel_ms:.3f}", f"{dense_macs / d.kernel_ms / 1e6:.0f}", f"{comp:.3f}",
             f"{done / comp / 1e6:.0f}", f"{move:.3f}", str(moves),
@@ -228,7 +232,7 @@ def main() -> None:
             ms[tag] = export(res.graph)
             choice[tag] = res.report.lowered[0].strategy if res.report.lowered else "dense"
         t = time_models(ms, args.iters, args.threads, clock)
-        bound = 1 / ((1 - ROWS[name]) * (1 - COLS[name]))
+        bound = flop_bound(name)
         s_rem, s_low = t["dense"] / t["removal"], t["dense"] / t["lowered"]
         before = ((f"{t['before']:.2f}", choice["before"],
                    f"{t['dense'] / t['before'] / bound:.2f}") if args.before else ())

@@ -35,7 +35,14 @@ import onnx_graphsurgeon as gs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_lowering import COLS, ROWS, caffenet_convs, remove_channels, sparsify  # noqa: E402
+from bench_lowering import (  # noqa: E402
+    COLS,
+    ROWS,
+    caffenet_convs,
+    flop_bound,
+    remove_channels,
+    sparsify,
+)
 from common import table  # noqa: E402
 
 from onnx_ssl.graphutil import export  # noqa: E402
@@ -168,6 +175,7 @@ def main() -> None:
     names = list(ROWS)
     rows: list[tuple[str, ...]] = [("layer", "form", "ms", "speed-up", "speed-up / bound",
                                     "max rel diff")]
+    timer = Timer(batch=args.batch, threads=1, iters=args.iters, budget_s=60)
     for name in args.layers:
         k = names.index(name)
         red = remove_channels(sparsify(convs[name], ROWS[name], COLS[name], args.pattern,
@@ -178,10 +186,9 @@ def main() -> None:
         bad = {f: d for f, d in diff.items() if d > 1e-5}
         if bad:
             raise SystemExit(f"{name}: forms not exact: {bad}")
-        t = Timer(batch=args.batch, threads=1, iters=args.iters, budget_s=60)._time(ms)
-        dense = Timer(batch=args.batch, threads=1, iters=args.iters, budget_s=60)._time(
-            {"dense": layer_model(convs[name], "dense", args.batch)})["dense"]
-        bound = 1 / ((1 - ROWS[name]) * (1 - COLS[name]))
+        t = timer._time(ms)
+        dense = timer._time({"dense": layer_model(convs[name], "dense", args.batch)})["dense"]
+        bound = flop_bound(name)
         for f, v in t.items():
             rows.append((name, f, f"{v:.3f}", f"{dense / v:.2f}x", f"{dense / v / bound:.2f}",
                          f"{diff[f]:.1e}"))

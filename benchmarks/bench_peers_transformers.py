@@ -540,12 +540,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("onnxsim: %d exports in %.0f s", len(sim_rows), time.perf_counter() - t0)
     tp_rows: list[TPRow] = []
     if not a.skip_tp:
+        from importlib.metadata import version
+
         import torch
         import torch_pruning
         import transformers
-
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from importlib.metadata import version
 
         meta["versions"].update({"torch": torch.__version__,
                                  "torch-pruning": f"{version('torch-pruning')} (its "

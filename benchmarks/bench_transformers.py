@@ -23,17 +23,17 @@ init (nothing is downloaded):
   ``com.microsoft`` Attention / SkipLayerNormalization / BiasGelu ops).
 
 For each export the table gives: the export outcome (torch's one-line error when it fails);
-``analyze``'s outcome (``exit 2``: an ``OnnxSslError``, what the CLI reports with exit code 2;
-``internal``: any other exception, a bug); whether the MACs are static (``per sample`` for a
-dynamic batch); prunable spaces and channels; the MLP hidden units prunable out of all of
-them (spaces written by one layer and read by another, of the config's intermediate size);
-residual branches prunable as depth groups out of those the analysis finds (and of the
-config's 2 per layer); ``head`` groups (0 until head groups
-exist); and the exactness check: a random half of the prunable depth and head groups and up
-to 8 random prunable channel groups are zeroed (all their out and in members), the zeroed
-model is pruned (``onnx_ssl.prune``) and both are run on ONNX Runtime (graph optimisations
-off) on the same seeded inputs (batch 3 for a dynamic batch); ``rel err`` is the largest
-``max|a-b| / max|a|`` over the outputs (pass: <= 1e-4), ``MACs -`` the MAC reduction.
+``analyze``'s outcome (``exit 2``: an ``OnnxSslError``, what the CLI reports with exit code
+2; ``internal``: any other exception, a bug); whether the MACs are static (``per sample``
+for a dynamic batch); prunable spaces and channels; the MLP hidden units prunable out of all
+of them (spaces written by one layer and read by another, of the config's intermediate
+size); residual branches prunable as depth groups out of those the analysis finds (and of
+the config's 2 per layer); ``head`` groups; and the exactness check: a random half of the
+prunable depth and head groups and up to 8 random prunable channel groups are zeroed (all
+their out and in members), the zeroed model is pruned (``onnx_ssl.prune``) and both are run
+on ONNX Runtime (graph optimisations off) on the same seeded inputs (batch 3 for a dynamic
+batch); ``rel err`` is the largest ``max|a-b| / max|a|`` over the outputs (pass: <= 1e-4),
+``MACs -`` the MAC reduction.
 
 Usage::
 
@@ -69,7 +69,7 @@ import onnx
 from onnx import numpy_helper
 
 import onnx_ssl
-from onnx_ssl.groups import KINDS, Analysis, Group
+from onnx_ssl.groups import Analysis, Group
 
 log = logging.getLogger(__name__)
 
@@ -508,10 +508,9 @@ def measure(name: str, exporter: str, cache: Path, fresh: bool) -> Row:
         return row
     finally:
         row.export_s = time.perf_counter() - t0
-    kinds = ("channel", "depth", *(("head",) if "head" in KINDS else ()))
     t0 = time.perf_counter()
     try:
-        a = onnx_ssl.analyze(model, kinds=kinds, name=f"{name}.{exporter}")
+        a = onnx_ssl.analyze(model, name=f"{name}.{exporter}")
     except Exception as e:  # noqa: BLE001
         row.analyze = _outcome(e)
         row.notes.append(traceback.format_exc(limit=-3))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_same_outputs, zero_groups
+from helpers import arrays, assert_same_outputs, with_arrays, zero_groups
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_ssl.analysis import analyze
@@ -116,14 +116,13 @@ def test_a_zeroed_head_of_a_shared_weight_is_kept_and_the_prune_is_exact() -> No
     m = two_attentions(shared=True)
     # The shared head's members zeroed by hand (both attentions lose that head): before the
     # fix, the second attention's cut indexed past the weight the first had already cut.
-    arrs = {t.name: numpy_helper.to_array(t).copy() for t in m.graph.initializer}
+    arrs = arrays(m)
     for name in ("Wq", "Wk", "Wv"):
         arrs[name][:, :D] = 0
     arrs["Wo"][:D, :] = 0
     for name in ("bq", "bk", "bv"):
         arrs[name][:D] = 0
-    for t in m.graph.initializer:
-        t.CopyFrom(numpy_helper.from_array(arrs[t.name], t.name))
+    m = with_arrays(m, arrs)
     result = prune(m)
     assert_same_outputs(m, result.model)
 

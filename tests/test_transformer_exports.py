@@ -18,7 +18,7 @@ import exported as X
 import numpy as np
 import onnx
 import pytest
-from helpers import make_model, rand, vi
+from helpers import make_model, rand, vi, zero_groups
 from onnx import helper
 
 from onnx_ssl.analysis import analyze
@@ -31,23 +31,6 @@ pytest.importorskip("onnxruntime")
 
 def _channel_groups(a: Analysis, space: str) -> list[Group]:
     return [g for g in a.groups if g.kind == "channel" and g.space == space]
-
-
-def _zero(model: onnx.ModelProto, groups: list[Group]) -> onnx.ModelProto:
-    """A copy of ``model`` with every out and in member of ``groups`` zeroed (initializers)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    inits = {t.name: t for t in m.graph.initializer}
-    arrs: dict[str, np.ndarray] = {}
-    for g in groups:
-        for mem in g.members:
-            if mem.role == "stat":
-                continue
-            v = arrs.setdefault(mem.tensor, onnx.numpy_helper.to_array(inits[mem.tensor]).copy())
-            v[mem.index(v.shape)] = 0
-    for name, v in arrs.items():
-        inits[name].CopyFrom(onnx.numpy_helper.from_array(v, name))
-    return m
 
 
 def _assert_same(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
@@ -94,7 +77,7 @@ def test_constant_concatenated_along_another_axis_is_sliced_with_the_channel() -
     assert {m.slice for g in groups for m in g.members if m.tensor == "token"} == {
         (None, None, (i,)) for i in range(8)}
     assert all(m.role == "out" for g in groups for m in g.members if m.tensor == "token")
-    zeroed = _zero(model, groups[1:6:2])
+    zeroed = zero_groups(model, groups[1:6:2])
     result = prune(zeroed, verify=2)
     rng = np.random.default_rng(3)
     _assert_same(zeroed, result.model, {"x": rand(rng, 2, 3, 4)})
@@ -182,7 +165,7 @@ def test_class_token_concat_prunes_exactly(exporter: str) -> None:
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
     assert all(any(dims.get(m.tensor, ())[1:] == (1, 8) for m in g.members)
                for g in groups), [m.tensor for m in groups[0].members]
-    zeroed = _zero(model, groups[::3])
+    zeroed = zero_groups(model, groups[::3])
     result = prune(zeroed, verify=2)
     assert result.report.macs_after < result.report.macs_before
     rng = np.random.default_rng(1)
