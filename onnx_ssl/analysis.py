@@ -829,9 +829,10 @@ def _branches(graph: gs.Graph, e: Engine, weight_layers: set[str]) -> tuple[Bran
                 # matrices and kernels: an exporter merges equal constants, and freshly
                 # initialised biases and norm scales often are equal.
                 for w in bn.inputs:
-                    if (isinstance(w, gs.Constant) and len(w.shape) >= 2
-                            and any(c.name not in members for c in w.outputs)):
-                        other = next(c.name for c in w.outputs if c.name not in members)
+                    if not isinstance(w, gs.Constant) or len(w.shape) < 2:
+                        continue
+                    other = next((c.name for c in w.outputs if c.name not in members), None)
+                    if other is not None:
                         reason = Reason(ReasonCode.SHARED_WEIGHT,
                                         f"{n} ({bn.op}): weight {w.name} is shared with "
                                         f"{other}, outside the branch", node=n, tensor=w.name)

@@ -45,6 +45,7 @@ import onnx_graphsurgeon as gs
 
 from .channels import const_value, static_shape
 from .groups import Group, Member
+from .io import tensor_map
 from .reasons import Reason, ReasonCode
 
 # Ops that move or cut data without mixing elements.
@@ -822,7 +823,7 @@ def _block_shared(graph: gs.Graph, found: Sequence[Attention]) -> None:
     """Give a reason to every attention whose projections, or their weights or biases, are
     another attention's too or are read elsewhere: cutting one attention's units would cut
     the other reader's channels (ALBERT's layers share one set of weights, for example)."""
-    tensors = graph.tensors()
+    tensors = tensor_map(graph)
     by_name = {n.name: n for n in graph.nodes}
     owners: dict[str, set[str]] = {}  # projection node or weight/bias tensor -> attentions
     for a in found:

@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 from onnx_ssl.channels import const_value, static_shape
 from onnx_ssl.graphutil import fresh_names, refresh_shapes, unique_name
 from onnx_ssl.heads import Attention, Projection, find_attentions
+from onnx_ssl.io import tensor_map
 from onnx_ssl.pipeline import AnalysedPass, PassResult, Report
 
 
@@ -39,7 +40,7 @@ class RemoveHeadsReport(Report):
 
 
 def _values(graph: gs.Graph) -> dict[str, np.ndarray]:
-    return {t.name: np.asarray(t.values) for t in graph.tensors().values()
+    return {t.name: np.asarray(t.values) for t in tensor_map(graph).values()
             if isinstance(t, gs.Constant)}
 
 
@@ -154,7 +155,7 @@ def _set_const(graph: gs.Graph, node: gs.Node, slot: int, value: np.ndarray) -> 
                                     np.ascontiguousarray(value))
 
 
-def _cut(graph: gs.Graph, t: gs.Tensor, axis: int, keep: np.ndarray) -> int:
+def _cut(t: gs.Tensor, axis: int, keep: np.ndarray) -> int:
     """Cut a projection's constant along ``axis`` in place (every reader sees the cut)."""
     v = np.asarray(t.values)
     new = np.take(v, keep, axis=axis)
@@ -165,13 +166,13 @@ def _cut(graph: gs.Graph, t: gs.Tensor, axis: int, keep: np.ndarray) -> int:
 def _rewrite(graph: gs.Graph, a: Attention, drop: dict[int, np.ndarray | None]
              ) -> tuple[int, int]:
     assert a.q is not None and a.k is not None and a.v is not None and a.o is not None
-    tensors = graph.tensors()
+    tensors = tensor_map(graph)
     nodes = {n.name: n for n in graph.nodes}
-    total = sum(p.channels for p in {x.node: x for x in (a.q, a.k, a.v)}.values())
+    projs = list({x.node: x for x in (a.q, a.k, a.v)}.values())
+    total = sum(p.channels for p in projs)
     keep = np.ones(total, dtype=bool)
     o_keep = np.ones(a.o.channels, dtype=bool)
-    units = np.zeros(len(a.units), dtype=bool)
-    units[:] = True
+    units = np.ones(len(a.units), dtype=bool)
     for i in drop:
         u = a.units[i]
         units[i] = False
@@ -252,14 +253,14 @@ def _rewrite(graph: gs.Graph, a: Attention, drop: dict[int, np.ndarray | None]
             _set_const(graph, node, slot, lifted.reshape(lifted.shape[len(old_out) - v.ndim:]))
     # The projections.
     params = 0
-    for p in {x.node: x for x in (a.q, a.k, a.v)}.values():
+    for p in projs:
         lk = np.flatnonzero(keep[a.bases[p.node]:a.bases[p.node] + p.channels])
-        params += _cut(graph, tensors[p.weight], p.axis, lk)
+        params += _cut(tensors[p.weight], p.axis, lk)
         if p.bias is not None:
-            params += _cut(graph, tensors[p.bias], 0, lk)
+            params += _cut(tensors[p.bias], 0, lk)
     if a.packed_bias is not None:
         name, slot, chan = a.packed_bias
-        params += _cut(graph, nodes[name].inputs[slot], 0, np.flatnonzero(keep[chan]))
+        params += _cut(nodes[name].inputs[slot], 0, np.flatnonzero(keep[chan]))
     fused = nodes.get(a.qk)
     if fused is not None and fused.domain == "com.microsoft" and fused.op in (
             "Attention", "MultiHeadAttention"):
@@ -273,7 +274,7 @@ def _rewrite(graph: gs.Graph, a: Attention, drop: dict[int, np.ndarray | None]
     if fold:
         _fold_bias(graph, a.o, nodes[a.o.node], sum(fold[1:], fold[0]))
         folded = len(fold)
-    params += _cut(graph, tensors[a.o.weight], a.o.axis, np.flatnonzero(o_keep))
+    params += _cut(tensors[a.o.weight], a.o.axis, np.flatnonzero(o_keep))
     return params, folded
 
 
@@ -322,9 +323,8 @@ def _rewrite_index(graph: gs.Graph, node: gs.Node, cut: list[np.ndarray | None] 
 
 def _fold_bias(graph: gs.Graph, o: Projection, layer: gs.Node, k: np.ndarray) -> None:
     """Add ``k`` to the output projection's bias (made when it has none)."""
-    tensors = graph.tensors()
     if o.bias is not None:
-        t = tensors[o.bias]
+        t = tensor_map(graph)[o.bias]
         t.values = (np.asarray(t.values) + k).astype(np.asarray(t.values).dtype)
         return
     y = layer.outputs[0]
@@ -336,4 +336,3 @@ def _fold_bias(graph: gs.Graph, o: Projection, layer: gs.Node, k: np.ndarray) ->
     const = gs.Constant(unique_name(graph, f"{layer.name}.heads_bias"), k)
     graph.nodes.append(gs.Node("Add", unique_name(graph, f"{layer.name}.heads_bias_add"),
                                inputs=[y, const], outputs=[z]))
-    graph.toposort()
