@@ -47,7 +47,6 @@ import abc
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -480,9 +479,8 @@ class _Step(ModelPass[StepReport]):
     :class:`StepReport`, left out of the prune report's passes)."""
 
     def call(self, graph: Any) -> PassResult[StepReport]:
-        t0 = time.perf_counter()
         self.step(graph)
-        return PassResult(graph, StepReport(time.perf_counter() - t0))
+        return PassResult(graph, StepReport())
 
     @abc.abstractmethod
     def step(self, model: PruneModel) -> None:

@@ -17,8 +17,8 @@ never changes it.
 
 A whole pipeline (``prune``: load -> preparation -> rewrites -> finish -> check) runs on one
 :class:`Model` object, the graph and the model's metadata: its steps are
-:class:`ModelPass` es with the same contract, a graph pass runs on the model's graph through
-:class:`OnGraph`, and :class:`FinishPass` exports the graph once at the end.
+:class:`ModelPass` es with the same contract, which run graph passes on the model's graph,
+and :class:`FinishPass` exports the graph once at the end.
 
 A rewrite that enables more rewrites runs to its fixpoint: :class:`FixpointPass` runs its
 passes again and again until a round changes nothing (removing a channel can leave a filter
@@ -188,12 +188,6 @@ class PassResult(Generic[R]):
     @property
     def modified(self) -> bool:
         return self.report.modified
-
-    @property
-    def model(self) -> Model:
-        """The :class:`Model` a model pass returned."""
-        assert isinstance(self.graph, Model), type(self.graph).__name__
-        return self.graph
 
 
 class GraphPass(Protocol[R]):
@@ -509,16 +503,11 @@ class Model:
         return self.graph
 
 
-M = TypeVar("M", bound=Model)
-
-
 @dataclass(frozen=True)
 class StepReport(Report):
     """The report of a step of a whole pipeline that changes no weight or channel: the
     preparation, finishing and checking passes (a prune's report lists the rewrites'
-    reports only). ``seconds``: how long it took."""
-
-    seconds: float = field(default=0.0, metadata={"info": True})
+    reports only; :class:`PassManager` logs every pass's time)."""
 
 
 class ModelPass(PassBase[R]):
@@ -531,21 +520,6 @@ class ModelPass(PassBase[R]):
     @abc.abstractmethod
     def call(self, graph: Any) -> PassResult[R]:
         """The pass itself, on the :class:`Model` ``graph``."""
-
-
-class OnGraph(ModelPass[Report]):
-    """A graph pass (or pipeline) run on the graph of a :class:`Model`: the model gets the
-    graph the pass returns, and the report is the pass's own (under the pass's name)."""
-
-    def __init__(self, inner: GraphPass[Any]) -> None:
-        self.inner = inner
-        self.name = inner.name
-
-    def call(self, graph: Any) -> PassResult[Report]:
-        model: Model = graph
-        res = self.inner(model.the_graph())
-        model.graph = res.graph
-        return PassResult(model, res.report)
 
 
 def unfinished_reason(graph: gs.Graph) -> str | None:
@@ -619,7 +593,6 @@ class FinishPass(ModelPass[StepReport]):
 
     def call(self, graph: Any) -> PassResult[StepReport]:
         model: Model = graph
-        t0 = time.perf_counter()
         model.proto = finish(model.the_graph(), model.meta, load=self.load)
         model.graph = None
-        return PassResult(model, StepReport(time.perf_counter() - t0))
+        return PassResult(model, StepReport())

@@ -583,11 +583,10 @@ def _prepare_at(pre: onnx.ModelProto, batch: int | None, graph: gs.Graph | None 
         graph = shaped_graph(bound)
     elif batch is not None:
         _bind(graph, bound)
-    n = len(graph.nodes)
-    folded = _foldable(graph)
+    folded = _foldable(graph)  # _fold changes nothing in a graph that is not foldable
     graph = _fold(graph)
     copies = unshare_constants(graph)
-    return _Stage(graph, copies, bound, folded or len(graph.nodes) != n)
+    return _Stage(graph, copies, bound, folded)
 
 
 def _bind(graph: gs.Graph, bound: onnx.ModelProto) -> None:
