@@ -424,20 +424,14 @@ def onnx_to_dtype(elem_type: int) -> np.dtype:
 
 def dtype_to_onnx(dtype: Any) -> int:
     """The ONNX element type of a numpy dtype (onnx-graphsurgeon's mapping)."""
-    from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx as convert
-
-    return int(convert(np.dtype(dtype)))
+    return _onnx_type(np.dtype(dtype))
 
 
 def export_skeleton(graph: gs.Graph) -> onnx.ModelProto:
     """``export(graph)`` for shape inference: float constants of 4096 elements or more are
     typed graph inputs instead of initializers (what :func:`infer_shapes` makes of them),
     so that no weight is copied (a full export writes every one into the proto)."""
-    from onnx_graphsurgeon.exporters.onnx_exporter import (
-        OnnxExporter,
-        dtype_to_onnx,
-        update_import_domains,
-    )
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
     from onnx_graphsurgeon.ir.tensor import SparseValues
 
     tensors = tensor_map(graph)
@@ -455,7 +449,7 @@ def export_skeleton(graph: gs.Graph) -> onnx.ModelProto:
             shape = [int(d) for d in t.shape]
             if math.prod(shape) >= 4096 and np.dtype(t.dtype) != np.int64:
                 inputs.append(onnx.helper.make_tensor_value_info(
-                    name, dtype_to_onnx(t.dtype), shape))
+                    name, _onnx_type(t.dtype), shape))
             else:
                 inits.append(_tensor_proto(t))
         elif name not in io_names and (t.dtype is not None or t.shape is not None):
@@ -566,6 +560,8 @@ def _contrib_shapes(graph: onnx.GraphProto, inferred: onnx.GraphProto
                     ) -> list[onnx.ValueInfoProto]:
     """Value infos for the outputs of shape-preserving contrib ops that inference left
     without a shape (empty when there are none)."""
+    if not any(n.domain == "com.microsoft" for n in graph.node):
+        return []
     known = {vi.name: vi for vi in (*inferred.value_info, *inferred.input, *inferred.output)
              if vi.type.tensor_type.HasField("shape")}
     out: list[onnx.ValueInfoProto] = []

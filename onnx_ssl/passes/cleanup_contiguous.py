@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnx_ssl.channels import const_value
 from onnx_ssl.pipeline import PassBase, PassResult, Report
 
 
@@ -46,12 +47,6 @@ class SimplifyContiguousIndexingReport(Report):
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
 
-def _const(t: gs.Tensor | None) -> np.ndarray | None:
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    return None
-
-
 def _dims(x: gs.Tensor) -> list[int | None] | None:
     if x.shape is None:
         return None
@@ -62,9 +57,9 @@ def _is_identity_slice(node: gs.Node) -> bool:
     dims = _dims(node.inputs[0])
     if len(node.inputs) < 3:
         return False
-    starts, ends = _const(node.inputs[1]), _const(node.inputs[2])
-    axes = _const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
-    steps = _const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else None
+    starts, ends = const_value(node.inputs[1]), const_value(node.inputs[2])
+    axes = const_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
+    steps = const_value(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else None
     if starts is None or ends is None:
         return False
     if len(node.inputs) > 3 and node.inputs[3].name and axes is None:
@@ -98,7 +93,7 @@ def _is_identity_slice(node: gs.Node) -> bool:
 def _contiguous_gather(node: gs.Node) -> tuple[int, int, int, int] | None:
     """``(axis, start, stop, d)`` when ``node`` gathers ``start..stop-1`` of an axis of
     static size ``d``, else None."""
-    x, idx = node.inputs[0], _const(node.inputs[1])
+    x, idx = node.inputs[0], const_value(node.inputs[1])
     dims = _dims(x)
     if dims is None or idx is None or idx.ndim != 1 or idx.size == 0:
         return None
